@@ -1,0 +1,70 @@
+"""The `deepseekmoe` command line.
+
+Each subcommand lives with its concern and is imported only when chosen, so `deepseekmoe --help`
+stays fast. A command module provides `add_arguments(parser)` and `run(args) -> int | None`.
+Errors a user can cause (`UserError`) print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# name -> (module, help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("deepseekmoe.info", "parameter / FLOP accounting and layer plan of a preset or config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepseekmoe",
+        description="DeepSeekMoE in PyTorch: train, evaluate, convert and serve MoE language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        p.set_defaults(_lazy=True)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"deepseekmoe {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # Parse the command name first, then let the command module add its own arguments.
+    if argv and argv[0] in COMMANDS:
+        name = argv[0]
+        module = importlib.import_module(COMMANDS[name][0])
+        sub = argparse.ArgumentParser(prog=f"deepseekmoe {name}", description=COMMANDS[name][1],
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        args.command = name
+        try:
+            rc = module.run(args)
+        except UserError as e:
+            print(f"deepseekmoe {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"deepseekmoe {name}: interrupted", file=sys.stderr)
+            return 130
+        return int(rc or 0)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

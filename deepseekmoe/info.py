@@ -1,0 +1,120 @@
+"""`deepseekmoe info`: parameter / FLOP accounting and the layer plan of a model.
+
+Counts come from the config alone (no weights are built), so every paper-scale preset prints
+instantly. `--paper` prints every preset beside the figures the paper reports for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import presets
+from .config import ModelConfig
+from .errors import ConfigError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default="tiny",
+                   help="preset name (see --list), a config JSON of ours, or a checkpoint's config.json / dir")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for FLOPs (default: the paper's, 2048 or 4096, else 4096)")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument("--paper", action="store_true",
+                   help="table of every preset against the paper's reported totals and FLOPs")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def load_config(spec: str) -> ModelConfig:
+    """A preset name, our JSON config, or a released-format config.json (file or directory)."""
+    path = Path(spec)
+    if not path.exists():
+        return presets.get(spec)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{spec}: directory has no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON config ({e})") from e
+    if raw.get("model_type") is not None:
+        from . import hf
+
+        return hf.config_from_hf(raw)
+    return ModelConfig.from_dict(raw)
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def summary(cfg: ModelConfig, seq_len: int) -> dict:
+    plan = cfg.layer_plan()
+    return {
+        "name": cfg.name, "params": cfg.num_params(), "active_params": cfg.num_active_params(),
+        "seq_len": seq_len, "flops_per_token": cfg.flops_per_token(seq_len),
+        "flops_per_seq": cfg.flops_per_token(seq_len) * seq_len,
+        "layers": plan, "router": cfg.router if cfg.n_routed_experts else "dense",
+    }
+
+
+def run(args) -> int:
+    if args.list:
+        for n in presets.names():
+            print(n)
+        return 0
+    if args.paper:
+        return _paper_table(args.json)
+    cfg = load_config(args.model)
+    ref = presets.PAPER.get(cfg.name)
+    seq = args.seq_len or (ref.seq_len if ref else 4096)
+    s = summary(cfg, seq)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    n_moe = s["layers"].count("moe")
+    print(f"model            {cfg.name}")
+    print(f"parameters       {s['params']:,} ({_b(s['params'])})")
+    print(f"activated        {s['active_params']:,} ({_b(s['active_params'])})")
+    print(f"training FLOPs   {s['flops_per_token'] / 1e9:.3f} GFLOP/token; "
+          f"{s['flops_per_seq'] / 1e12:.2f} TFLOP per {seq} tokens (fwd+bwd)")
+    print(f"shape            {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads ({cfg.num_key_value_heads} KV), vocab {cfg.vocab_size}")
+    if cfg.n_routed_experts:
+        print(f"MoE              {n_moe} MoE layers, router={cfg.router}: {cfg.n_shared_experts} shared + "
+              f"{cfg.n_routed_experts} routed experts of width {cfg.moe_intermediate_size}, "
+              f"top-{cfg.num_experts_per_tok}")
+    plan = "".join("M" if k == "moe" else "D" for k in s["layers"])
+    print(f"layer plan       {plan}  (D dense FFN {cfg.intermediate_size}, M MoE)")
+    if ref:
+        print(f"paper            {ref.total / 1e9:.1f}B total, {ref.active / 1e9:.2f}B activated"
+              + (f", {ref.flops / 1e12:.1f}T FLOPs per {ref.seq_len} tokens" if ref.flops else ""))
+    return 0
+
+
+def _paper_table(as_json: bool) -> int:
+    rows = []
+    for name, ref in presets.PAPER.items():
+        cfg = presets.get(name)
+        flops = cfg.flops_per_token(ref.seq_len) * ref.seq_len
+        rows.append({
+            "preset": name, "total": cfg.num_params(), "paper_total": ref.total,
+            "active": cfg.num_active_params(), "paper_active": ref.active,
+            "flops": flops, "paper_flops": ref.flops, "seq_len": ref.seq_len})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def rel(a, b):
+        return f"{100 * (a - b) / b:+.2f}%" if b else "  n/a"
+
+    print(f"{'preset':24} {'total':>8} {'paper':>7} {'diff':>7}  {'active':>7} {'paper':>7} {'diff':>7}  "
+          f"{'FLOPs/seq':>10} {'paper':>8} {'diff':>7}")
+    for r in rows:
+        pf = f"{r['paper_flops'] / 1e12:.1f}T" if r["paper_flops"] else "n/a"
+        print(f"{r['preset']:24} {r['total'] / 1e9:7.2f}B {r['paper_total'] / 1e9:6.1f}B "
+              f"{rel(r['total'], r['paper_total']):>7}  {r['active'] / 1e9:6.2f}B {r['paper_active'] / 1e9:6.2f}B "
+              f"{rel(r['active'], r['paper_active']):>7}  {r['flops'] / 1e12:9.1f}T {pf:>8} "
+              f"{rel(r['flops'], r['paper_flops']):>7}")
+    return 0

@@ -1,0 +1,36 @@
+"""Triton kernels for the MoE fast path.
+
+Each kernel has a pure-PyTorch twin with the same signature (deepseekmoe.moe.experts) and tests
+that they agree. This module only decides whether the Triton backend can run on a device; the
+kernels themselves live in submodules and import triton lazily, so CPU installs never need it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
+    """None when the Triton expert backend can run on `device`, else a short reason."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        return f"it needs a CUDA GPU (tensors are on {device.type})"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the triton package is not installed (pip install 'deepseekmoe[gpu]')"
+    try:
+        from . import moe_triton  # noqa: F401
+    except ImportError as e:
+        return f"the Triton MoE kernels are not available ({e})"
+    return None
+
+
+def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
+    """Fused Triton expert compute; same signature and result as experts_loop."""
+    from .moe_triton import experts_triton as fn
+
+    return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)

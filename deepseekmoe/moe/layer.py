@@ -1,0 +1,83 @@
+"""The MoE layer: K_s shared experts (always on, weight 1) + gated routed experts + router.
+
+    h = sum_{i<=K_s} FFN_i(u) + sum_{i routed} g_i FFN_i(u)        (paper eq. 9-11; the
+                                                                  residual is added by the block)
+
+Routed expert weights are stacked (see experts.py); the shared experts are one SwiGLU MLP of
+width n_shared x moe_intermediate_size, exactly the released layout. The layer returns its output
+and the sum of its balance losses (None outside training), so the model can report them apart
+from the LM loss.
+
+Analysis knobs (paper section 4.5), plain attributes set by `Transformer.set_routing`:
+  shared_enabled   False switches the shared experts off (Fig 5 also routes one more expert)
+  record           True stores the last call's routing in `last_routing` (ids, gates) for
+                   routing statistics and specialisation plots
+
+Shape legend: B batch, L sequence, T = B*L tokens, D hidden, E routed experts, F expert width,
+K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .experts import resolve_backend
+from .router import Routing, build_router, device_balance_loss, expert_balance_loss
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as two stacked tensors (gate|up fused, and down)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.dim, self.width = E, D, F
+        self.backend = cfg.expert_backend
+        self.w13 = nn.Parameter(torch.empty(E, 2 * F, D))  # [E, 2F, D]: gate rows, then up rows
+        self.w2 = nn.Parameter(torch.empty(E, D, F))  # [E, D, F]
+
+    def forward(self, x_TD, idx_TK, w_TK):
+        fn = resolve_backend(self.backend, x_TD.device)
+        return fn(x_TD, idx_TK, w_TK, self.w13, self.w2)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, dim={self.dim}, width={self.width}, backend={self.backend}"
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp_cls):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = build_router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (mlp_cls(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.n_shared_experts > 0 else None)
+        self.shared_enabled = True
+        self.record = False
+        self.last_routing: Routing | None = None
+
+    def forward(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor | None = None):
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        r = self.gate(x_TD, input_ids_BL)
+        if self.record:
+            self.last_routing = Routing(r.idx_TK.detach(), r.w_TK.detach(), None)
+        y_TD = self.experts(x_TD, r.idx_TK, r.w_TK)
+        if self.shared_experts is not None and self.shared_enabled:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(B, L, D), self.balance_loss(r, B)
+
+    def balance_loss(self, r: Routing, batch_size: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        if not self.training or r.scores_TE is None:
+            return None
+        loss = None
+        if cfg.aux_loss_alpha > 0:
+            loss = expert_balance_loss(r.scores_TE, r.idx_TK, cfg.aux_loss_alpha,
+                                       batch_size if cfg.seq_aux else None)
+        if cfg.device_balance_alpha > 0 and cfg.n_device_groups > 1:
+            dev = device_balance_loss(r.scores_TE, r.idx_TK, cfg.device_balance_alpha, cfg.n_device_groups)
+            loss = dev if loss is None else loss + dev
+        return loss

@@ -1,0 +1,148 @@
+"""Routers (DeepSeekMoE top-k, Switch top-1, GShard top-2, Hash Layer) and balance losses.
+
+A router maps token states to `Routing`: for each token the ids of its routed experts, their gate
+values, and (for learned routers) the softmax affinities over all routed experts that the balance
+losses need. The paper's analysis knobs (section 4.5) are plain attributes, settable on a loaded
+model without retraining:
+
+  top_k               route to this many experts instead of the configured count (Fig 6)
+  mask_top_fraction   per token, disable the top-r fraction of experts ranked by affinity and
+                      pick the top-K' among the rest (Fig 4, redundancy)
+
+Scores are computed in float32 even under bf16 autocast: routing decisions are discrete and a
+bf16 near-tie flips experts between runs.
+
+Shape legend: T tokens, E routed experts, K experts per token, B sequences, G device groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+@dataclass
+class Routing:
+    idx_TK: torch.Tensor  # int64 expert ids
+    w_TK: torch.Tensor  # float32 gate values
+    scores_TE: torch.Tensor | None  # float32 softmax affinities (None for hash routing)
+
+
+class TopKRouter(nn.Module):
+    """Softmax affinities over the routed experts, top-k selection.
+
+    `topk` (DeepSeekMoE): gates are the raw softmax probabilities unless `norm_topk_prob`.
+    `switch`: k = 1, raw probability as the gate (so the router still gets a gradient).
+    `gshard`: k = 2, gates renormalised to sum to 1.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.normalize = cfg.router == "gshard" or (cfg.router == "topk" and cfg.norm_topk_prob)
+        self.mask_top_fraction = 0.0
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+
+    def forward(self, x_TD: torch.Tensor, input_ids_T: torch.Tensor | None = None) -> Routing:
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.softmax(dim=-1)
+        k = self.top_k
+        if not 1 <= k <= self.n_experts:
+            raise ValueError(f"top_k={k} must be between 1 and the number of routed experts "
+                             f"({self.n_experts})")
+        select_TE = scores_TE
+        if self.mask_top_fraction > 0:
+            n_masked = int(math.floor(self.mask_top_fraction * self.n_experts + 1e-9))
+            if n_masked + k > self.n_experts:
+                raise ValueError(f"mask_top_fraction={self.mask_top_fraction} leaves "
+                                 f"{self.n_experts - n_masked} experts, fewer than top_k={k}")
+            if n_masked:
+                top_TM = scores_TE.topk(n_masked, dim=-1).indices
+                select_TE = scores_TE.scatter(-1, top_TM, float("-inf"))
+        idx_TK = select_TE.topk(k, dim=-1).indices
+        w_TK = scores_TE.gather(-1, idx_TK)
+        if self.normalize and k > 1:
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(idx_TK, w_TK, scores_TE)
+
+
+class HashRouter(nn.Module):
+    """Hash Layer (Roller et al. 2021): a fixed random token-id -> expert table, gate 1.
+
+    The table is a random permutation of the vocabulary taken modulo E, so every expert owns the
+    same number of vocabulary entries. It is rebuilt from `hash_seed`, not stored in checkpoints.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.vocab_size = cfg.vocab_size
+        self.seed = cfg.hash_seed
+        self.top_k = 1
+        self.mask_top_fraction = 0.0
+        self.register_buffer("table", self.build_table(), persistent=False)
+
+    def build_table(self) -> torch.Tensor:
+        perm = np.random.default_rng(self.seed).permutation(self.vocab_size)
+        return torch.from_numpy(perm % self.n_experts).to(torch.int64)
+
+    def forward(self, x_TD: torch.Tensor, input_ids_T: torch.Tensor | None = None) -> Routing:
+        if input_ids_T is None:
+            raise ValueError("router='hash' routes by token id: pass input_ids to the MoE layer")
+        idx_TK = self.table[input_ids_T.reshape(-1)].unsqueeze(-1)
+        w_TK = torch.ones(idx_TK.shape, dtype=torch.float32, device=x_TD.device)
+        return Routing(idx_TK, w_TK, None)
+
+
+def build_router(cfg: ModelConfig) -> nn.Module:
+    return HashRouter(cfg) if cfg.router == "hash" else TopKRouter(cfg)
+
+
+# ---------------------------------------------------------------------- balance losses
+def _expert_fraction_E(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """f_i = E / (K T) * (number of token slots choosing expert i); no gradient (counts)."""
+    T, K = idx_TK.shape
+    counts_E = torch.zeros(n_experts, dtype=torch.float32, device=idx_TK.device)
+    counts_E.scatter_add_(0, idx_TK.reshape(-1), torch.ones(T * K, device=idx_TK.device))
+    return counts_E * (n_experts / (K * T))
+
+
+def expert_balance_loss(scores_TE: torch.Tensor, idx_TK: torch.Tensor, alpha: float,
+                        batch_size: int | None = None) -> torch.Tensor:
+    """Expert-level balance loss alpha * sum_i f_i P_i (paper eq. 12-14).
+
+    With `batch_size` (the released code's `seq_aux`), f and P are computed per sequence and the
+    per-sequence losses are averaged. Gradient flows through P only.
+    """
+    E = scores_TE.shape[-1]
+    if batch_size is None:
+        f_E = _expert_fraction_E(idx_TK, E)
+        P_E = scores_TE.mean(0)
+        return alpha * (f_E * P_E).sum()
+    T, K = idx_TK.shape
+    S = T // batch_size
+    idx_BSK = idx_TK.view(batch_size, S * K)
+    counts_BE = torch.zeros(batch_size, E, dtype=torch.float32, device=idx_TK.device)
+    counts_BE.scatter_add_(1, idx_BSK, torch.ones(idx_BSK.shape, device=idx_TK.device))
+    f_BE = counts_BE * (E / (S * K))
+    P_BE = scores_TE.view(batch_size, S, E).mean(1)
+    return alpha * (f_BE * P_BE).sum(1).mean()
+
+
+def device_balance_loss(scores_TE: torch.Tensor, idx_TK: torch.Tensor, alpha: float,
+                        n_groups: int) -> torch.Tensor:
+    """Device-level balance loss alpha * sum_d f'_d P'_d over D contiguous expert groups
+    (paper eq. 15-17): f'_d = mean of the group's f_i, P'_d = sum of the group's P_i."""
+    E = scores_TE.shape[-1]
+    f_GE = _expert_fraction_E(idx_TK, E).view(n_groups, E // n_groups)
+    P_GE = scores_TE.mean(0).view(n_groups, E // n_groups)
+    return alpha * (f_GE.mean(1) * P_GE.sum(1)).sum()
