@@ -1,0 +1,157 @@
+"""Crash-safe file output and the project's native model directory.
+
+Nothing is ever written in place: files and directories are written under a temporary name in
+the same folder, flushed with fsync, and renamed over the target, so a crash or a full disk
+leaves either the old output or the new one, never half of one.
+
+Native model directory (what training checkpoints and `deepseekmoe convert` exchange):
+    config.json        {"format": "deepseekmoe", "model": ModelConfig.to_dict()}
+    model.safetensors  the Transformer's state_dict under this project's parameter names
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+NATIVE_FORMAT = "deepseekmoe"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = True):
+    """Yield a temporary directory; on success it is fsynced and renamed to `path`.
+
+    On any exception the temporary directory is removed and an existing `path` is untouched.
+    With `overwrite`, an existing `path` is replaced (moved aside, then deleted after the rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists")
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------- native model directory
+def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extra: dict | None = None) -> None:
+    """Write config.json + model.safetensors atomically (a finished directory or nothing)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    _untie(tensors)
+    meta = {"format": NATIVE_FORMAT, "model": cfg.to_dict(), **(extra or {})}
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses shared storage; tied embeddings are saved once and re-tied on load.
+    if "lm_head.weight" in tensors and "embed_tokens.weight" in tensors:
+        a, b = tensors["lm_head.weight"], tensors["embed_tokens.weight"]
+        if a.data_ptr() == b.data_ptr():
+            del tensors["lm_head.weight"]
+
+
+def is_native(path: str | Path) -> bool:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == NATIVE_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_native(path: str | Path, device="cpu"):
+    """Read a native model directory -> (ModelConfig, state_dict). Clear errors on damage."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .config import ModelConfig
+
+    path = Path(path)
+    cfg_path, w_path = path / "config.json", path / "model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise CheckpointError(f"{path}: not a deepseekmoe model directory (needs config.json and "
+                              "model.safetensors)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: corrupted JSON ({e})") from e
+    if meta.get("format") != NATIVE_FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a deepseekmoe checkpoint (format={meta.get('format')!r}); "
+                              "for the released Hugging Face format use Transformer.from_pretrained")
+    cfg = ModelConfig.from_dict(meta["model"])
+    try:
+        sd = load_file(str(w_path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{w_path}: unreadable or truncated weights ({e})") from e
+    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return cfg, sd
