@@ -151,6 +151,10 @@ class ModelConfig:
         for k in changes:
             if k not in names:
                 raise ConfigError(f"unknown model config field {k!r}" + suggest(k, names))
+        # A plain-MHA config stays plain MHA when only the head count changes.
+        if ("num_attention_heads" in changes and "num_key_value_heads" not in changes
+                and self.num_key_value_heads == self.num_attention_heads):
+            changes["num_key_value_heads"] = changes["num_attention_heads"]
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -201,20 +205,38 @@ class ModelConfig:
         layers = sum(self._layer_params(i, True) for i in range(self.num_hidden_layers))
         return self._embedding_params() + layers + self.hidden_size
 
+    def num_ffn_params(self, active: bool = False) -> int:
+        """Parameters of all FFNs (dense FFNs, shared and routed experts; routers excluded): the
+        paper's "expert parameters" (Table 2 counts GShard x1.5 and Dense x16 this way)."""
+        d, f = self.hidden_size, self.moe_intermediate_size
+        total = 0
+        for i in range(self.num_hidden_layers):
+            if self.is_moe_layer(i):
+                n = self.num_experts_per_tok if active else self.n_routed_experts
+                total += 3 * d * f * (self.n_shared_experts + n)
+            else:
+                total += 3 * d * self.intermediate_size
+        return total
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), the paper's convention.
 
-        6 x (activated matrix parameters a token multiplies through, excluding the input embedding
-        lookup but including the output head) + 12 x L x d x seq for attention scores and values
-        (DeepSeek LLM's 72 L d^2 + 12 L d seq generalised to MoE; see docs/accounting.md).
+        DeepSeek LLM counts a dense model as 72 L d^2 + 12 L d seq (+ 6 d V for the output head):
+        6 x (4 d^2 attention projections + ~8 d^2 FFN) per layer, plus attention scores/values.
+        The MoE analogue that reproduces every row of the paper's tables (docs/accounting.md):
+
+            6 x sum_layers (4 d^2 + 3 d F_active) + 12 L d seq + 6 d V
+
+        F_active is the layer's dense width or (K_s + K') x expert width. As in DeepSeek LLM,
+        attention projections count 4 d^2 even with grouped KV heads, and the router, norms and
+        input embedding are not counted.
         """
         d, L = self.hidden_size, self.num_hidden_layers
-        matmul = 0
+        per_layer = 0
         for i in range(L):
-            matmul += self._attn_params()
             if self.is_moe_layer(i):
-                matmul += self._moe_params(active=True)
+                f_active = (self.n_shared_experts + self.num_experts_per_tok) * self.moe_intermediate_size
             else:
-                matmul += 3 * d * self.intermediate_size
-        matmul += self.vocab_size * d  # output head
-        return 6.0 * matmul + 12.0 * L * d * seq_len
+                f_active = self.intermediate_size
+            per_layer += 4 * d * d + 3 * d * f_active
+        return 6.0 * per_layer + 12.0 * L * d * seq_len + 6.0 * d * self.vocab_size
