@@ -16,6 +16,7 @@ from .errors import UserError
 # name -> (module, help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("deepseekmoe.info", "parameter / FLOP accounting and layer plan of a preset or config"),
+    "train": ("deepseekmoe.train.cli", "pretrain a model from a TOML recipe (default: the tiny CPU job)"),
 }
 
 

@@ -1,0 +1,191 @@
+"""Training metrics: metrics.jsonl, the terminal progress bar, TensorBoard, the loss-curve PNG.
+
+Also the numbers that need the hardware: MFU (achieved model FLOP/s over the device's peak) and
+per-layer expert load, counted on the device without a host sync per step.
+
+metrics.jsonl holds one JSON object per line with a "kind":
+  train     step, loss (total objective), lm_loss, balance_loss (+ expert_balance_loss and
+            device_balance_loss when both exist), grad_norm, lr, tokens, tokens_per_s, mfu,
+            expert_load (per MoE layer: max / mean tokens per expert over the interval)
+  eval      step, val_loss, val_bpb (bits per UTF-8 byte of the source text)
+  nonfinite step whose loss or gradient was NaN/inf (the update was skipped)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peak FLOP/s by device name (substring match, most specific first). The
+# SXM figures; PCIe/NVL parts are lower, so MFU there reads slightly optimistic.
+PEAK_BF16 = [
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("H800", 989e12), ("H20", 148e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("L40S", 362e12),
+    ("L4", 121e12), ("4090", 165e12), ("V100", 125e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None when unknown (CPUs: MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16:
+        if key in name:
+            return flops
+    return None
+
+
+class ExpertLoad:
+    """Tokens per routed expert, per MoE layer, accumulated on the device (no sync until read).
+
+    Routing is read from each MoE layer's `last_routing` (Transformer.set_routing(record=True)),
+    which holds detached expert ids of the last forward."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        self.counts = [torch.zeros(m.cfg.n_routed_experts, dtype=torch.int64, device=device) for m in self.layers]
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def update(self) -> None:
+        for moe, c in zip(self.layers, self.counts):
+            r = moe.last_routing
+            if r is not None:
+                idx = r.idx_TK.reshape(-1)
+                c.scatter_add_(0, idx, torch.ones_like(idx))
+
+    def read_and_reset(self) -> list[float]:
+        """max / mean tokens per expert for each layer (1.0 = perfectly balanced)."""
+        out = []
+        for c in self.counts:
+            total = c.sum().item()
+            out.append(round(c.max().item() / (total / c.numel()), 3) if total else float("nan"))
+            c.zero_()
+        return out
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (append, flushed per record), TensorBoard events when available, and
+    drives the progress bar."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True,
+                 tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed (or broken): logs go to metrics.jsonl only
+                self.tb = None
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, leave=True)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            prefix = {"train": "train", "eval": "val", "nonfinite": "train"}.get(record.get("kind"), "misc")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+                elif k == "expert_load" and isinstance(v, list):
+                    for i, x in enumerate(v):
+                        if math.isfinite(x):
+                            self.tb.add_scalar(f"expert_load/moe_layer_{i}", x, step)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if not self.file.closed:
+            self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+    return out
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep records up to `last_step` (resuming from that checkpoint re-creates the rest)."""
+    from ..io import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Training loss (and validation loss) against step, as a PNG (matplotlib, Agg backend)."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["lm_loss"]) for r in records if r.get("kind") == "train"
+             and isinstance(r.get("lm_loss"), float) and math.isfinite(r["lm_loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train LM loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    from ..io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+    return Path(out_png)

@@ -1,0 +1,72 @@
+"""AdamW with the paper's parameter groups, and the paper's learning-rate schedules.
+
+Parameter groups: weight decay on every matrix (attention and FFN projections, stacked routed
+experts, router, embeddings, output head); none on 1-D tensors (RMSNorm gains, biases), whose
+decay would pull a gain towards zero rather than regularise a mapping.
+
+Schedules are pure functions of the optimizer step, so the schedule's whole state in a checkpoint
+is the step number and a resumed run follows the same curve bit for bit:
+
+  step       lr = max_lr * min(1, (s + 1) / warmup), then x decay_factor once s reaches each
+             fraction of `decay_at` of the total steps (DeepSeekMoE 2B / 16B: x0.316 at 80% and
+             again at 90%)
+  constant   linear warmup, then max_lr for the rest (DeepSeekMoE 145B)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .recipe import OptimSection, ScheduleSection
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    seen = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied embeddings appear twice
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimSection, device: torch.device) -> torch.optim.AdamW:
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+class Schedule:
+    """lr(step) for optimizer step `step` (0-based) of a run of `total_steps`."""
+
+    def __init__(self, cfg: ScheduleSection, max_lr: float, total_steps: int):
+        self.kind = cfg.kind
+        self.max_lr = max_lr
+        self.warmup = cfg.warmup_steps
+        self.total = total_steps
+        self.factor = cfg.decay_factor
+        # Decay boundaries as step indices: 80% of 100 steps -> steps 80.. use the decayed rate.
+        self.boundaries = sorted(math.ceil(f * total_steps) for f in cfg.decay_at)
+
+    def __call__(self, step: int) -> float:
+        lr = self.max_lr
+        if self.warmup > 0 and step < self.warmup:
+            return lr * (step + 1) / self.warmup
+        if self.kind == "step":
+            for b in self.boundaries:
+                if step >= b:
+                    lr *= self.factor
+        return lr
+
+    def set(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr

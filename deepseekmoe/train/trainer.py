@@ -1,0 +1,441 @@
+"""The training loop: one device, gradient accumulation, the paper's optimizer and schedules.
+
+`train(cfg, run_dir, resume=None)` does, in order:
+  1. resolve everything that can be wrong with the input (config, dataset, vocabulary) before a
+     single file is written, so a bad input leaves no run directory behind;
+  2. build the model (CPU init from `train.seed`, then moved; identical weights on any device),
+     AdamW and the schedule; restore a checkpoint when resuming;
+  3. loop over optimizer steps: `grad_accum` micro-batches under bf16 autocast (GPU), gradient
+     clipping, a finiteness check (a NaN/inf step is skipped and logged; too many in a row stop
+     the run with the last good checkpoint intact), AdamW step; metrics every `log.every`,
+     validation every `eval.every`, an atomic checkpoint every `checkpoint.every`;
+  4. final validation, checkpoint, loss-curve PNG, a generated sample and the expert-load summary.
+
+Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
+and AdamW's state are all in the checkpoint, and CPU kernels are deterministic, so a run killed at
+any point and resumed reproduces the uninterrupted run's losses and final weights bit for bit
+(tests/test_train_resume.py). On GPU, atomics in the MoE backward make the last bits vary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, UserError
+from ..io import atomic_write_text
+from ..model import Transformer
+from ..moe.router import device_balance_loss, expert_balance_loss
+from . import checkpoint as ckpt_io
+from .metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
+from .optim import Schedule, build_optimizer
+from .recipe import TrainConfig, to_toml
+
+
+class DivergedError(UserError):
+    """The loss (or gradient) stayed NaN/inf for `train.max_nonfinite_steps` steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    checkpoint: Path | None = None
+    sample: str | None = None
+    expert_load: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+
+
+def _data():
+    from .. import data  # the data helper's package (tokenizer, prepare, loader)
+
+    return data
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"system.device={spec!r} but no CUDA GPU is visible; use --system.device=cpu")
+    return dev
+
+
+def _enable_activation_checkpointing(model: Transformer) -> None:
+    # Instance-level forward wrapper: parameter names (and so checkpoints) stay unchanged.
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+
+class _BalanceSplit:
+    """Expert- and device-level balance losses apart (the model reports their sum): forward hooks
+    on the routers keep the last affinities, from which both terms are recomputed (no grad)."""
+
+    def __init__(self, model: Transformer):
+        self.layers = [m for m in model.moe_layers() if m.cfg.device_balance_alpha > 0
+                       and m.cfg.n_device_groups > 1 and m.cfg.router != "hash"]
+        self.last = {}
+        for m in self.layers:
+            m.gate.register_forward_hook(functools.partial(self._keep, m))
+
+    def _keep(self, moe, _module, _args, routing):
+        if moe.training:
+            self.last[id(moe)] = routing
+
+    def __bool__(self):
+        return bool(self.layers)
+
+    @torch.no_grad()
+    def compute(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        exp = dev = 0.0
+        for m in self.layers:
+            r, c = self.last.get(id(m)), m.cfg
+            if r is None or r.scores_TE is None:
+                continue
+            s = r.scores_TE.detach()
+            if c.aux_loss_alpha > 0:
+                exp = exp + expert_balance_loss(s, r.idx_TK, c.aux_loss_alpha, batch_size if c.seq_aux else None)
+            dev = dev + device_balance_loss(s, r.idx_TK, c.device_balance_alpha, c.n_device_groups)
+        self.last.clear()
+        return torch.as_tensor(exp), torch.as_tensor(dev)
+
+
+# ---------------------------------------------------------------------------- setup
+@dataclass
+class _Data:
+    path: Path
+    meta: dict
+    tokens_per_byte: float | None
+    tokenizer_path: Path | None
+
+
+def _open_data(cfg: TrainConfig, vocab_size: int) -> _Data:
+    data = _data()
+    path = Path(cfg.data.path) if cfg.data.path else Path(data.default_dataset())
+    if cfg.data.path and not path.exists():
+        raise DataError(f"data.path={cfg.data.path!r} does not exist; prepare a dataset with "
+                        "`deepseekmoe prepare TEXT_FILES --out DIR` and pass --data.path=DIR")
+    meta = data.load_meta(path)
+    splits = meta.get("splits", {})
+    train = splits.get("train", {})
+    if not train.get("tokens"):
+        raise DataError(f"{path}: the training split is empty; prepare it from a non-empty corpus")
+    if meta["vocab_size"] > vocab_size:
+        raise DataError(f"{path}: token ids go up to {meta['vocab_size'] - 1} (tokenizer vocab "
+                        f"{meta['vocab_size']}) but the model's vocab_size is {vocab_size}; set "
+                        f"--model.vocab_size={meta['vocab_size']} or prepare the data with a smaller tokenizer")
+    val = splits.get(cfg.data.val_split, {})
+    tpb = val["tokens"] / val["bytes"] if val.get("tokens") and val.get("bytes") else None
+    tok = path / meta.get("tokenizer", "tokenizer.json")
+    return _Data(path, meta, tpb, tok if tok.is_file() else None)
+
+
+def _check_batch(x: torch.Tensor, vocab_size: int, where: str) -> None:
+    hi = int(x.max())
+    if hi >= vocab_size or int(x.min()) < 0:
+        raise DataError(f"{where}: token id {hi} is outside the model's vocabulary (0..{vocab_size - 1}); "
+                        "the dataset was prepared with another tokenizer or is corrupted")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None,
+                 echo=print):
+        self.cfg = cfg
+        self.echo = echo
+        self.state: dict = {}
+        if resume is not None:
+            self.resume_from = ckpt_io.resolve(resume)
+            self.state = ckpt_io.verify(self.resume_from)
+            self.run_dir = Path(run_dir) if run_dir else self.resume_from.parent.parent
+        else:
+            self.resume_from = None
+            self.run_dir = Path(run_dir) if run_dir else (Path(cfg.out) if cfg.out else default_run_dir(cfg))
+            if ckpt_io.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists():
+                raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume "
+                                  f"{self.run_dir}, or choose another --out")
+        cfg.validate()
+        self.device = resolve_device(cfg.system.device)
+        if cfg.system.threads > 0:
+            torch.set_num_threads(cfg.system.threads)
+        dt = cfg.system.dtype
+        self.amp_dtype = (torch.bfloat16 if (dt == "bfloat16" or (dt == "auto" and self.device.type == "cuda"))
+                          else None)
+        self.mcfg = cfg.model_config()
+        self.data = _open_data(cfg, self.mcfg.vocab_size)
+        self.accum = cfg.grad_accum()
+        self.micro = cfg.micro_batch_size
+
+    # ------------------------------------------------------------------ build
+    def _build(self):
+        cfg = self.cfg
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
+        model = Transformer(self.mcfg)  # CPU init: the same weights whatever the device
+        model.to(self.device)
+        model.set_routing(record=True)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        if cfg.system.activation_checkpointing:
+            _enable_activation_checkpointing(model)
+        if cfg.system.compile:
+            for block in model.layers:
+                block.compile()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
+        self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
+                                           batch_size=self.micro, seed=cfg.data.seed)
+        self.batches = iter(self.loader)
+        self.load = ExpertLoad(model, self.device)
+        self.split = _BalanceSplit(model)
+        self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
+        self.peak = peak_flops(self.device)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _next_batch(self, step: int) -> torch.Tensor:
+        x = next(self.batches)
+        _check_batch(x, self.mcfg.vocab_size, f"training batch of step {step + 1}")
+        return x.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float | None]:
+        cfg = self.cfg
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        bs = cfg.eval.batch_size or self.micro
+        for x in _data().iter_eval_batches(self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
+                                           batch_size=bs, max_batches=cfg.eval.max_batches or None):
+            _check_batch(x, self.mcfg.vocab_size, "validation batch")
+            x = x.to(self.device)
+            with self._autocast():
+                out = self.model(x, labels=x)
+            n = x.shape[0] * (x.shape[1] - 1)
+            total += out.lm_loss.double() * n
+            count += n
+        self.model.train()
+        if count == 0:
+            raise DataError(f"{self.data.path}: the {cfg.data.val_split!r} split has no batch of "
+                            f"{cfg.train.seq_len} tokens; use a shorter train.seq_len or a larger split")
+        loss = float(total) / count
+        bpb = loss / math.log(2) * self.data.tokens_per_byte if self.data.tokens_per_byte else None
+        return loss, bpb
+
+    # ------------------------------------------------------------------ sample
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        s = self.cfg.sample
+        if s.max_new_tokens == 0 or self.data.tokenizer_path is None:
+            return None
+        tok = _data().Tokenizer.from_file(self.data.tokenizer_path)
+        self.model.eval()
+        try:
+            return generate_text(self.model, tok, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
+                                 self.device, seed=self.cfg.train.seed)
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ checkpoint
+    def _save(self, step: int, extra: dict) -> Path:
+        state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
+                 "data_path": str(self.data.path), **extra}
+        return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state,
+                            tokenizer=self.data.tokenizer_path, keep=self.cfg.checkpoint.keep)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self._build()
+        # Fail on a bad first batch before the run directory exists (nothing half-written).
+        step = 0
+        if self.resume_from is not None:
+            ckpt_io.load_weights(self.resume_from, self.model, self.optimizer, self.device)
+            self.loader.load_state_dict(self.state["data"])
+            self.batches = iter(self.loader)
+            step = int(self.state["step"])
+        first = self._next_batch(step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(self.run_dir)
+        if self.resume_from is not None:
+            truncate_metrics(self.run_dir / "metrics.jsonl", step)
+            ckpt_io.set_rng_state(self.state["rng"])
+        atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+        tokens = int(self.state.get("tokens", 0))
+        streak = int(self.state.get("nonfinite_streak", 0))
+        last_ckpt = self.resume_from
+        log = MetricsLogger(self.run_dir, cfg.train.steps, step, progress=cfg.log.progress,
+                            tensorboard=cfg.log.tensorboard)
+        self.echo(f"training {self.mcfg.name} ({self.mcfg.num_params() / 1e6:.2f}M params, "
+                  f"{self.mcfg.num_active_params() / 1e6:.2f}M active) on {self.device}"
+                  f"{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x {cfg.train.batch_size} x "
+                  f"{cfg.train.seq_len} tokens (accum {self.accum}), data {self.data.path}, run dir {self.run_dir}"
+                  + (f", resumed at step {step}" if self.resume_from else ""))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        dev = self.device
+        acc = {k: torch.zeros((), device=dev) for k in ("loss", "lm", "bal", "gnorm", "exp", "devb")}
+        n_acc, t_int, tok_int = 0, time.perf_counter(), 0
+        last_eval = (None, None)
+        try:
+            while step < cfg.train.steps:
+                lr = self.schedule.set(self.optimizer, step)
+                step_loss = torch.zeros((), device=dev)
+                parts = {k: torch.zeros((), device=dev) for k in ("lm", "bal", "exp", "devb")}
+                for _ in range(self.accum):
+                    x = first if first is not None else self._next_batch(step)
+                    first = None
+                    with self._autocast():
+                        out = self.model(x, labels=x)
+                    (out.loss / self.accum).backward()
+                    step_loss += out.loss.detach().float() / self.accum
+                    parts["lm"] += out.lm_loss.detach().float() / self.accum
+                    if out.balance_loss is not None:
+                        parts["bal"] += out.balance_loss.detach().float() / self.accum
+                    if self.split:
+                        e, d = self.split.compute(x.shape[0])
+                        parts["exp"] += e.to(dev) / self.accum
+                        parts["devb"] += d.to(dev) / self.accum
+                    if self.load:
+                        self.load.update()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per step
+                step += 1
+                ntok = self.micro * self.accum * cfg.train.seq_len
+                tokens += ntok
+                tok_int += ntok
+                if not finite:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    streak += 1
+                    log.write({"kind": "nonfinite", "step": step, "loss": float(step_loss), "grad_norm": float(gnorm)})
+                    log.print(f"step {step}: non-finite loss/gradient ({float(step_loss)}, grad norm "
+                              f"{float(gnorm)}); update skipped ({streak} in a row)")
+                    if streak >= cfg.train.max_nonfinite_steps:
+                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
+                        raise DivergedError(
+                            f"the loss was NaN/inf for {streak} consecutive steps (up to step {step}); stopped. "
+                            f"{where}; lower --optim.lr or raise --train.max_nonfinite_steps, then --resume")
+                    log.advance(1)
+                    continue
+                streak = 0
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                acc["loss"] += step_loss
+                acc["gnorm"] += gnorm.float()
+                for k in parts:
+                    acc[k] += parts[k]
+                n_acc += 1
+                if step % cfg.log.every == 0 or step == cfg.train.steps:
+                    dt = time.perf_counter() - t_int
+                    tps = tok_int / dt if dt > 0 else float("nan")
+                    rec = {"kind": "train", "step": step, "loss": float(acc["loss"]) / n_acc,
+                           "lm_loss": float(acc["lm"]) / n_acc, "balance_loss": float(acc["bal"]) / n_acc,
+                           "grad_norm": float(acc["gnorm"]) / n_acc, "lr": lr, "tokens": tokens,
+                           "tokens_per_s": round(tps, 1)}
+                    if self.split:
+                        rec["expert_balance_loss"] = float(acc["exp"]) / n_acc
+                        rec["device_balance_loss"] = float(acc["devb"]) / n_acc
+                    if self.peak:
+                        rec["mfu"] = round(self.flops_per_token * tps / self.peak, 4)
+                    if self.load:
+                        rec["expert_load"] = self.load.read_and_reset()
+                    log.write(rec)
+                    log.print(_format(rec, cfg.train.steps))
+                    for k in acc:
+                        acc[k].zero_()
+                    n_acc, tok_int, t_int = 0, 0, time.perf_counter()
+                log.advance(1, loss=f"{float(step_loss):.3f}", lr=f"{lr:.1e}")
+                final = step == cfg.train.steps
+                if final or (cfg.eval.every and step % cfg.eval.every == 0):
+                    last_eval = self.evaluate()
+                    rec = {"kind": "eval", "step": step, "val_loss": last_eval[0], "val_bpb": last_eval[1]}
+                    log.write(rec)
+                    bpb = f", {last_eval[1]:.3f} bits/byte" if last_eval[1] is not None else ""
+                    log.print(f"step {step}: validation loss {last_eval[0]:.4f}{bpb}")
+                if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    last_ckpt = self._save(step, {"tokens": tokens, "nonfinite_streak": streak,
+                                                  "elapsed_s": time.perf_counter() - t_start})
+                if final or (cfg.eval.every and step % cfg.eval.every == 0) or \
+                        (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    t_int, tok_int = time.perf_counter(), 0  # keep evaluation and saving out of tokens/s
+        finally:
+            log.close()
+        load = self.load.read_and_reset() if self.load else []
+        recent = [r.get("expert_load") for r in _train_records(self.run_dir) if r.get("expert_load")]
+        result = TrainResult(self.run_dir, step, last_eval[0], last_eval[1], last_ckpt,
+                             expert_load=recent[-1] if recent else load, tokens=tokens,
+                             wall_s=time.perf_counter() - t_start)
+        if cfg.log.plot:
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                        title=f"{cfg.name}: {self.mcfg.name} on {self.data.path.name}")
+        result.sample = self.sample()
+        return result
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    from .metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+
+
+def _format(rec: dict, total: int) -> str:
+    s = (f"step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+         f"bal {rec['balance_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {rec['lr']:.2e} | "
+         f"{rec['tokens_per_s'] / 1e3:.1f}K tok/s")
+    if "mfu" in rec:
+        s += f" | MFU {100 * rec['mfu']:.1f}%"
+    if rec.get("expert_load"):
+        s += " | load " + "/".join(f"{x:.2f}" for x in rec["expert_load"])
+    return s
+
+
+@torch.no_grad()
+def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, temperature: float,
+                  top_k: int, device: torch.device, seed: int = 0) -> str:
+    """Sample a continuation by re-running the model on the growing context (fine for a short
+    sample from a small model; deepseekmoe.generate has the KV-cache decoder)."""
+    ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an eos in the packed stream
+    start = 1
+    g = torch.Generator().manual_seed(seed)
+    ctx = model.config.max_position_embeddings
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-ctx:]], device=device)
+        logits = model(x, logits_to_keep=1).logits[0, -1].float().cpu()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
+        if nxt == tok.eos_id:
+            break
+        ids.append(nxt)
+    return tok.decode(ids[start:])
+
+
+def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print) -> TrainResult:
+    return Trainer(cfg, run_dir, resume, echo).run()
