@@ -17,6 +17,9 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("deepseekmoe.info", "parameter / FLOP accounting and layer plan of a preset or config"),
     "train": ("deepseekmoe.train.cli", "pretrain a model from a TOML recipe (default: the tiny CPU job)"),
+    "generate": ("deepseekmoe.serve", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
+    "chat": ("deepseekmoe.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),
+    "convert": ("deepseekmoe.convert", "convert between native training checkpoints and the released HF format"),
 }
 
 

@@ -12,6 +12,8 @@ Backends:
   grouped  sort token slots by expert, two grouped GEMMs (torch grouped_mm), weighted combine;
            dropless, no host-device sync, autograd through torch ops
   triton   fused Hopper kernels (deepseekmoe.kernels); GPU only
+  gather   inference for small decode batches: each token slot reads only its expert's weights
+           (bandwidth-bound: bytes of the activated experts, not of all E); no host sync
   auto     triton when usable, else grouped, else loop
 
 Shape legend: T tokens, K routed experts per token, S = T*K token slots, E experts,
@@ -102,6 +104,33 @@ def experts_grouped(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     return y_TD
 
 
+def experts_gather(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
+    """Per token slot, pick the chosen expert's weights by index and apply them (no sort, no sync).
+
+    Meant for decode steps where T*K is much smaller than E: only the selected experts' weights
+    are touched. Eagerly this gathers them and runs batched GEMVs; under torch.compile the
+    product-and-sum form lets the gather fuse into the reduction, so each activated weight is read
+    once from memory and never copied. Cost grows with T*K (repeated experts are re-read), so
+    prefill and large batches should use `grouped`.
+    """
+    T, K = idx_TK.shape
+    D = x_TD.shape[-1]
+    F_ = w13_E2FD.shape[1] // 2
+    dtype = x_TD.dtype
+    flat_S = idx_TK.reshape(-1)
+    x_SD = x_TD.repeat_interleave(K, dim=0)
+    if torch.compiler.is_compiling():
+        h_S2F = (w13_E2FD[flat_S].to(dtype) * x_SD[:, None, :]).sum(-1)
+        a_SF = F.silu(h_S2F[:, :F_]) * h_S2F[:, F_:]
+        y_SD = (w2_EDF[flat_S].to(dtype) * a_SF[:, None, :]).sum(-1)
+    else:
+        h_S2F = torch.bmm(w13_E2FD[flat_S].to(dtype), x_SD[:, :, None]).squeeze(-1)
+        a_SF = F.silu(h_S2F[:, :F_]) * h_S2F[:, F_:]
+        y_SD = torch.bmm(w2_EDF[flat_S].to(dtype), a_SF[:, :, None]).squeeze(-1)
+    y_TKD = y_SD.view(T, K, D)
+    return torch.bmm(w_TK.to(dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+
 def _grouped_supported() -> bool:
     return _gmm is not None
 
@@ -112,6 +141,8 @@ def resolve_backend(name: str, device: torch.device) -> ExpertFn:
 
     if name == "loop":
         return experts_loop
+    if name == "gather":
+        return experts_gather
     if name == "grouped":
         if not _grouped_supported():
             raise ConfigError(f"expert_backend='grouped' needs torch >= 2.8 with grouped_mm (found "
@@ -127,7 +158,7 @@ def resolve_backend(name: str, device: torch.device) -> ExpertFn:
         if device.type == "cuda" and kernels.triton_unavailable_reason(device) is None:
             return kernels.experts_triton
         return experts_grouped if _grouped_supported() else experts_loop
-    raise ConfigError(f"unknown expert_backend {name!r}; choose loop, grouped, triton or auto")
+    raise ConfigError(f"unknown expert_backend {name!r}; choose loop, grouped, triton, gather or auto")
 
 
-BACKENDS: dict[str, ExpertFn] = {"loop": experts_loop, "grouped": experts_grouped}
+BACKENDS: dict[str, ExpertFn] = {"loop": experts_loop, "grouped": experts_grouped, "gather": experts_gather}

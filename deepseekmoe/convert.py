@@ -1,0 +1,62 @@
+"""`deepseekmoe convert SRC DST`: native training checkpoints <-> the released Hugging Face format.
+
+The direction is read off SRC: a native model directory (config.json with
+`"format": "deepseekmoe"`, or a training checkpoint folder holding one as `model/`) becomes a
+released-format directory; a released-format directory (config.json with `model_type:
+"deepseek"`) becomes a native one. Both sides are written atomically, so an interrupted
+conversion leaves DST as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("src", help="native model dir / training checkpoint folder, or a released-format dir")
+    p.add_argument("dst", help="output directory (the other format)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="dtype of the written weights (auto keeps the source's)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard limit when writing the released format")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory whose tokenizer files are copied next to the released-format weights")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", tokenizer=None,
+            overwrite: bool = False) -> str:
+    """Convert `src` into the other format at `dst`; return the direction ('hf' or 'native' written)."""
+    from . import hf, io
+    from .model import Transformer
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    if Path(src).resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: the output must differ from the input")
+    kind, path = hf.find_checkpoint(src)
+    model = Transformer.from_pretrained(path, dtype=dtype)
+    if kind == "native":
+        if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise CheckpointError(f"--tokenizer {tokenizer}: no tokenizer.json there")
+        model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer_dir=tokenizer)
+        return "hf"
+    io.save_native(dst, model.config, model.state_dict())
+    return "native"
+
+
+def run(args) -> int:
+    dtype = DTYPES.get(args.dtype)
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    wrote = convert(args.src, args.dst, dtype, args.max_shard_size, args.tokenizer, args.overwrite)
+    what = "released Hugging Face format" if wrote == "hf" else "native deepseekmoe format"
+    print(f"wrote {args.dst} ({what})")
+    return 0
