@@ -1,0 +1,66 @@
+"""Scale-out on PyTorch's own distributed stack: DeviceMesh, expert parallel (all-to-all), FSDP2,
+pipelining, DCP checkpoints.
+
+The model code is single-device; `parallelize(model, mesh, cfg)` rewrites a built model in place,
+always in this order (each step relies on the previous one):
+
+  1. expert parallel   routed experts split over ``ep``, token slots moved by all-to-all;
+                       balance losses computed over the global batch (expert_parallel.py)
+  2. activation ckpt   recompute each block in backward (fsdp.py)
+  3. torch.compile     per block, in place (fsdp.py)
+  4. FSDP2             experts over ``dp``, everything else over ``dp x ep`` (fsdp.py)
+
+Pipeline parallelism splits the model into stages first and parallelizes each stage
+(pipeline.py). Launch, layout and the scaling model: docs/parallel.md.
+
+    mesh = init_distributed(ParallelConfig(ep=2))       # under torchrun
+    model = parallelize(Transformer(cfg), mesh, pcfg)    # same weights, global-batch semantics
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .expert_parallel import DistributedMoE, ExpertParallelExperts, apply_expert_parallel
+from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, clip_grad_norm_, grad_norm
+from .mesh import (
+    Mesh,
+    ParallelConfig,
+    build_mesh,
+    default_device,
+    init_distributed,
+    launched_distributed,
+    single_process_mesh,
+)
+
+__all__ = ["Mesh", "ParallelConfig", "DistributedMoE", "ExpertParallelExperts", "apply_activation_checkpointing",
+           "apply_compile", "apply_expert_parallel", "apply_fsdp", "build_mesh", "clip_grad_norm_",
+           "default_device", "grad_norm", "init_distributed", "launched_distributed", "parallelize",
+           "single_process_mesh"]
+
+
+def parallelize(model: nn.Module, mesh: Mesh, cfg: ParallelConfig | None = None) -> nn.Module:
+    """Apply EP -> activation checkpointing -> compile -> FSDP2 to `model` (in place; returned).
+
+    `model` is a Transformer or a pipeline stage built from one, on its device (or on `meta`, to be
+    materialised with to_empty() + init_weights() or a checkpoint load afterwards). With a
+    single-process mesh only activation checkpointing and compile apply."""
+    cfg = cfg or ParallelConfig()
+    cfg.validate()
+    distributed = mesh.device_mesh is not None
+    if distributed:
+        if getattr(model, "config", None) is not None and model.config.tie_word_embeddings and mesh.pp > 1:
+            raise ValueError("tied embeddings cannot be split over pipeline stages; use pp=1")
+        apply_expert_parallel(model, mesh)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if distributed and cfg.fsdp:
+        param_dtype = torch.bfloat16 if cfg.param_dtype == "bfloat16" else None
+        apply_fsdp(model, mesh, cfg.reshard_after_forward, param_dtype)
+    elif distributed and mesh.data_parallel_size > 1:
+        raise ValueError("parallel.fsdp=false with more than one data-parallel rank is not supported: "
+                         "gradients would not be reduced (use fsdp=true)")
+    return model

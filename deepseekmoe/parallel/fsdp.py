@@ -1,0 +1,115 @@
+"""Activation checkpointing, torch.compile and FSDP2 sharding of a (possibly expert-parallel)
+model, and the gradient-norm clipping that goes with the resulting layout.
+
+Where each parameter lives after `apply_fsdp` (see docs/parallel.md for the picture):
+
+  routed experts (w13, w2)     dim 0 split over ``ep`` (expert parallel), each slice sharded again
+                               over ``dp`` (the ranks that hold the same experts); gradients
+                               averaged over ``dp`` (and scaled 1/ep inside the EP layer)
+  everything else              sharded over ``dp_ep`` (all ranks of the stage, which all see
+  (attention, router, shared   different tokens); gradients averaged over dp x ep
+  experts, dense FFNs, norms,
+  embeddings, head)
+
+So every parameter element is stored on exactly one rank of a stage, which is what makes the
+global gradient norm a plain sum of local squares over all ranks (`clip_grad_norm_`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from .expert_parallel import ExpertParallelExperts
+from .mesh import Mesh
+
+
+def block_container(model: nn.Module) -> nn.Module:
+    """The ModuleList / ModuleDict of Transformer blocks (`layers`) of a model or pipeline stage."""
+    return model.layers
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = block_container(model)
+    return list(layers.items()) if isinstance(layers, nn.ModuleDict) else [
+        (str(i), b) for i, b in enumerate(layers)]
+
+
+def _set_block(model: nn.Module, key: str, block: nn.Module) -> None:
+    layers = block_container(model)
+    if isinstance(layers, nn.ModuleDict):
+        layers[key] = block
+    else:
+        layers[int(key)] = block
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward (non-reentrant). The wrapper's state-dict hooks strip its
+    prefix, so checkpoints keep the plain parameter names.
+
+    early_stop=False: the recomputation runs the whole block, so every rank re-runs the block's
+    all-to-alls even when its own saved tensors would let it stop earlier (a rank whose experts
+    got no tokens saves different tensors, and collectives must match across ranks)."""
+    for key, block in _blocks(model):
+        _set_block(model, key, checkpoint_wrapper(block, preserve_rng_state=False, early_stop=False))
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (names unchanged). The EP all-to-all needs its split
+    sizes on the host, so dynamo breaks the graph there and compiles the pieces around it."""
+    for _, block in _blocks(model):
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, mesh: Mesh, reshard_after_forward: bool = True,
+               param_dtype: torch.dtype | None = None) -> None:
+    """fully_shard bottom-up: routed experts over ``dp`` (when ep > 1), each block over ``dp_ep``,
+    then the root (embeddings, final norm, head) over ``dp_ep``."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    dp_ep = mesh["dp_ep"]
+    for _, block in _blocks(model):
+        for m in block.modules():
+            if isinstance(m, ExpertParallelExperts):
+                fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(block, mesh=dp_ep, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    # The root is needed again as soon as backward starts: keep it gathered after forward.
+    fully_shard(model, mesh=dp_ep, reshard_after_forward=False, mp_policy=mp)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def grad_norm(parameters, group=None) -> torch.Tensor:
+    """L2 norm of all gradients of a model laid out by parallelize(): local sums of squares,
+    summed over `group` (default: all ranks; each element lives on exactly one rank per stage and
+    stages hold disjoint layers). In a single process it is torch's usual total norm."""
+    grads = [_local(p.grad) for p in parameters if p.grad is not None]
+    if grads:
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if grads:
+            sq = sq.to(grads[0].device)
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, group=None) -> torch.Tensor:
+    """Clip gradients in place to global norm `max_norm` (0 disables clipping); returns the norm
+    before clipping. Same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm /
+    (norm + 1e-6), capped at 1), for gradients sharded over different meshes."""
+    params = [p for p in parameters if p.grad is not None]
+    total = grad_norm(params, group)
+    if max_norm and max_norm > 0:  # no host sync: a non-finite norm makes non-finite grads
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            _local(p.grad).mul_(coef.to(_local(p.grad).device))
+    return total
