@@ -16,6 +16,8 @@ from .errors import UserError
 # name -> (module, help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("deepseekmoe.info", "parameter / FLOP accounting and layer plan of a preset or config"),
+    "prepare": ("deepseekmoe.data.cli", "tokenize text/jsonl/parquet into token shards for training"),
+    "tokenizer": ("deepseekmoe.data.tokenizer_cli", "train a byte-level BPE or inspect a tokenizer.json"),
     "train": ("deepseekmoe.train.cli", "pretrain a model from a TOML recipe (default: the tiny CPU job)"),
     "generate": ("deepseekmoe.serve", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
     "chat": ("deepseekmoe.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),

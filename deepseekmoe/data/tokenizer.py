@@ -190,8 +190,8 @@ def _specials_beside(path: Path) -> tuple[int | str | None, int | str | None]:
 
 
 # ---------------------------------------------------------------------------------- training
-def new_bpe(bos: str = DEFAULT_BOS, eos: str = DEFAULT_EOS):
-    """An untrained byte-level BPE `tokenizers.Tokenizer` and its trainer factory's pieces."""
+def new_bpe():
+    """An untrained byte-level BPE `tokenizers.Tokenizer` (no normaliser, GPT-2 pre-tokenisation)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -225,7 +225,7 @@ def train_tokenizer(texts_or_files, vocab_size: int, out_path: str | os.PathLike
     first = next(texts, None)
     if first is None:
         raise DataError("no text to train the tokenizer on (every input is empty)")
-    tk = new_bpe(bos, eos)
+    tk = new_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(_chain(first, texts), trainer)
