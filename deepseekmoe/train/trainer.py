@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -123,36 +122,24 @@ class _BalanceSplit:
 class _Data:
     path: Path
     meta: dict
-    tokens_per_byte: float | None
-    tokenizer_path: Path | None
+    val_split: str
 
 
 def _open_data(cfg: TrainConfig, vocab_size: int) -> _Data:
     data = _data()
-    path = Path(cfg.data.path) if cfg.data.path else Path(data.default_dataset())
-    if cfg.data.path and not path.exists():
-        raise DataError(f"data.path={cfg.data.path!r} does not exist; prepare a dataset with "
-                        "`deepseekmoe prepare TEXT_FILES --out DIR` and pass --data.path=DIR")
-    meta = data.load_meta(path)
+    if cfg.data.path:
+        path = Path(cfg.data.path)
+    else:
+        path = Path(data.default_dataset(progress=cfg.log.progress))
+    meta = data.load_meta(path)  # DataError on a missing, unprepared or damaged directory
     splits = meta.get("splits", {})
-    train = splits.get("train", {})
-    if not train.get("tokens"):
-        raise DataError(f"{path}: the training split is empty; prepare it from a non-empty corpus")
-    if meta["vocab_size"] > vocab_size:
-        raise DataError(f"{path}: token ids go up to {meta['vocab_size'] - 1} (tokenizer vocab "
-                        f"{meta['vocab_size']}) but the model's vocab_size is {vocab_size}; set "
-                        f"--model.vocab_size={meta['vocab_size']} or prepare the data with a smaller tokenizer")
-    val = splits.get(cfg.data.val_split, {})
-    tpb = val["tokens"] / val["bytes"] if val.get("tokens") and val.get("bytes") else None
-    tok = path / meta.get("tokenizer", "tokenizer.json")
-    return _Data(path, meta, tpb, tok if tok.is_file() else None)
-
-
-def _check_batch(x: torch.Tensor, vocab_size: int, where: str) -> None:
-    hi = int(x.max())
-    if hi >= vocab_size or int(x.min()) < 0:
-        raise DataError(f"{where}: token id {hi} is outside the model's vocabulary (0..{vocab_size - 1}); "
-                        "the dataset was prepared with another tokenizer or is corrupted")
+    if not splits.get("train", {}).get("tokens"):
+        raise DataError(f"{path}: the training split is empty; prepare the dataset from a non-empty corpus")
+    if cfg.data.val_split not in splits:
+        raise DataError(f"{path}: no split {cfg.data.val_split!r} for validation (has: {', '.join(splits)}); "
+                        "set --data.val_split")
+    data.check_vocab(meta, vocab_size)  # token ids beyond the model's vocabulary
+    return _Data(path, meta, cfg.data.val_split)
 
 
 class Trainer:
@@ -203,8 +190,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
         self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
-                                           batch_size=self.micro, seed=cfg.data.seed)
-        self.batches = iter(self.loader)
+                                           batch_size=self.micro, seed=cfg.data.seed,
+                                           vocab_size=self.mcfg.vocab_size)
         self.load = ExpertLoad(model, self.device)
         self.split = _BalanceSplit(model)
         self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
@@ -216,8 +203,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _next_batch(self, step: int) -> torch.Tensor:
-        x = next(self.batches)
-        _check_batch(x, self.mcfg.vocab_size, f"training batch of step {step + 1}")
+        x = next(self.loader)  # the loader raises DataError on an id beyond the vocabulary
         return x.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ evaluation
@@ -229,7 +215,6 @@ class Trainer:
         bs = cfg.eval.batch_size or self.micro
         for x in _data().iter_eval_batches(self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
                                            batch_size=bs, max_batches=cfg.eval.max_batches or None):
-            _check_batch(x, self.mcfg.vocab_size, "validation batch")
             x = x.to(self.device)
             with self._autocast():
                 out = self.model(x, labels=x)
@@ -241,16 +226,17 @@ class Trainer:
             raise DataError(f"{self.data.path}: the {cfg.data.val_split!r} split has no batch of "
                             f"{cfg.train.seq_len} tokens; use a shorter train.seq_len or a larger split")
         loss = float(total) / count
-        bpb = loss / math.log(2) * self.data.tokens_per_byte if self.data.tokens_per_byte else None
+        info = self.data.meta["splits"][cfg.data.val_split]
+        bpb = _data().bits_per_byte(loss, self.data.meta, cfg.data.val_split) if info.get("bytes") else None
         return loss, bpb
 
     # ------------------------------------------------------------------ sample
     @torch.no_grad()
     def sample(self) -> str | None:
         s = self.cfg.sample
-        if s.max_new_tokens == 0 or self.data.tokenizer_path is None:
+        if s.max_new_tokens == 0:
             return None
-        tok = _data().Tokenizer.from_file(self.data.tokenizer_path)
+        tok = _data().load_tokenizer(self.data.path)
         self.model.eval()
         try:
             return generate_text(self.model, tok, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
@@ -262,8 +248,9 @@ class Trainer:
     def _save(self, step: int, extra: dict) -> Path:
         state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
                  "data_path": str(self.data.path), **extra}
+        tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
         return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state,
-                            tokenizer=self.data.tokenizer_path, keep=self.cfg.checkpoint.keep)
+                            tokenizer=tokenizer, keep=self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
@@ -275,7 +262,6 @@ class Trainer:
         if self.resume_from is not None:
             ckpt_io.load_weights(self.resume_from, self.model, self.optimizer, self.device)
             self.loader.load_state_dict(self.state["data"])
-            self.batches = iter(self.loader)
             step = int(self.state["step"])
         first = self._next_batch(step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -415,9 +401,23 @@ def _format(rec: dict, total: int) -> str:
 @torch.no_grad()
 def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: int, device: torch.device, seed: int = 0) -> str:
-    """Sample a continuation by re-running the model on the growing context (fine for a short
-    sample from a small model; deepseekmoe.generate has the KV-cache decoder)."""
-    ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an eos in the packed stream
+    """The prompt and its sampled continuation (documents follow an eos in the packed stream, so
+    the prompt starts with one). Uses deepseekmoe.generate's KV-cache decoder when present."""
+    ids = [tok.eos_id] + tok.encode(prompt)
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    if max_new_tokens < 1:
+        return prompt
+    try:
+        from ..generate import generate_ids
+    except ImportError:
+        return _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, device, seed)
+    new = generate_ids(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
+                       eos_token_id=tok.eos_id, seed=seed)[0]
+    return tok.decode(ids[1:] + new)
+
+
+def _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, device, seed) -> str:
+    """Simple twin of the KV-cache decoder: re-run the model on the growing context."""
     start = 1
     g = torch.Generator().manual_seed(seed)
     ctx = model.config.max_position_embeddings

@@ -1,0 +1,227 @@
+"""Bad input to `deepseekmoe train`: one clear line on stderr, exit status != 0, nothing
+half-written. Also: a full disk during a save keeps the previous checkpoint loadable, and NaN/inf
+losses are skipped, logged, and stop the run after `train.max_nonfinite_steps`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepseekmoe.cli import main
+from deepseekmoe.data import default_dataset
+from deepseekmoe.model import Transformer
+from deepseekmoe.train import checkpoint as ckpt_io
+from deepseekmoe.train import recipe
+from deepseekmoe.train.metrics import read_metrics
+from deepseekmoe.train.trainer import DivergedError, Trainer
+
+TINIER = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.intermediate_size=64",
+          "--model.moe_intermediate_size=16", "--model.n_routed_experts=8", "--model.num_experts_per_tok=2",
+          "--model.num_attention_heads=2", "--train.seq_len=32", "--train.batch_size=4", "--train.steps=4",
+          "--log.every=1", "--eval.every=0", "--eval.max_batches=1", "--checkpoint.every=2",
+          "--log.progress=false", "--log.tensorboard=false", "--log.plot=false", "--sample.max_new_tokens=0"]
+
+
+def _fail(capsys, *argv) -> str:
+    """Run the CLI expecting a user error; return its single stderr line."""
+    rc = main(["train", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("deepseekmoe train: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", *TINIER, "--out", str(out)]) == 0
+    return out
+
+
+def _copy_run(trained, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def test_unknown_recipe_key_suggests_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, "--train.stpes=3", "--out", str(out))
+    assert "unknown key 'train.stpes'" in msg and "did you mean 'train.steps'" in msg
+    r = tmp_path / "r.toml"
+    r.write_text("[optim]\nlearning_rate = 1e-3\n")
+    msg = _fail(capsys, str(r), "--out", str(out))
+    assert "unknown key 'optim.learning_rate'" in msg
+    assert not out.exists()
+
+
+def test_missing_and_unprepared_corpus(capsys, tmp_path):
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, f"--data.path={tmp_path / 'nope'}", "--out", str(out))
+    assert "no such dataset directory" in msg and "deepseekmoe prepare" in msg
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "book.txt").write_text("text that was never prepared")
+    msg = _fail(capsys, *TINIER, f"--data.path={tmp_path / 'raw'}", "--out", str(out))
+    assert "not a prepared dataset" in msg
+    assert not out.exists()
+
+
+def test_empty_training_split(capsys, tmp_path):
+    src = default_dataset()
+    d = tmp_path / "empty"
+    d.mkdir()
+    meta = json.loads((src / "meta.json").read_text())
+    shutil.copy(src / meta["tokenizer"], d / meta["tokenizer"])
+    for split in ("train", "val"):
+        meta["splits"][split].update(tokens=0, bytes=0, documents=0, shards=[f"{split}_000.bin"])
+        (d / f"{split}_000.bin").write_bytes(b"")
+    (d / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, f"--data.path={d}", "--out", str(out))
+    assert "training split is empty" in msg
+    assert not out.exists()
+
+
+def test_token_ids_beyond_the_vocab(capsys, tmp_path):
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, "--model.vocab_size=1000", "--out", str(out))
+    assert "vocab_size is 1000" in msg and "4095" in msg
+    assert not out.exists()
+    # A shard whose ids exceed the dataset's own vocabulary (corrupted) is caught at the first batch.
+    src = default_dataset()
+    d = tmp_path / "bad"
+    shutil.copytree(src, d)
+    meta = json.loads((d / "meta.json").read_text())
+    shard = d / meta["splits"]["train"]["shards"][0]
+    arr = np.fromfile(shard, dtype=meta["dtype"])
+    arr[:] = 4095 + 7
+    arr.tofile(shard)
+    msg = _fail(capsys, *TINIER, f"--data.path={d}", "--out", str(out))
+    assert "token id 4102" in msg
+    assert not out.exists()
+
+
+def test_new_run_into_an_existing_run_dir(capsys, trained):
+    msg = _fail(capsys, *TINIER, "--out", str(trained))
+    assert "already holds a run" in msg and "--resume" in msg
+
+
+def test_resume_from_nothing(capsys, tmp_path):
+    msg = _fail(capsys, "--resume", str(tmp_path / "nothing"))
+    assert "no such checkpoint or run directory" in msg
+    msg = _fail(capsys, "--resume", str(tmp_path))
+    assert "no checkpoint in this directory" in msg
+    msg = _fail(capsys, "configs/tiny.toml", "--resume", str(tmp_path))
+    assert "not both" in msg
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "delete"])
+def test_corrupted_checkpoint_on_resume(capsys, trained, tmp_path, damage):
+    run = _copy_run(trained, tmp_path)
+    ck = run / "checkpoints" / "step_0000004"
+    before = (run / "metrics.jsonl").read_bytes()
+    if damage == "flip":
+        p = ck / "model" / "model.safetensors"
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        p.write_bytes(bytes(b))
+        want = "model/model.safetensors does not match its checksum"
+    elif damage == "truncate":
+        p = ck / "optimizer.pt"
+        p.write_bytes(p.read_bytes()[:1000])
+        want = "optimizer.pt has 1000 bytes"
+    elif damage == "manifest":
+        (ck / "manifest.json").write_text("{not json")
+        want = "unreadable manifest.json"
+    else:
+        (ck / "state.json").unlink()
+        want = "state.json is missing"
+    msg = _fail(capsys, "--resume", str(run))
+    assert "step_0000004" in msg and want in msg
+    assert "step_0000002" in msg  # names the earlier checkpoint to resume from instead
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing touched
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_fill_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4): write part of the file, then ENOSPC
+            Path(f).write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save_then_fill_disk)
+    msg = _fail(capsys, *TINIER, "--out", str(out))
+    monkeypatch.setattr(ckpt_io.torch, "save", real_save)
+    assert "disk is full" in msg and "step_0000002 is intact" in msg and "--resume" in msg
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_0000002"]  # no temporary or partial directory left
+    state = ckpt_io.verify(out / "checkpoints" / "step_0000002")
+    assert state["step"] == 2
+    cfg = recipe.build(base=state["config"])
+    model = Transformer(cfg.model_config())
+    ckpt_io.load_weights(out / "checkpoints" / "step_0000002", model, None, torch.device("cpu"))
+    # ... and the run continues from it.
+    assert main(["train", "--resume", str(out)]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def _nan_after(monkeypatch, bad_calls: set[int]):
+    """Make the model's loss NaN on the given (1-based) forward calls in training mode."""
+    real = Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls or (0 in bad_calls and calls["n"] >= max(bad_calls)):
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def test_nonfinite_steps_are_skipped_and_logged(monkeypatch, tmp_path):
+    cfg = recipe.build(None, recipe_overrides(TINIER, ["--train.steps=6"]))
+    _nan_after(monkeypatch, {3, 4})
+    trainer = Trainer(cfg, run_dir=tmp_path / "o", echo=lambda s: None)
+    res = trainer.run()
+    assert res.step == 6
+    recs = read_metrics(tmp_path / "o" / "metrics.jsonl")
+    bad = [r["step"] for r in recs if r["kind"] == "nonfinite"]
+    good = [r["step"] for r in recs if r["kind"] == "train"]
+    assert bad == [3, 4] and good == [1, 2, 5, 6]
+    assert all(np.isfinite(r["loss"]) for r in recs if r["kind"] == "train")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nonfinite_streak_stops_with_last_good_checkpoint(monkeypatch, tmp_path):
+    cfg = recipe.build(None, recipe_overrides(TINIER, ["--train.steps=10", "--train.max_nonfinite_steps=3"]))
+    _nan_after(monkeypatch, {0, 5})  # every step from the 5th on
+    out = tmp_path / "o"
+    with pytest.raises(DivergedError, match=r"3 consecutive steps \(up to step 7\).*step_0000004"):
+        Trainer(cfg, run_dir=out, echo=lambda s: None).run()
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+    assert ckpt_io.verify(out / "checkpoints" / "step_0000004")["step"] == 4
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "nonfinite"] == [5, 6, 7]
+
+
+def recipe_overrides(*argvs) -> list[tuple[str, str]]:
+    from deepseekmoe.train.cli import split_overrides
+
+    return split_overrides([a for argv in argvs for a in argv])[1]
