@@ -1,0 +1,382 @@
+"""Triton kernels of the fused MoE expert path (forward and backward) and their launchers.
+
+Five grouped GEMMs over token slots sorted by expert, none of which materialises a permuted copy
+of its token-indexed operand (rows are gathered by pointer inside the main loop):
+
+  gateup_fwd   gu = x[tok(s)] @ W13_e^T, epilogue a = silu(g) * u        (gather of x fused)
+  down_fwd     y[slot(s)] = w_s * (a_s @ W2_e^T)                          (weight + scatter fused)
+  down_bwd     dA'_s = dy[tok(s)] @ W2_e, epilogue: recompute a from the saved g|u, partial
+               dw_s = <dA'_s, a_s>, dg/du (dSwiGLU), aw_s = w_s * a_s for dW2
+  wgrad        dW_e = A_e^T @ B_e over the expert's slots (dW2 and dW13; gathered operand)
+  gateup_dx    dx[slot(s)] = dgu_s @ W13_e                                (scatter to token slots)
+
+Routing metadata is only `perm_S` (slot ids sorted by expert) and `counts_E`; every M-tiled
+kernel finds its expert and row range from counts_E itself (a prefix sum over E lanes), so the
+launch grid is a bound known on the host without reading device values: cdiv(S, BLOCK_M) + E
+row tiles (programs past the last real tile exit at once). No host sync, CUDA-graph safe.
+
+Shape legend: T tokens, K routed experts per token (K_TOP in kernels), S = T*K slots (sorted
+order unless a name says slot order), E experts, D hidden, F expert width, NT column tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Small fixed tiles for the CPU interpreter (tl.dot needs every dim >= 16).
+_INTERP_CFG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+# The interpreter (triton 3.9) multiplies bf16 tiles as raw integers: upcast there, only there.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _expert_rows(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tile `pid_m` -> (expert, first sorted row, end row of that expert)."""
+    offs_e = tl.arange(0, E_P2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    ntiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(ntiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    tile0 = tl.sum(tl.where(offs_e < e, ntiles, 0), 0)
+    row0 = tl.sum(tl.where(offs_e < e, cnt, 0), 0)
+    end = tl.sum(tl.where(offs_e <= e, cnt, 0), 0)
+    # Past the last tile e == E and start >= end == S: the caller returns.
+    return e, row0 + (pid_m - tile0) * BLOCK_M, end
+
+
+@triton.jit
+def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, gu_ptr, a_ptr,
+                D, F, K_TOP, E, TPE,
+                E_P2: tl.constexpr, SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, start, end = _expert_rows(pid_m, counts_ptr, E, E_P2, BLOCK_M)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    # Clamped rows keep the main loop free of row masks; their results are never stored.
+    slot = tl.load(perm_ptr + tl.minimum(rows, end - 1))
+    tok = (slot // K_TOP).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * D + offs_k[None, :]
+    wg_ptrs = w13_ptr + e.to(tl.int64) * (2 * F * D) + (offs_n % F)[None, :] * D + offs_k[:, None]
+    wu_ptrs = wg_ptrs + F * D
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        if EVEN_K:
+            xa = tl.load(a_ptrs)
+            bg = tl.load(wg_ptrs)
+            bu = tl.load(wu_ptrs)
+        else:
+            km = offs_k < D - k * BLOCK_K
+            xa = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            bg = tl.load(wg_ptrs, mask=km[:, None], other=0.0)
+            bu = tl.load(wu_ptrs, mask=km[:, None], other=0.0)
+        acc_g = _dot(xa, bg, acc_g, PREC)
+        acc_u = _dot(xa, bu, acc_u, PREC)
+        a_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    r64 = rows.to(tl.int64)
+    mask = (rows < end)[:, None] & (offs_n < F)[None, :]
+    tl.store(a_ptr + r64[:, None] * F + offs_n[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+    if SAVE_GU:
+        g_out = gu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
+        tl.store(g_out, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_out + F, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rowtile_gemm(a_ptr, b_ptr, out_ptr, perm_ptr, counts_ptr, w_ptr,
+                  N, KD, lda, E, TPE, K_TOP,
+                  E_P2: tl.constexpr, A_GATHER: tl.constexpr, B_KMAJOR: tl.constexpr,
+                  SCALE_W: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[slot(s)] = (w_s *) A_s @ B_e for the sorted rows s of each expert, stored in slot order.
+
+    A_s is row s of a sorted [S, KD] tensor, or (A_GATHER) row tok(s) of a token-indexed one.
+    B_e is [KD, N]: read from a stacked [E, N, KD] weight (B_KMAJOR, i.e. W^T) or [E, KD, N].
+    Used for down_fwd (a @ W2^T, scaled by w) and gateup_dx (dgu @ W13).
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, start, end = _expert_rows(pid_m, counts_ptr, E, E_P2, BLOCK_M)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rows_c = tl.minimum(rows, end - 1)
+    slot = tl.load(perm_ptr + rows_c).to(tl.int64)
+    if A_GATHER:
+        arow = slot // K_TOP
+    else:
+        arow = rows_c.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + arow[:, None] * lda + offs_k[None, :]
+    b_base = b_ptr + e.to(tl.int64) * N * KD
+    # Column masks only where columns are the contiguous axis (a modulo there would hide the
+    # contiguity from Triton and scalarise the loads); K-major rows are wrapped instead.
+    if B_KMAJOR:
+        b_ptrs = b_base + (offs_n % N)[None, :] * KD + offs_k[:, None]
+        b_step = BLOCK_K
+        bn_mask = tl.full((1, BLOCK_N), 1, tl.int1)
+    else:
+        b_ptrs = b_base + offs_k[:, None] * N + offs_n[None, :]
+        b_step = BLOCK_K * N
+        bn_mask = (offs_n < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(KD, BLOCK_K)):
+        if EVEN_K:
+            av = tl.load(a_ptrs)
+            bv = tl.load(b_ptrs, mask=bn_mask, other=0.0)
+        else:
+            km = offs_k < KD - k * BLOCK_K
+            av = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            bv = tl.load(b_ptrs, mask=km[:, None] & bn_mask, other=0.0)
+        acc = _dot(av, bv, acc, PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += b_step
+    if SCALE_W:
+        wv = tl.load(w_ptr + slot).to(tl.float32)
+        acc = acc * wv[:, None]
+    mask = (rows < end)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + slot[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_bwd(dy_ptr, w2_ptr, gu_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_ptr, dwp_ptr,
+              D, F, K_TOP, E, TPE, DWP_COLS,
+              E_P2: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, DWP_GRAN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dA'_s = dy[tok(s)] @ W2_e (unweighted grad of a), then the whole SwiGLU backward in registers.
+
+    dw_s = <dA'_s, a_s> (partial over this column tile), da = w_s dA', dg = da u silu'(g),
+    du = da silu(g), aw = w_s a (the left operand of dW2). a is recomputed from the saved g|u.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, start, end = _expert_rows(pid_m, counts_ptr, E, E_P2, BLOCK_M)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rows_c = tl.minimum(rows, end - 1)
+    slot = tl.load(perm_ptr + rows_c).to(tl.int64)
+    tok = slot // K_TOP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = dy_ptr + tok[:, None] * D + offs_k[None, :]
+    b_ptrs = w2_ptr + e.to(tl.int64) * D * F + offs_k[:, None] * F + offs_n[None, :]
+    bn_mask = (offs_n < F)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        if EVEN_K:
+            av = tl.load(a_ptrs)
+            bv = tl.load(b_ptrs, mask=bn_mask, other=0.0)
+        else:
+            km = offs_k < D - k * BLOCK_K
+            av = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            bv = tl.load(b_ptrs, mask=km[:, None] & bn_mask, other=0.0)
+        acc = _dot(av, bv, acc, PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * F
+    r64 = rows.to(tl.int64)
+    mask = (rows < end)[:, None] & (offs_n < F)[None, :]
+    g_in = gu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
+    g = tl.load(g_in, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g_in + F, mask=mask, other=0.0).to(tl.float32)
+    wv = tl.load(w_ptr + slot).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    act = silu * u
+    dwp = tl.sum(acc * act, 1)  # masked columns have g = u = 0, so act = 0 there
+    # dwp has one column per DWP_GRAN columns of F whatever BLOCK_N is; this tile writes all of
+    # its own (the sum into the first), so no zero-init and no stale values between configs.
+    NSUB: tl.constexpr = BLOCK_N // DWP_GRAN
+    sub = tl.arange(0, NSUB)
+    dwp_tile = tl.where(sub[None, :] == 0, dwp[:, None], 0.0)
+    tl.store(dwp_ptr + r64[:, None] * DWP_COLS + pid_n * NSUB + sub[None, :], dwp_tile,
+             mask=(rows < end)[:, None] & (pid_n * NSUB + sub < DWP_COLS)[None, :])
+    da = acc * wv[:, None]
+    dg = da * u * sig * (1.0 + g * (1.0 - sig))
+    du = da * silu
+    d_out = dgu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
+    tl.store(d_out, dg.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_out + F, du.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(aw_ptr + r64[:, None] * F + offs_n[None, :], (act * wv[:, None]).to(aw_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _wgrad(a_ptr, b_ptr, out_ptr, perm_ptr, counts_ptr,
+           N1, N2, lda, ldb, K_TOP, E, TPE,
+           E_P2: tl.constexpr, A_GATHER: tl.constexpr, PREC: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] = A_e^T @ B_e, [N1, N2], summed over the sorted slots of expert e.
+
+    One operand is token-indexed and gathered through perm (A when A_GATHER, else B); the other is
+    a sorted [S, *] tensor whose rows past the expert's end load as zero, which zeroes the
+    clamped duplicates of the gathered one. An empty expert stores zeros.
+    """
+    pid = tl.program_id(0)
+    t1 = tl.cdiv(N1, BLOCK_M)
+    t2 = tl.cdiv(N2, BLOCK_N)
+    e = pid // (t1 * t2)
+    rem = pid % (t1 * t2)
+    pid_1 = rem // t2
+    pid_2 = rem % t2
+    offs_e = tl.arange(0, E_P2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    start = tl.sum(tl.where(offs_e < e, cnt, 0), 0)
+    end = start + tl.sum(tl.where(offs_e == e, cnt, 0), 0)
+    offs_1 = pid_1 * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_2 = pid_2 * BLOCK_N + tl.arange(0, BLOCK_N)
+    m1 = (offs_1 < N1)[:, None]
+    m2 = (offs_2 < N2)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        rmask = rows < end
+        rows_c = tl.minimum(rows, end - 1)
+        if A_GATHER:
+            arow = (tl.load(perm_ptr + rows_c) // K_TOP).to(tl.int64)
+            av = tl.load(a_ptr + arow[None, :] * lda + offs_1[:, None], mask=m1, other=0.0)  # [BM, BK] = A^T
+            bv = tl.load(b_ptr + rows.to(tl.int64)[:, None] * ldb + offs_2[None, :], mask=rmask[:, None] & m2,
+                         other=0.0)
+        else:
+            brow = (tl.load(perm_ptr + rows_c) // K_TOP).to(tl.int64)
+            av = tl.load(a_ptr + rows.to(tl.int64)[None, :] * lda + offs_1[:, None], mask=rmask[None, :] & m1,
+                         other=0.0)
+            bv = tl.load(b_ptr + brow[:, None] * ldb + offs_2[None, :], mask=m2, other=0.0)
+        acc = _dot(av, bv, acc, PREC)
+    mask = (offs_1 < N1)[:, None] & (offs_2 < N2)[None, :]
+    out = out_ptr + e.to(tl.int64) * N1 * N2 + offs_1[:, None] * N2 + offs_2[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper configs (bf16 operands, fp32 accumulate; num_warps a multiple of 4 and BLOCK_M >= 64 so
+# Triton emits wgmma). Autotuned per (shape, tokens-per-expert bucket); the lists stay short
+# because every config costs a compile on a fresh machine.
+
+def _cfgs(*specs):
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+            for m, n, k, w, s in specs]
+
+
+GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))
+DOWN_BWD_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+WGRAD_CFGS = _cfgs((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4))
+CONFIGS = {"gateup_fwd": GATEUP_CFGS, "down_fwd": ROWTILE_CFGS, "gateup_dx": ROWTILE_CFGS,
+           "down_bwd": DOWN_BWD_CFGS, "wgrad": WGRAD_CFGS}
+
+
+def _tuned(fn, cfgs, key):
+    return fn if INTERPRET else triton.autotune(cfgs, key=key)(fn)
+
+
+_TUNED = {
+    "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE_GU"]),
+    "rowtile": _tuned(_rowtile_gemm, ROWTILE_CFGS, ["N", "KD", "TPE", "A_GATHER", "SCALE_W"]),
+    "down_bwd": _tuned(_down_bwd, DOWN_BWD_CFGS, ["D", "F", "TPE"]),
+    "wgrad": _tuned(_wgrad, WGRAD_CFGS, ["N1", "N2", "TPE", "A_GATHER"]),
+}
+_RAW = {"gateup_fwd": _gateup_fwd, "rowtile": _rowtile_gemm, "down_bwd": _down_bwd, "wgrad": _wgrad}
+
+
+# fp32 is the exactness path (tests, references), not a speed path: one config that fits in
+# shared memory at 4 bytes an element, no tuning.
+FP32_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=2)
+# {kernel name: Config} to bypass autotuning (the GPU check uses it to test every config).
+FORCE_CONFIG: dict = {}
+# Column granularity of the partial routing-weight grads of down_bwd (the smallest BLOCK_N used).
+DWP_GRAN = 16 if INTERPRET else 64
+
+
+def dwp_cols(F_: int) -> int:
+    return triton.cdiv(F_, DWP_GRAN)
+
+
+def _launch(name, grid_fn, args, kwargs, config=None):
+    """Run kernel `name`: with `config` (a triton.Config, for sweeps), autotuned, or interpreted."""
+    config = config or FORCE_CONFIG.get(name)
+    if config is None and not INTERPRET and args[0].dtype.itemsize == 4:
+        config = FP32_CFG
+    if config is not None:
+        meta = dict(config.kwargs)
+        return _RAW[name][grid_fn(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
+                                         num_stages=config.num_stages)
+    if INTERPRET:
+        return _RAW[name][grid_fn(_INTERP_CFG)](*args, **kwargs, **_INTERP_CFG)
+    return _TUNED[name][grid_fn](*args, **kwargs)
+
+
+def _row_grid(S, E, n_cols):
+    return lambda m: ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(n_cols, m["BLOCK_N"]),)
+
+
+def _common(E, tpe, dtype_is_fp32):
+    return dict(E_P2=triton.next_power_of_2(E), PREC="ieee" if dtype_is_fp32 else "tf32")
+
+
+def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, gu_S2F, config=None):
+    """a_SF[s] = silu(g) * u with [g|u] = x[tok(s)] @ W13_e^T; also stores g|u when gu_S2F is given."""
+    E, twoF, D = w13_E2FD.shape
+    F_ = twoF // 2
+    S = perm_S.shape[0]
+    save = gu_S2F is not None
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE_GU=save, **_common(E, tpe, x_TD.dtype.itemsize == 4))
+    args = (x_TD, w13_E2FD, perm_S, counts_E, gu_S2F if save else a_SF, a_SF, D, F_, K, E, tpe)
+    return _launch("gateup_fwd", _row_grid(S, E, F_), args, kw, config)
+
+
+def rowtile(a, b_EXX, out_SN, perm_S, counts_E, w_S, K, tpe, *, n, kd, a_gather, b_kmajor, config=None):
+    """out_SN[slot(s)] = (w_s *) A_s @ B_e  (see _rowtile_gemm)."""
+    E = b_EXX.shape[0]
+    S = perm_S.shape[0]
+    kw = dict(A_GATHER=a_gather, B_KMAJOR=b_kmajor, SCALE_W=w_S is not None,
+              EVEN_K=kd % 64 == 0 and not INTERPRET, **_common(E, tpe, a.dtype.itemsize == 4))
+    args = (a, b_EXX, out_SN, perm_S, counts_E, w_S if w_S is not None else a, n, kd, a.stride(0), E, tpe, K)
+    return _launch("rowtile", _row_grid(S, E, n), args, kw, config)
+
+
+def down_bwd(dy_TD, w2_EDF, gu_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, config=None):
+    """dSwiGLU, aw = w * a and per-column-tile partial routing-weight grads (see _down_bwd)."""
+    E, D, F_ = w2_EDF.shape
+    S = perm_S.shape[0]
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, DWP_GRAN=DWP_GRAN, **_common(E, tpe, dy_TD.dtype.itemsize == 4))
+    args = (dy_TD, w2_EDF, gu_S2F, perm_S, counts_E, w_S, dgu_S2F, aw_SF, dwp_SC, D, F_, K, E, tpe,
+            dwp_SC.shape[1])
+    return _launch("down_bwd", _row_grid(S, E, F_), args, kw, config)
+
+
+def wgrad(a, b, out_EN1N2, perm_S, counts_E, K, tpe, *, a_gather, config=None):
+    """out[e] = A_e^T @ B_e over expert e's slots (A gathered by token when a_gather, else B)."""
+    E, N1, N2 = out_EN1N2.shape
+    kw = dict(A_GATHER=a_gather, **_common(E, tpe, a.dtype.itemsize == 4))
+    args = (a, b, out_EN1N2, perm_S, counts_E, N1, N2, a.stride(0), b.stride(0), K, E, tpe)
+    grid = lambda m: (E * triton.cdiv(N1, m["BLOCK_M"]) * triton.cdiv(N2, m["BLOCK_N"]),)
+    return _launch("wgrad", grid, args, kw, config)
