@@ -1,0 +1,397 @@
+"""Inference benchmark: load, prefill and decode of the deepseek-moe-16b architecture.
+
+    python benchmarks/inference.py --json out.json            # GPU: the full 16B, random bf16 weights
+    python benchmarks/inference.py --smoke                    # CPU: a tiny shape, every code path
+
+What it does, in one process (results are written to JSON after every phase, so a run cut short
+still reports what it finished):
+  1. copy bandwidth: a large device-to-device copy, counting bytes read + written;
+  2. random bf16 weights built on the GPU, written to local disk in the released format
+     (save_pretrained, 5 GB shards), then `Transformer.from_pretrained(dir, device="cuda")`:
+     wall time and peak GPU memory of the load (files are in the page cache right after being
+     written; a cold read of the first GiB of one shard gives the disk's own rate);
+  3. prefill of a 2,048-token prompt (batch 1), tokens/s;
+  4. decode at batch 1, 8, 32 (prompt 256 tokens, greedy), per execution mode (eager, CUDA
+     graph, torch.compile + CUDA graph) and decode expert backend (grouped, gather), tokens/s;
+     the eager step is also run under torch.cuda.set_sync_debug_mode("error") to prove it has no
+     host sync, and graph / compiled logits are compared with eager ones;
+  5. batch-1 decode against the memory-bandwidth bound: activated bytes per token (every weight
+     a token multiplies through: attention, dense / shared / its K routed experts, router, norms,
+     lm_head; the embedding table contributes one row) over the measured copy bandwidth.
+Anchors (the released remote code on one H100, random bf16 weights): 5.5 tok/s decode at batch
+1, 16 tok/s at batch 8, 4,350 tok/s prefill at a 2K prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepseekmoe import Transformer, hf, presets  # noqa: E402
+from deepseekmoe import io as dio  # noqa: E402
+from deepseekmoe.generate import Decoder  # noqa: E402
+
+ANCHORS = {"decode_b1": 5.5, "decode_b8": 16.0, "prefill_2k": 4350.0}
+T0 = time.time()
+RESULTS: dict = {"anchors_tok_s": ANCHORS, "errors": {}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def save_json(path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev, reps: int = 3, warmup: int = 1) -> float:
+    """Median seconds of fn() over `reps` runs (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    """Bytes moved per second (read + write) by a device-to-device copy of `nbytes`."""
+    x = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), dev, reps=10, warmup=3)
+    return 2 * nbytes / t
+
+
+def activated_bytes(cfg, bytes_per_param: int = 2) -> int:
+    """Weight bytes one decoded token reads: active parameters, the embedding table as one row."""
+    emb_unread = cfg.vocab_size * cfg.hidden_size - cfg.hidden_size
+    return (cfg.num_active_params() - emb_unread) * bytes_per_param
+
+
+def random_model(cfg, dtype, dev):
+    model = hf.empty_model(Transformer, cfg, dtype, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    model.init_weights(generator=g)
+    return model.eval()
+
+
+def phase_disk(cfg, dtype, dev, out_dir: Path) -> Transformer | None:
+    """Save random weights in the released format, load them back; time and peak memory."""
+    size = cfg.num_params() * torch.finfo(dtype).bits // 8
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    RESULTS["disk"] = {"dir": str(out_dir), "free_bytes": free, "checkpoint_bytes": size}
+    if free < size * 1.1:
+        log(f"only {free / 1e9:.1f} GB free under {out_dir}, the checkpoint needs {size / 1e9:.1f} GB; "
+            "skipping the disk round trip")
+        RESULTS["errors"]["disk"] = "not enough free disk"
+        return None
+    t = time.time()
+    model = random_model(cfg, dtype, dev)
+    sync(dev)
+    RESULTS["disk"]["init_s"] = time.time() - t
+    ckpt = out_dir / "deepseekmoe-16b-random"
+    # Durability is not what is measured: fsync of ~33 GB would time the disk's writeback.
+    real_fsync = dio.fsync_tree
+    dio.fsync_tree = lambda root: None
+    t = time.time()
+    try:
+        model.save_pretrained(ckpt, max_shard_size="5GB")
+    finally:
+        dio.fsync_tree = real_fsync
+    RESULTS["disk"]["save_s"] = time.time() - t
+    log(f"saved {size / 1e9:.1f} GB in {RESULTS['disk']['save_s']:.1f}s "
+        f"({len(list(ckpt.glob('*.safetensors')))} shards)")
+    del model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    t = time.time()
+    model = Transformer.from_pretrained(ckpt, dtype=dtype, device=dev)
+    sync(dev)
+    load_s = time.time() - t
+    RESULTS["load"] = {"seconds": load_s, "GB_per_s": size / load_s / 1e9, "bytes": size,
+                       "note": "files in the page cache (just written)"}
+    if dev.type == "cuda":
+        RESULTS["load"]["peak_gpu_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        RESULTS["load"]["peak_gpu_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+    log(f"loaded in {load_s:.1f}s ({size / load_s / 1e9:.2f} GB/s)"
+        + (f", peak GPU {RESULTS['load']['peak_gpu_GiB']:.2f} GiB" if dev.type == "cuda" else ""))
+    if dev.type == "cuda":  # dropping the page cache is for the lent machine, not a shared CPU box
+        RESULTS["load"]["cold_disk_read_GB_per_s"] = cold_read_rate(sorted(ckpt.glob("*.safetensors"))[-1])
+    return model
+
+
+def cold_read_rate(file: Path, nbytes: int = 1 << 30) -> float | None:
+    """Read rate of the first `nbytes` of `file` after dropping the page cache (root only)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return None
+    t = time.time()
+    got = 0
+    with open(file, "rb", buffering=0) as f:
+        while got < nbytes:
+            chunk = f.read(64 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+    return got / (time.time() - t) / 1e9
+
+
+def phase_prefill(model, dev, L: int, backend: str) -> None:
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, L), device=dev)
+    pad = torch.zeros(1, dtype=torch.long, device=dev)
+    dec = Decoder(model, 1, L + 64, decode_backend=None)
+    from deepseekmoe.generate import expert_backend
+
+    with expert_backend(model, backend):
+        t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
+    RESULTS.setdefault("prefill", {})[backend] = {"prompt": L, "seconds": t, "tok_s": L / t}
+    log(f"prefill {L} tokens ({backend}): {t * 1e3:.1f} ms, {L / t:,.0f} tok/s")
+
+
+def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: int, check_sync: bool = False):
+    """tokens/s of `steps` greedy decode steps at batch B after a prompt of `prompt` tokens."""
+    V = model.config.vocab_size
+    g = torch.Generator(device=dev).manual_seed(B)
+    ids = torch.randint(0, V, (B, prompt), device=dev, generator=g)
+    pad = torch.zeros(B, dtype=torch.long, device=dev)
+    reps = 3
+    max_len = -(-(prompt + reps * steps + 8) // 64) * 64
+    dec = Decoder(model, B, max_len, mode=mode, decode_backend=backend)
+    nxt = dec.prefill(ids, pad).argmax(-1)
+    first = None
+    for i in range(3):  # warm-up; in graph modes the first call captures
+        logits = dec.step(nxt)
+        if i == 0:
+            first = logits.clone()
+        nxt = logits.argmax(-1)
+    info = {}
+    if check_sync and dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            nxt = dec.step(nxt).argmax(-1)
+            info["host_sync_free"] = True
+        except RuntimeError as e:
+            info["host_sync_free"] = False
+            info["sync_error"] = str(e).splitlines()[0][:300]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def run():
+        nonlocal nxt
+        for _ in range(steps):
+            nxt = dec.step(nxt).argmax(-1)
+
+    t = timed(run, dev, reps=reps, warmup=0)
+    info.update({"batch": B, "mode": mode, "backend": backend, "prompt": prompt, "steps": steps,
+                 "ms_per_step": t / steps * 1e3, "tok_s": B * steps / t,
+                 "graph": dec.graph is not None, "graph_error": dec.graph_error,
+                 "finite": bool(torch.isfinite(first).all())})
+    return info, first
+
+
+def phase_decode(model, dev, args) -> None:
+    rows = RESULTS.setdefault("decode", [])
+    on_gpu = dev.type == "cuda"
+    modes = ["eager"] + (["cuda_graph"] if on_gpu else [])
+    for B in args.batches:
+        first_logits = {}
+        for mode in modes:
+            for backend in ("grouped", "gather"):
+                if backend == "gather" and B * model.config.num_experts_per_tok > model.config.n_routed_experts:
+                    continue  # gather reads every slot's expert; past E slots grouped reads less
+                name = f"b{B}/{mode}/{backend}"
+                try:
+                    info, first = decode_run(model, dev, B, mode, backend, args.prompt, args.steps,
+                                             check_sync=(mode == "eager"))
+                except Exception as e:  # noqa: BLE001 - record and go on to the next variant
+                    RESULTS["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+                    log(f"{name}: FAILED {type(e).__name__}: {e}")
+                    traceback.print_exc()
+                    continue
+                first_logits[(mode, backend)] = first
+                ref = first_logits.get(("eager", backend))
+                if ref is not None and mode != "eager":
+                    info["max_abs_diff_vs_eager"] = (first - ref).abs().max().item()
+                ref = first_logits.get((mode, "grouped"))
+                if ref is not None and backend != "grouped":
+                    info["max_abs_diff_vs_grouped"] = (first - ref).abs().max().item()
+                info["logit_scale"] = first.abs().max().item()
+                rows.append(info)
+                log(f"decode {name}: {info['ms_per_step']:.2f} ms/step, {info['tok_s']:,.1f} tok/s"
+                    + (f", sync-free={info.get('host_sync_free')}" if "host_sync_free" in info else ""))
+                save_json(args.json)
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
+def phase_compile(model, dev, args) -> None:
+    rows = RESULTS.setdefault("decode", [])
+    for B in args.compile_batches:
+        left = args.time_budget - (time.time() - T0)
+        if left < args.compile_reserve:
+            RESULTS["errors"][f"b{B}/compile"] = f"skipped: {left:.0f}s left of the time budget"
+            log(f"compile b{B}: skipped ({left:.0f}s left)")
+            continue
+        backend = "gather" if B * model.config.num_experts_per_tok <= model.config.n_routed_experts else "grouped"
+        t = time.time()
+        try:
+            info, first = decode_run(model, dev, B, "compile", backend, args.prompt, args.steps)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"b{B}/compile"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"compile b{B}: FAILED {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        info["compile_and_capture_s"] = time.time() - t
+        rows.append(info)
+        log(f"decode b{B}/compile/{backend}: {info['ms_per_step']:.2f} ms/step, {info['tok_s']:,.1f} tok/s "
+            f"(compile {info['compile_and_capture_s']:.0f}s)")
+        save_json(args.json)
+
+
+def summary(cfg) -> None:
+    bw = RESULTS.get("copy_bandwidth_GB_s")
+    act = activated_bytes(cfg)
+    RESULTS["activated_bytes_per_token"] = act
+    best = {}
+    for r in RESULTS.get("decode", []):
+        if r["tok_s"] > best.get(r["batch"], {"tok_s": 0})["tok_s"]:
+            best[r["batch"]] = r
+    RESULTS["best_decode"] = {str(b): r for b, r in best.items()}
+    if bw and 1 in best:
+        bound = bw * 1e9 / act
+        RESULTS["batch1_bound_tok_s"] = bound
+        RESULTS["batch1_fraction_of_bound"] = best[1]["tok_s"] / bound
+    print()
+    print(f"device: {RESULTS.get('device')}   torch {torch.__version__}   preset {cfg.name}")
+    print(f"{'what':44} {'ours':>14} {'anchor':>12}")
+    if "load" in RESULTS:
+        ld = RESULTS["load"]
+        print(f"{'load from disk (page cache), s':44} {ld['seconds']:14.1f} {'':>12}")
+        if "peak_gpu_GiB" in ld:
+            print(f"{'load peak GPU memory, GiB (paper: < 40 GB)':44} {ld['peak_gpu_GiB']:14.2f} {'':>12}")
+    for backend, p in RESULTS.get("prefill", {}).items():
+        print(f"{'prefill ' + str(p['prompt']) + ' tok, tok/s (' + backend + ')':44} {p['tok_s']:14,.0f} "
+              f"{ANCHORS['prefill_2k']:12,.0f}")
+    for r in RESULTS.get("decode", []):
+        name = f"decode b{r['batch']} {r['mode']}/{r['backend']}, tok/s"
+        anchor = ANCHORS.get(f"decode_b{r['batch']}")
+        print(f"{name:44} {r['tok_s']:14,.1f} {anchor if anchor else '':>12}")
+    if "batch1_bound_tok_s" in RESULTS:
+        print(f"{'copy bandwidth (read+write), GB/s':44} {bw:14,.0f}")
+        print(f"{'activated bytes / token, GB':44} {act / 1e9:14.3f}")
+        print(f"{'batch-1 bound (bandwidth / bytes), tok/s':44} {RESULTS['batch1_bound_tok_s']:14,.1f}")
+        print(f"{'batch-1 best / bound (goal >= 0.60)':44} {RESULTS['batch1_fraction_of_bound']:14.2f}")
+    if RESULTS["errors"]:
+        print("errors / skips:", json.dumps(RESULTS["errors"], indent=1)[:3000])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="deepseekmoe-16b")
+    p.add_argument("--smoke", action="store_true", help="tiny shape on CPU: exercise every code path quickly")
+    p.add_argument("--out-dir", default=None, help="where the checkpoint is written (default: a temp dir)")
+    p.add_argument("--json", default=None, help="write results here (default: $OUT/inference.json if set)")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--prompt", type=int, default=256, help="prompt length before decode timing")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timed repeat (3 repeats)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--compile-batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--time-budget", type=float, default=420.0, help="seconds; compile runs only inside it")
+    p.add_argument("--compile-reserve", type=float, default=150.0, help="seconds a compile may need")
+    p.add_argument("--no-disk", action="store_true", help="skip the save/load round trip")
+    args = p.parse_args(argv)
+    if args.json is None and os.environ.get("OUT"):
+        args.json = os.path.join(os.environ["OUT"], "inference.json")
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = presets.get(args.preset)
+    if args.smoke:
+        cfg = presets.get("tiny")
+        args.prefill, args.prompt, args.steps = min(args.prefill, 128), min(args.prompt, 32), min(args.steps, 4)
+        args.compile_batches = []
+    cfg = cfg.replace(expert_backend="grouped")
+    RESULTS.update({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "preset": cfg.name, "dtype": str(dtype),
+                    "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]})
+    try:
+        import triton
+
+        RESULTS["triton"] = triton.__version__
+    except ImportError:
+        pass
+    log(f"{RESULTS['device']}, {cfg.name}: {cfg.num_params() / 1e9:.2f}B params, "
+        f"{cfg.num_active_params() / 1e9:.2f}B activated")
+    RESULTS["copy_bandwidth_GB_s"] = copy_bandwidth(dev, (2 << 30) if dev.type == "cuda" else (64 << 20)) / 1e9
+    log(f"copy bandwidth {RESULTS['copy_bandwidth_GB_s']:.0f} GB/s (read + write)")
+    save_json(args.json)
+    model = None
+    tmp = None
+    if not args.no_disk:
+        out_dir = Path(args.out_dir) if args.out_dir else Path(tmp := tempfile.mkdtemp(prefix="dsm-bench-"))
+        try:
+            model = phase_disk(cfg, dtype, dev, out_dir)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"]["disk"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+        save_json(args.json)
+    if model is None:
+        model = random_model(cfg, dtype, dev)
+    for phase, fn in (("prefill", lambda: phase_prefill(model, dev, args.prefill, "grouped")),
+                      ("decode", lambda: phase_decode(model, dev, args)),
+                      ("compile", lambda: phase_compile(model, dev, args))):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][phase] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+        save_json(args.json)
+    if dev.type == "cuda":
+        RESULTS["peak_gpu_GiB_overall"] = torch.cuda.max_memory_allocated() / 2**30
+    summary(cfg)
+    save_json(args.json)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
