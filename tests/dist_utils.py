@@ -30,7 +30,8 @@ class RankResult:
     exitcode: int | None  # None: still running when the timeout hit (then killed)
     elapsed: float  # seconds from start until this process ended
     value: object = None
-    error: str = ""  # traceback of an exception, or the rank's last stderr line
+    error: str = ""  # traceback of an exception raised by fn
+    stderr: str = ""  # everything the rank wrote to stderr
 
 
 def _entry(fn, rank: int, world: int, store_path: str, out_dir: str, timeout_s: float, args):
@@ -40,6 +41,9 @@ def _entry(fn, rank: int, world: int, store_path: str, out_dir: str, timeout_s: 
 
     torch.set_num_threads(1)
     out = Path(out_dir)
+    # The rank's stderr goes to a file the parent reads back (messages of ranks that exit early).
+    log = os.open(out / f"{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 2)
     try:
         store = dist.FileStore(store_path, world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
@@ -80,15 +84,16 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, pg_timeout: fl
             p.join()
         results = []
         for r, p in enumerate(procs):
-            pkl, err = Path(tmp, f"{r}.pkl"), Path(tmp, f"{r}.err")
+            pkl, err, log = Path(tmp, f"{r}.pkl"), Path(tmp, f"{r}.err"), Path(tmp, f"{r}.log")
             value = pickle.loads(pkl.read_bytes()) if pkl.exists() else None
             results.append(RankResult(r, p.exitcode if r in ended else None, ended.get(r, float("inf")),
-                                      value, err.read_text() if err.exists() else ""))
+                                      value, err.read_text() if err.exists() else "",
+                                      log.read_text(errors="replace") if log.exists() else ""))
     if not check:
         return results
     bad = [res for res in results if res.exitcode != 0]
     if bad:
-        msg = "\n".join(f"--- rank {res.rank}: exit {res.exitcode} after {res.elapsed:.1f}s\n{res.error}"
-                        for res in bad)
+        msg = "\n".join(f"--- rank {res.rank}: exit {res.exitcode} after {res.elapsed:.1f}s\n"
+                        f"{res.error or res.stderr[-3000:]}" for res in bad)
         raise AssertionError(f"distributed run failed (timeout {timeout}s):\n{msg}")
     return [res.value for res in results]

@@ -1,0 +1,136 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), loadable at another world size.
+
+Every rank writes only its own shards (FSDP shards, its experts); DCP records the global shape
+and offsets of each piece, so a checkpoint saved by 4 ranks as dp2 x ep2 loads on 2 ranks as ep2,
+on 8 ranks, or in one process without any process group. Parameter names are the plain
+Transformer's (`layers.1.mlp.experts.w13`): get_model_state_dict strips the activation
+checkpointing and compile wrappers, and DTensors carry the layout.
+
+Directory layout (one checkpoint):
+
+    <dir>/.metadata, <dir>/__*_*.distcp     DCP: model + optimizer state, sharded
+    <dir>/train_state.json                  `extra` (step, data position, ...), written by rank 0
+
+Crash safety: all ranks write into `<dir>.partial`; after a barrier (every rank's files are
+fsynced by DCP) rank 0 writes train_state.json last and renames the folder to `<dir>`, so `<dir>`
+exists only when complete. A rank dying mid-save leaves a `.partial` folder that the next save
+replaces, and the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..errors import CheckpointError
+from ..io import atomic_write_text, fsync_dir
+
+STATE_FILE = "train_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+
+
+# Optimizer state flattened to one entry per parameter ("state.<fqn>.exp_avg",
+# "param_groups.<fqn>.lr"): ranks holding different parameters (pipeline stages) never write the
+# same key, and a loader at another layout picks exactly the entries of its own parameters.
+_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _states(models, optimizers) -> list[tuple[dict, dict | None]]:
+    return [(get_model_state_dict(m, options=_OPTS),
+             None if o is None else get_optimizer_state_dict(m, o, options=_OPTS))
+            for m, o in zip(models, optimizers)]
+
+
+def _merged(states) -> dict:
+    """One state dict for all (stage) modules of this rank; the tensors are shared with `states`,
+    so an in-place DCP load fills both."""
+    out: dict = {"model": {}, "optim": {}}
+    for model_sd, optim_sd in states:
+        out["model"].update(model_sd)
+        if optim_sd is not None:
+            out["optim"].update(optim_sd)
+    if not out["optim"]:
+        out.pop("optim")
+    return out
+
+
+def _as_lists(model, optimizer):
+    models = model if isinstance(model, (list, tuple)) else [model]
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] * len(models)
+    return list(models), list(optimizers)
+
+
+def save(path: str | Path, model, optimizer=None, extra: dict | None = None) -> Path:
+    """Save model (+ optimizer) shards and `extra` (JSON) to `path`, atomically. Called by every
+    rank. `model`/`optimizer` may be lists (pipeline stages held by this rank)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    models, optimizers = _as_lists(model, optimizer)
+    dcp.save(_merged(_states(models, optimizers)), checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+    _barrier()
+    if _rank() == 0:
+        atomic_write_text(partial / STATE_FILE, json.dumps(extra or {}, indent=1, sort_keys=True))
+        fsync_dir(partial)
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(path)
+        fsync_dir(path.parent)
+    _barrier()
+    return path
+
+
+def load(path: str | Path, model, optimizer=None) -> dict:
+    """Load a checkpoint written by `save` (at any world size) into this rank's model (+ optimizer),
+    whatever their layout; return the `extra` dict. Raises CheckpointError if `path` is not a
+    complete checkpoint or does not fit the model."""
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        hint = " (an unfinished save: a rank died while writing it)" if path.name.endswith(".partial") else ""
+        raise CheckpointError(f"{path} is not a complete distributed checkpoint{hint}: expected .metadata "
+                              f"and {STATE_FILE}; point --resume at a finished checkpoint directory")
+    models, optimizers = _as_lists(model, optimizer)
+    states = _states(models, optimizers)
+    try:
+        dcp.load(_merged(states), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as e:  # noqa: BLE001 - DCP raises several types for a mismatch
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {path}: {msg}; the checkpoint does not match this model "
+                              "(check the model config / recipe it was trained with)") from e
+    for model_, opt, (model_sd, optim_sd) in zip(models, optimizers, states):
+        set_model_state_dict(model_, model_sd, options=_OPTS)
+        if opt is not None:
+            set_optimizer_state_dict(model_, opt, optim_sd, options=_OPTS)
+    return json.loads((path / STATE_FILE).read_text())
