@@ -43,7 +43,7 @@ class Tokenizer:
         self.source = source
         # Special-token strings inside documents are encoded as text (see module docstring).
         self._tk.encode_special_tokens = True
-        self.vocab_size = max(tk.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = _vocab_size(tk)
         found_bos, found_eos = _detect_specials(tk)
         self.eos_id = self._resolve(eos_id, found_eos, "eos")
         bos = self._resolve(bos_id, found_bos, "bos") if (bos_id is not None or found_bos is not None) else None
@@ -147,6 +147,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}:{self.bos_id}, "
                 f"eos={self.eos_token!r}:{self.eos_id})")
+
+
+def _vocab_size(tk) -> int:
+    """1 + the largest id (ids are normally dense; the full vocab dict is built only if not)."""
+    n = tk.get_vocab_size(with_added_tokens=True)
+    top_added = max(tk.get_added_tokens_decoder(), default=-1)
+    if n and tk.id_to_token(n - 1) is not None and top_added < n:
+        return n
+    return max(tk.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def _detect_specials(tk) -> tuple[int | None, int | None]:
