@@ -40,6 +40,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD, idx_TK, w_TK):
         fn = resolve_backend(self.backend, x_TD.device)
+        dev = x_TD.device.type
+        # Autocast does not reach grouped_mm / custom kernels, and the fp32 residual stream
+        # would make them run in fp32: compute the experts in the autocast dtype, as nn.Linear does.
+        if torch.is_autocast_enabled(dev) and x_TD.dtype == torch.float32:
+            x_TD = x_TD.to(torch.get_autocast_dtype(dev))
         return fn(x_TD, idx_TK, w_TK, self.w13, self.w2)
 
     def extra_repr(self) -> str:
