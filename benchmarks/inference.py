@@ -185,14 +185,40 @@ def phase_prefill(model, dev, L: int, backend: str) -> None:
     log(f"prefill {L} tokens ({backend}): {t * 1e3:.1f} ms, {L / t:,.0f} tok/s")
 
 
-def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: int, check_sync: bool = False):
+def kernel_profile(dec, n: int = 4) -> dict:
+    """Device time per decode step by kernel (the step run outside its graph, same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deepseekmoe.generate import expert_backend
+
+    with torch.no_grad(), expert_backend(dec.model, dec.decode_backend):
+        dec._fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                dec._fn()
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:120], "calls_per_step": e.count / n, "us_per_step": t / n})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"kernel_us_per_step": sum(r["us_per_step"] for r in rows),
+            "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:25]}
+
+
+def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: int, check_sync: bool = False,
+               profile: bool = False):
     """tokens/s of `steps` greedy decode steps at batch B after a prompt of `prompt` tokens."""
     V = model.config.vocab_size
     g = torch.Generator(device=dev).manual_seed(B)
     ids = torch.randint(0, V, (B, prompt), device=dev, generator=g)
     pad = torch.zeros(B, dtype=torch.long, device=dev)
     reps = 3
-    max_len = -(-(prompt + reps * steps + 8) // 64) * 64
+    max_len = -(-(prompt + reps * steps + 16) // 64) * 64
     dec = Decoder(model, B, max_len, mode=mode, decode_backend=backend)
     nxt = dec.prefill(ids, pad).argmax(-1)
     first = None
@@ -224,13 +250,21 @@ def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: 
                  "ms_per_step": t / steps * 1e3, "tok_s": B * steps / t,
                  "graph": dec.graph is not None, "graph_error": dec.graph_error,
                  "finite": bool(torch.isfinite(first).all())})
+    if profile and dev.type == "cuda" and mode != "eager":
+        try:
+            info["profile"] = kernel_profile(dec)
+            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f}us" for r in info["profile"]["top"][:6])
+            log(f"  kernels: {info['profile']['kernel_us_per_step'] / 1e3:.2f} ms of device time in "
+                f"{info['profile']['kernels_per_step']:.0f} launches per step; top: {top}")
+        except Exception as e:  # noqa: BLE001
+            info["profile_error"] = f"{type(e).__name__}: {e}"[:300]
     return info, first
 
 
 def phase_decode(model, dev, args, batches) -> None:
     rows = RESULTS.setdefault("decode", [])
     on_gpu = dev.type == "cuda"
-    modes = ["eager"] + (["cuda_graph"] if on_gpu else [])
+    modes = [m for m in args.modes if m == "eager" or on_gpu]
     for B in batches:
         first_logits = {}
         for mode in modes:
@@ -240,7 +274,7 @@ def phase_decode(model, dev, args, batches) -> None:
                 name = f"b{B}/{mode}/{backend}"
                 try:
                     info, first = decode_run(model, dev, B, mode, backend, args.prompt, args.steps,
-                                             check_sync=(mode == "eager"))
+                                             check_sync=(mode == "eager"), profile=args.profile)
                 except Exception as e:  # noqa: BLE001 - record and go on to the next variant
                     RESULTS["errors"][name] = f"{type(e).__name__}: {e}"[:500]
                     log(f"{name}: FAILED {type(e).__name__}: {e}")
@@ -274,7 +308,8 @@ def phase_compile(model, dev, args, batches) -> None:
         backend = "gather" if B * model.config.num_experts_per_tok <= model.config.n_routed_experts else "grouped"
         t = time.time()
         try:
-            info, first = decode_run(model, dev, B, "compile", backend, args.prompt, args.steps)
+            info, first = decode_run(model, dev, B, "compile", backend, args.prompt, args.steps,
+                                     profile=args.profile)
         except Exception as e:  # noqa: BLE001
             RESULTS["errors"][f"b{B}/compile"] = f"{type(e).__name__}: {e}"[:500]
             log(f"compile b{B}: FAILED {type(e).__name__}: {e}")
@@ -338,10 +373,19 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds; compile runs only inside it")
     p.add_argument("--compile-reserve", type=float, default=150.0, help="seconds a compile may need")
     p.add_argument("--no-disk", action="store_true", help="skip the save/load round trip")
+    p.add_argument("--modes", nargs="+", default=["eager", "cuda_graph"], choices=["eager", "cuda_graph"],
+                   help="uncompiled decode modes to time (compiled ones: --compile-batches)")
+    p.add_argument("--profile", action="store_true", help="kernel time breakdown of graph/compiled steps")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="torch._inductor coordinate_descent_tuning for compiled steps (longer compile)")
     args = p.parse_args(argv)
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "inference.json")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = presets.get(args.preset)
     if args.smoke:
