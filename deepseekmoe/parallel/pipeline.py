@@ -1,0 +1,220 @@
+"""Pipeline parallelism with torch.distributed.pipelining (GPipe, 1F1B, interleaved 1F1B).
+
+The Transformer is cut into contiguous stages (`StageModule`): the first holds the embedding, the
+last the final norm and output head, and each keeps its blocks under their original indices, so
+parameter names (and DCP checkpoints) are those of the whole model. Each stage is then
+parallelized like a whole model (EP -> activation checkpointing -> compile -> FSDP2 over the
+stage's dp x ep ranks) and handed to a torch pipelining schedule.
+
+Balance losses. Only the last stage computes the loss the schedule backpropagates, yet every
+MoE layer adds a balance loss where it sits. Each stage therefore attaches the sum of its layers'
+balance losses to its output with `AddAuxiliaryLoss` (the released DeepSeek code's device): the
+forward value is the output unchanged; the backward passes the incoming gradient through and
+gives the balance loss a gradient of 1, i.e. exactly d(loss + balance)/d(balance) = 1. The
+schedule averages over micro-batches (scale_grads), as it does for the LM loss, so the objective
+is the mean over micro-batches of (LM loss + balance losses). For the per-sequence balance loss
+(seq_aux, 16B) that equals the whole-batch loss; batch-level balance losses (seq_aux off, and the
+device-level loss; 145B) are computed per global micro-batch (their counts still summed over
+the stage's dp x ep ranks), as under gradient accumulation.
+
+Layer split: `split_layers` balances training FLOPs per stage (the core accounting's per-layer
+terms; the output head counts on the last stage), contiguous, every stage at least one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from ..config import ModelConfig
+from ..model import Transformer, rope_cos_sin
+from .mesh import Mesh, ParallelConfig
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on `x` in forward; in backward the auxiliary loss receives gradient 1."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_meta = (aux.dtype, aux.device, aux.shape)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        dtype, device, shape = ctx.aux_meta
+        return grad_x, torch.ones(shape, dtype=dtype, device=device)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's LM loss (labels aligned with the inputs, shifted here; -100 ignored)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class StageModule(nn.Module):
+    """Blocks `layer_ids` of a Transformer (+ embedding if first, + norm and head if last)."""
+
+    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        cfg = model.config
+        if cfg.router == "hash" and not first:
+            raise ValueError("router='hash' routes by token id, which only the first pipeline stage has; "
+                             "use pp=1 for the Hash Layer baseline")
+        self.config, self.first, self.last = cfg, first, last
+        self.embed_tokens = model.embed_tokens if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.balance_losses: list[torch.Tensor] = []  # per micro-batch, this step (logging)
+
+    init_weights = Transformer.init_weights  # names match the whole model's, so its init applies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: token ids [B, L]; later stages: hidden states [B, L, D]."""
+        input_ids = x if self.first else None
+        h = self.embed_tokens(x) if self.first else x
+        B, L = h.shape[:2]
+        pos = torch.arange(L, device=h.device).unsqueeze(0).expand(B, L)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
+        balance = None
+        for layer in self.layers.values():
+            h, aux = layer(h, cos, sin, input_ids)
+            if aux is not None:
+                balance = aux if balance is None else balance + aux
+        if self.last:
+            h = self.lm_head(self.norm(h))
+        if balance is not None:
+            self.balance_losses.append(balance.detach())
+            h = AddAuxiliaryLoss.apply(h, balance)
+        return h
+
+
+def layer_costs(cfg: ModelConfig, seq_len: int = 4096) -> list[float]:
+    """Training FLOPs per token of each block (the core accounting's per-layer terms)."""
+    d = cfg.hidden_size
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        f = ((cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
+             if cfg.is_moe_layer(i) else cfg.intermediate_size)
+        out.append(6.0 * (4 * d * d + 3 * d * f) + 12.0 * d * seq_len)
+    return out
+
+
+def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[list[int]]:
+    """Contiguous blocks per stage minimising the most expensive stage (the head counts on the
+    last stage). Exact: binary search over the bottleneck with a greedy feasibility check."""
+    L = cfg.num_hidden_layers
+    if n_stages > L:
+        raise ValueError(f"{n_stages} pipeline stages for {L} layers: each stage needs at least one layer")
+    costs = layer_costs(cfg, seq_len)
+    costs[-1] += 6.0 * cfg.hidden_size * cfg.vocab_size  # output head on the last stage
+
+    def greedy(cap: float) -> list[list[int]] | None:
+        stages, cur, load = [], [], 0.0
+        for i, c in enumerate(costs):
+            left_layers, left_stages = L - i, n_stages - len(stages)
+            if cur and (load + c > cap or left_layers < left_stages):
+                stages.append(cur)
+                cur, load = [], 0.0
+            if c > cap:
+                return None
+            cur.append(i)
+            load += c
+        stages.append(cur)
+        return stages if len(stages) == n_stages else None
+
+    lo, hi = max(costs), sum(costs)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if greedy(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return greedy(hi)
+
+
+@dataclass
+class Pipeline:
+    """This rank's share of a pipeline-parallel model and the schedule that runs it."""
+
+    schedule: object
+    modules: list[StageModule]  # this rank's stages (1, or pp_stages_per_rank when interleaved)
+    stages: list[PipelineStage] = field(default_factory=list)
+    mesh: Mesh | None = None
+
+    @property
+    def has_first(self) -> bool:
+        return any(m.first for m in self.modules)
+
+    @property
+    def has_last(self) -> bool:
+        return any(m.last for m in self.modules)
+
+    def parameters(self):
+        for m in self.modules:
+            yield from m.parameters()
+
+    def train(self, mode: bool = True):
+        for m in self.modules:
+            m.train(mode)
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward + backward of this rank's data-parallel batch [B, L] over all micro-batches.
+        Every rank passes the batch (only the first stage reads ids, only the last labels).
+        Returns {"loss", "lm_loss", "balance_loss"} (means over micro-batches, the same on every
+        rank of the pipeline)."""
+        for m in self.modules:
+            m.balance_losses = []
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if self.has_first else ()
+        target = labels if self.has_last else None
+        self.schedule.step(*args, target=target, losses=losses if self.has_last else None)
+        dev = input_ids.device
+        lm = torch.stack(losses).mean() if losses else torch.zeros((), device=dev)
+        # The last n_microbatches records: on its first step the schedule runs one extra forward
+        # (shape inference, on placeholder inputs after the first stage) before the real ones.
+        n_mb = self.schedule._n_microbatches
+        bal = sum((torch.stack(m.balance_losses[-n_mb:]).mean() for m in self.modules if m.balance_losses),
+                  torch.zeros((), device=dev))
+        stats = torch.stack([lm.detach().float().to(dev), bal.float().to(dev)])
+        if self.mesh is not None and self.mesh.pp > 1:
+            dist.all_reduce(stats, group=self.mesh.group("pp"))  # lm from the last stage, balance summed
+        return {"loss": stats.sum(), "lm_loss": stats[0], "balance_loss": stats[1]}
+
+
+def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: list[list[int]] | None = None,
+                   seq_len: int = 4096) -> Pipeline:
+    """Cut `model` into cfg.pp x cfg.pp_stages_per_rank stages, keep this rank's, parallelize each
+    (EP, activation checkpointing, compile, FSDP2 over its dp x ep ranks), build the schedule.
+
+    Stage s lives on pp rank s % pp (looped placement, what the interleaved schedule expects)."""
+    from . import parallelize
+
+    cfg.validate()
+    if model.config.tie_word_embeddings:
+        raise ValueError("tied embeddings cannot be split over pipeline stages; use pp=1")
+    n_stages = mesh.pp * cfg.pp_stages_per_rank
+    split = split or split_layers(model.config, n_stages, seq_len)
+    if len(split) != n_stages:
+        raise ValueError(f"layer split has {len(split)} stages, expected {n_stages}")
+    n_mb = cfg.pp_microbatches or 2 * n_stages
+    group = mesh.group("pp")
+    modules, stages = [], []
+    for s in range(mesh.pp_rank, n_stages, mesh.pp):
+        module = StageModule(model, split[s], first=s == 0, last=s == n_stages - 1)
+        parallelize(module, mesh, cfg)
+        modules.append(module)
+        stages.append(PipelineStage(module, s, n_stages, mesh.device, group=group))
+    if cfg.pp_schedule == "interleaved1f1b":
+        schedule = ScheduleInterleaved1F1B(stages, n_mb, loss_fn=lm_loss)
+    else:
+        if len(stages) != 1:
+            raise ValueError(f"pp_schedule={cfg.pp_schedule!r} runs one stage per rank; set "
+                             "pp_stages_per_rank=1 or use interleaved1f1b")
+        cls = Schedule1F1B if cfg.pp_schedule == "1f1b" else ScheduleGPipe
+        schedule = cls(stages[0], n_mb, loss_fn=lm_loss)
+    return Pipeline(schedule, modules, stages, mesh)
