@@ -136,7 +136,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of many texts (the fast path: no offsets computed)."""
-        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips offset tracking: ~4x faster, same ids.
+        fast = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
