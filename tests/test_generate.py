@@ -15,8 +15,15 @@ import torch
 
 from deepseekmoe import Transformer, cli
 from deepseekmoe.config import ModelConfig
-from deepseekmoe.generate import (Decoder, chat_ids, chat_text_segments, expert_backend, generate,
-                                  generate_ids, sample_next)
+from deepseekmoe.generate import (
+    Decoder,
+    chat_ids,
+    chat_text_segments,
+    expert_backend,
+    generate,
+    generate_ids,
+    sample_next,
+)
 from deepseekmoe.moe.experts import experts_gather, experts_loop, resolve_backend
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
@@ -52,7 +59,7 @@ def reference(model):
     return [reforward_greedy(model, p, 10) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("decode_backend", ["default", "grouped", "loop"])
+@pytest.mark.parametrize("decode_backend", ["gather", "grouped", "loop"])
 def test_cached_greedy_equals_full_reforward(model, reference, decode_backend):
     got = generate_ids(model, PROMPTS, 10, decode_backend=decode_backend)
     assert got == reference
@@ -60,9 +67,10 @@ def test_cached_greedy_equals_full_reforward(model, reference, decode_backend):
     assert generate_ids(model, PROMPTS[1:2], 10) == reference[1:2]
 
 
-def test_default_decode_backend_is_gather_for_small_batches(model):
-    assert Decoder(model, 1, 16).decode_backend == "gather"  # 1 x 2 slots <= 8 / 2 experts
-    assert Decoder(model, 3, 16).decode_backend is None  # 6 slots: grouped (the model's own)
+def test_default_decode_backend_is_gather_for_compiled_small_batches(model):
+    assert Decoder(model, 4, 16, mode="compile").decode_backend == "gather"  # 4 x 2 slots <= 8 experts
+    assert Decoder(model, 5, 16, mode="compile").decode_backend is None  # 10 slots: the model's own
+    assert Decoder(model, 1, 16).decode_backend is None  # uncompiled gather copies weights: slower
 
 
 def test_gather_backend_matches_loop():
