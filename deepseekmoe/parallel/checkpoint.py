@@ -9,18 +9,20 @@ checkpointing and compile wrappers, and DTensors carry the layout.
 Directory layout (one checkpoint):
 
     <dir>/.metadata, <dir>/__*_*.distcp     DCP: model + optimizer state, sharded
-    <dir>/train_state.json                  `extra` (step, data position, ...), written by rank 0
+    <dir>/state.json                        `extra` (step, data position, ...), written by rank 0
 
 Crash safety: all ranks write into `<dir>.partial`; after a barrier (every rank's files are
-fsynced by DCP) rank 0 writes train_state.json last and renames the folder to `<dir>`, so `<dir>`
+fsynced by DCP) rank 0 writes state.json last and renames the folder to `<dir>`, so `<dir>`
 exists only when complete. A rank dying mid-save leaves a `.partial` folder that the next save
 replaces, and the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
@@ -36,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import CheckpointError
 from ..io import atomic_write_text, fsync_dir
 
-STATE_FILE = "train_state.json"
+STATE_FILE = "state.json"
 
 
 def _rank() -> int:
@@ -46,6 +48,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it 'assumes a single process' whenever no process group exists: intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_dcp_checkpoint(path: str | Path) -> bool:
@@ -94,7 +104,8 @@ def save(path: str | Path, model, optimizer=None, extra: dict | None = None) -> 
         partial.mkdir(parents=True)
     _barrier()
     models, optimizers = _as_lists(model, optimizer)
-    dcp.save(_merged(_states(models, optimizers)), checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.save(_merged(_states(models, optimizers)), checkpoint_id=str(partial), no_dist=not dist.is_initialized())
     _barrier()
     if _rank() == 0:
         atomic_write_text(partial / STATE_FILE, json.dumps(extra or {}, indent=1, sort_keys=True))
@@ -112,19 +123,45 @@ def save(path: str | Path, model, optimizer=None, extra: dict | None = None) -> 
     return path
 
 
-def load(path: str | Path, model, optimizer=None) -> dict:
-    """Load a checkpoint written by `save` (at any world size) into this rank's model (+ optimizer),
-    whatever their layout; return the `extra` dict. Raises CheckpointError if `path` is not a
-    complete checkpoint or does not fit the model."""
+def verify(path: str | Path) -> dict:
+    """Check that a DCP checkpoint is complete (every shard file its metadata names exists and is
+    long enough) and return its state.json; CheckpointError naming the problem otherwise."""
     path = Path(path)
     if not is_dcp_checkpoint(path):
         hint = " (an unfinished save: a rank died while writing it)" if path.name.endswith(".partial") else ""
         raise CheckpointError(f"{path} is not a complete distributed checkpoint{hint}: expected .metadata "
                               f"and {STATE_FILE}; point --resume at a finished checkpoint directory")
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a damaged .metadata fails in pickle or in DCP
+        raise CheckpointError(f"checkpoint {path} is corrupted (unreadable .metadata: {type(e).__name__})") from e
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: shard {rel} is missing")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"checkpoint {path} is truncated: shard {rel} has {f.stat().st_size} bytes, "
+                                  f"its metadata needs {size}")
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} ({e})") from e
+
+
+def load(path: str | Path, model, optimizer=None) -> dict:
+    """Load a checkpoint written by `save` (at any world size) into this rank's model (+ optimizer),
+    whatever their layout; return the `extra` dict. Raises CheckpointError if `path` is not a
+    complete checkpoint or does not fit the model."""
+    path = Path(path)
+    extra = verify(path)
     models, optimizers = _as_lists(model, optimizer)
     states = _states(models, optimizers)
     try:
-        dcp.load(_merged(states), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with _quiet():
+            dcp.load(_merged(states), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # noqa: BLE001 - DCP raises several types for a mismatch
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load {path}: {msg}; the checkpoint does not match this model "
@@ -133,4 +170,4 @@ def load(path: str | Path, model, optimizer=None) -> dict:
         set_model_state_dict(model_, model_sd, options=_OPTS)
         if opt is not None:
             set_optimizer_state_dict(model_, opt, optim_sd, options=_OPTS)
-    return json.loads((path / STATE_FILE).read_text())
+    return extra

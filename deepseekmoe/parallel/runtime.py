@@ -1,0 +1,149 @@
+"""What the trainer needs to run unchanged on one process or on a torchrun job: `Runtime`.
+
+The trainer calls each hook at one place; in a single process every hook is the plain
+single-device behaviour, so the one-process trainer (and its bit-exact resume) is untouched.
+
+  Runtime.from_env(pcfg)      torchrun env -> process group, DeviceMesh, device (cuda:LOCAL_RANK)
+  .parallelize(model, ...)    EP -> activation checkpointing -> compile -> FSDP2
+  .loader_rank / .loader_world   the data loader's rank and world size (data-parallel ranks)
+  .clip_grad_norm_(params, c) global norm over sharded gradients
+  .mean(t)                    average over data-parallel ranks (losses for logging, finiteness)
+  .eval_share(batches) / .sum(t)   split validation batches over ranks, sum the results
+  .save(...) / load via deepseekmoe.parallel.checkpoint (DCP, any world size)
+  .guard(...)                 fail fast with one message when a peer dies (launch.fail_fast)
+  .is_rank0                   only rank 0 writes metrics, plots, config and prints
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from . import checkpoint as dcp_ckpt
+from .fsdp import clip_grad_norm_
+from .launch import fail_fast
+from .mesh import Mesh, ParallelConfig, init_distributed, launched_distributed
+
+
+class Runtime:
+    def __init__(self, mesh: Mesh | None, cfg: ParallelConfig):
+        self.mesh, self.cfg = mesh, cfg
+
+    @classmethod
+    def from_env(cls, cfg: ParallelConfig | None = None, device: torch.device | str | None = None) -> Runtime:
+        """Distributed when launched by torchrun with WORLD_SIZE > 1, else a single process."""
+        cfg = cfg or ParallelConfig()
+        if not launched_distributed():
+            if cfg.ep > 1 or cfg.pp > 1 or cfg.dp > 1:
+                raise ConfigError(f"parallel.ep={cfg.ep}, pp={cfg.pp}, dp={cfg.dp} need several processes; launch "
+                                  "with torchrun --nproc-per-node N -m deepseekmoe train ... (docs/parallel.md)")
+            return cls(None, cfg)
+        if cfg.pp > 1:
+            raise ConfigError("the trainer runs pipeline parallelism only through the library API for now "
+                              "(deepseekmoe.parallel.pipeline.build_pipeline); use parallel.pp=1 with "
+                              "parallel.ep / FSDP, see docs/parallel.md")
+        cfg.validate()
+        return cls(init_distributed(cfg, device), cfg)
+
+    # ------------------------------------------------------------------ coordinates
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.mesh.device if self.mesh is not None else None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def loader_rank(self) -> int:
+        return self.mesh.data_parallel_rank if self.distributed else 0
+
+    @property
+    def loader_world(self) -> int:
+        return self.mesh.data_parallel_size if self.distributed else 1
+
+    def describe(self) -> str:
+        if not self.distributed:
+            return "1 process"
+        m = self.mesh
+        return f"{m.world_size} ranks (dp {m.dp} x ep {m.ep}{f' x pp {m.pp}' if m.pp > 1 else ''}, {m.device.type})"
+
+    # ------------------------------------------------------------------ model
+    def parallelize(self, model: torch.nn.Module, activation_checkpointing: bool = False,
+                    compile: bool = False) -> torch.nn.Module:
+        from . import parallelize
+
+        cfg = self.cfg
+        cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
+        cfg.compile = cfg.compile or compile
+        return parallelize(model, self.mesh, cfg)
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        if not self.distributed:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return clip_grad_norm_(params, 0.0 if max_norm == float("inf") else max_norm)
+
+    # ------------------------------------------------------------------ reductions
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Average over the data-parallel ranks (each holds the mean of an equal share)."""
+        if not self.distributed or self.loader_world == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.mesh.group("dp_ep"))
+        return t / self.loader_world
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
+    def eval_share(self, batches):
+        """This rank's share of a finite sequence of validation batches. Every rank must run the
+        same number of forwards (they are collective), so the list is cut to a multiple of the
+        world size; with fewer batches than ranks, every rank evaluates all of them and `sum` of
+        the totals is divided by the world size by the caller's count, which is summed too."""
+        if not self.distributed:
+            yield from batches
+            return
+        batches = list(batches)
+        W, r = dist.get_world_size(), self.rank
+        if len(batches) < W:
+            yield from batches
+            return
+        yield from batches[r:len(batches) - len(batches) % W:W]
+
+    # ------------------------------------------------------------------ checkpoints and failures
+    def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints) -> Path:
+        """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep`."""
+        dcp_ckpt.save(path, model, optimizer, state)
+        if self.is_rank0:
+            for old in list_checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in Path(path).parent.glob("*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if self.distributed:
+            dist.barrier()
+        return Path(path)
+
+    def guard(self, last_checkpoint=None):
+        return fail_fast("training", last_checkpoint) if self.distributed else contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
