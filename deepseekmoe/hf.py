@@ -362,28 +362,96 @@ def load_model(cls, path, dtype: torch.dtype | None = None, device="cpu", **over
     return model.eval()
 
 
-def stream_into(model, files: dict[str, Path]) -> None:
-    """Copy each released tensor into its (slice of a) parameter, one file and tensor at a time."""
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype codes of the tensors a checkpoint may hold.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
+
+def _raw_header(file: Path) -> tuple[int, dict]:
+    """(byte offset of the data section, header dict) of a safetensors file."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+class _Staging:
+    """Host buffers for tensors that cannot be read straight into their destination (another
+    dtype, or on the GPU). On CUDA two pinned buffers alternate, so reading the next tensor from
+    the file overlaps the copy of the previous one to the device."""
+
+    def __init__(self, nbytes: int, cuda: bool):
+        self.cuda = cuda
+        n = 2 if cuda else 1
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(n)]
+        self.events = [None] * n
+        self.i = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        self.i = (self.i + 1) % len(self.bufs)
+        if self.events[self.i] is not None:
+            self.events[self.i].synchronize()
+        return self.bufs[self.i][:nbytes]
+
+    def issued(self) -> None:
+        if self.cuda:
+            self.events[self.i] = torch.cuda.Event()
+            self.events[self.i].record()
+
+
+def _readinto(fh, buf_u8: torch.Tensor, name: str, file: Path) -> None:
+    view = memoryview(buf_u8.numpy())
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{file}: ends inside tensor {name} (truncated file)")
+        got += n
+
+
+def stream_into(model, files: dict[str, Path]) -> None:
+    """Read each released tensor from its file straight into its (slice of a) parameter.
+
+    Plain reads at the header's offsets, in file order: a tensor whose destination is a
+    contiguous CPU slice of the same dtype is read into it directly (no intermediate copy);
+    others pass through a staging buffer. Host memory beyond the model is one or two tensors."""
     plan = tensor_plan(model.config)
     params = dict(model.named_parameters(remove_duplicate=False))
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
-    total = sum(_numel(plan[n][0]) for n in files)
-    bar = _progress(total * params["embed_tokens.weight"].element_size(), "loading")
+    headers = {f: _raw_header(f) for f in by_file}
+    sizes = [h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for f, (_, h) in headers.items() for n in by_file[f]]
+    cuda = params["embed_tokens.weight"].device.type == "cuda"
+    staging = None
+    bar = _progress(sum(sizes), "loading")
     with torch.no_grad():
         for f, names in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt", device="cpu") as h:
-                    for name in names:
-                        t = h.get_tensor(name)
-                        _view(params, plan[name][1]).copy_(t)
-                        if bar is not None:
-                            bar.update(t.numel() * params["embed_tokens.weight"].element_size())
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{f}: could not read its tensors ({e})") from e
+            start, header = headers[f]
+            with open(f, "rb", buffering=0) as fh:
+                for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+                    info = header[name]
+                    begin, end = info["data_offsets"]
+                    src_dtype = _ST_DTYPES.get(info["dtype"])
+                    if src_dtype is None:
+                        raise CheckpointError(f"{name}: unsupported dtype {info['dtype']} in {f.name}")
+                    dst = _view(params, plan[name][1])
+                    fh.seek(start + begin)
+                    if end == begin:
+                        continue
+                    if dst.device.type == "cpu" and dst.dtype == src_dtype and dst.is_contiguous():
+                        _readinto(fh, dst.view(torch.uint8).reshape(-1), name, f)
+                    else:
+                        if staging is None:
+                            staging = _Staging(max(sizes), cuda)
+                        buf = staging.take(end - begin)
+                        _readinto(fh, buf, name, f)
+                        dst.copy_(buf.view(src_dtype).view(dst.shape), non_blocking=cuda)
+                        staging.issued()
+                    if bar is not None:
+                        bar.update(end - begin)
+    if cuda:
+        torch.cuda.synchronize()
     if bar is not None:
         bar.close()
 
@@ -410,7 +478,9 @@ def _load_native(cls, path: Path, dtype, device, overrides):
     # assign=True adopts the loaded tensors (no second copy when dtype and device already match).
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    return _finish(model, device).eval()
+    model = _finish(model, device)
+    model.source_dir = str(path)  # the trainer keeps tokenizer.json beside the weights
+    return model.eval()
 
 
 def _numel(shape) -> int:

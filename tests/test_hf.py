@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,6 +349,45 @@ def test_16b_plan_on_meta_equals_released_index():
     assert len(shards) == 7 and all(sum(sizes[n] for n in s) <= 5e9 for s in shards)
     with pytest.raises(CheckpointError, match="meta"):
         hf.save_model(model, "/nonexistent/never-written")
+
+
+_PEAK_SCRIPT = """
+import sys, threading, time
+from deepseekmoe import Transformer
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+Transformer.from_pretrained(sys.argv[1])  # warm imports and lazy initialisation first
+peak, stop = [0], [False]
+def sample():
+    while not stop[0]:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+base = anon()
+t = threading.Thread(target=sample)
+t.start()
+m = Transformer.from_pretrained(sys.argv[1])
+stop[0] = True
+t.join()
+print(max(peak[0], anon()) - base, sum(p.numel() * p.element_size() for p in m.parameters()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux /proc")
+def test_load_peak_host_memory_is_one_copy(tmp_path):
+    # 137 MB of fp32 weights; a load through a full state dict would need twice that.
+    cfg = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2,
+                      moe_intermediate_size=256)
+    Transformer(cfg).save_pretrained(tmp_path / "m")
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "m")], capture_output=True,
+                         text=True, cwd=repo, env={"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak, weights = map(int, out.stdout.split())
+    assert weights == 136_955_904
+    assert peak < 1.1 * weights, (peak, weights)
 
 
 # ---------------------------------------------------------------------- damaged checkpoints
