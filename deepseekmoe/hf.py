@@ -375,30 +375,6 @@ def _raw_header(file: Path) -> tuple[int, dict]:
         return 8 + n, json.loads(f.read(n))
 
 
-class _Staging:
-    """Host buffers for tensors that cannot be read straight into their destination (another
-    dtype, or on the GPU). On CUDA two pinned buffers alternate, so reading the next tensor from
-    the file overlaps the copy of the previous one to the device."""
-
-    def __init__(self, nbytes: int, cuda: bool):
-        self.cuda = cuda
-        n = 2 if cuda else 1
-        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(n)]
-        self.events = [None] * n
-        self.i = 0
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        self.i = (self.i + 1) % len(self.bufs)
-        if self.events[self.i] is not None:
-            self.events[self.i].synchronize()
-        return self.bufs[self.i][:nbytes]
-
-    def issued(self) -> None:
-        if self.cuda:
-            self.events[self.i] = torch.cuda.Event()
-            self.events[self.i].record()
-
-
 def _readinto(fh, buf_u8: torch.Tensor, name: str, file: Path) -> None:
     view = memoryview(buf_u8.numpy())
     got = 0
@@ -414,7 +390,8 @@ def stream_into(model, files: dict[str, Path]) -> None:
 
     Plain reads at the header's offsets, in file order: a tensor whose destination is a
     contiguous CPU slice of the same dtype is read into it directly (no intermediate copy);
-    others pass through a staging buffer. Host memory beyond the model is one or two tensors."""
+    others (another dtype, or a GPU destination) pass through one reused host buffer and a
+    synchronous copy. Host memory beyond a CPU model is at most one tensor."""
     plan = tensor_plan(model.config)
     params = dict(model.named_parameters(remove_duplicate=False))
     by_file: dict[Path, list[str]] = {}
@@ -422,7 +399,6 @@ def stream_into(model, files: dict[str, Path]) -> None:
         by_file.setdefault(f, []).append(name)
     headers = {f: _raw_header(f) for f in by_file}
     sizes = [h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for f, (_, h) in headers.items() for n in by_file[f]]
-    cuda = params["embed_tokens.weight"].device.type == "cuda"
     staging = None
     bar = _progress(sum(sizes), "loading")
     with torch.no_grad():
@@ -443,15 +419,12 @@ def stream_into(model, files: dict[str, Path]) -> None:
                         _readinto(fh, dst.view(torch.uint8).reshape(-1), name, f)
                     else:
                         if staging is None:
-                            staging = _Staging(max(sizes), cuda)
-                        buf = staging.take(end - begin)
+                            staging = torch.empty(max(sizes), dtype=torch.uint8)
+                        buf = staging[: end - begin]
                         _readinto(fh, buf, name, f)
-                        dst.copy_(buf.view(src_dtype).view(dst.shape), non_blocking=cuda)
-                        staging.issued()
+                        dst.copy_(buf.view(src_dtype).view(dst.shape))
                     if bar is not None:
                         bar.update(end - begin)
-    if cuda:
-        torch.cuda.synchronize()
     if bar is not None:
         bar.close()
 
