@@ -80,12 +80,19 @@ def test_checkpoint_from_4_ranks_resumes_on_2_ranks_and_1_process(tmp_path):
     path = str(tmp_path / "step2")
     full = run_ranks(save_then_continue, 4, path, timeout=150)[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step2"]  # no .partial left behind
+    assert ckpt.verify(path) == {"step": SAVE_AT}
     on_two = run_ranks(resume, 2, path, timeout=120)[0]
     torch.manual_seed(99)
     model = Transformer(tiny_cfg(2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     extra = ckpt.load(path, model, opt)
     assert extra == {"step": SAVE_AT}
+    # The same weights as a native model directory (what convert / generate read).
+    from deepseekmoe.io import load_native
+
+    _, native = load_native(ckpt.export_native(path, tiny_cfg(2), tmp_path / "native"))
+    for n, p in model.state_dict().items():
+        assert torch.equal(native[n], p), n
     on_one = _train(model, opt, range(SAVE_AT, STEPS))
     expected = full[SAVE_AT:]
     assert len(on_two) == len(on_one) == len(expected) == STEPS - SAVE_AT
@@ -139,6 +146,15 @@ def test_dead_rank_fails_fast_and_last_checkpoint_loads(tmp_path):
     assert not (tmp_path / "step2").exists() and (tmp_path / "step2.partial").exists()
     with pytest.raises(CheckpointError, match="unfinished save"):
         ckpt.load(tmp_path / "step2.partial", Transformer(tiny_cfg(2)))
+    # A truncated shard of a complete checkpoint is named, not loaded.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "step1", broken)
+    shard = sorted(broken.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"truncated: shard {shard.name}"):
+        ckpt.load(broken, Transformer(tiny_cfg(2)))
     model = Transformer(tiny_cfg(2))
     before = model.embed_tokens.weight.clone()
     assert ckpt.load(tmp_path / "step1", model) == {"step": 1}

@@ -94,9 +94,11 @@ def _as_lists(model, optimizer):
     return list(models), list(optimizers)
 
 
-def save(path: str | Path, model, optimizer=None, extra: dict | None = None) -> Path:
+def save(path: str | Path, model, optimizer=None, extra: dict | None = None,
+         files: dict[str, str | Path] | None = None) -> Path:
     """Save model (+ optimizer) shards and `extra` (JSON) to `path`, atomically. Called by every
-    rank. `model`/`optimizer` may be lists (pipeline stages held by this rank)."""
+    rank. `model`/`optimizer` may be lists (pipeline stages held by this rank). `files` maps names
+    inside the checkpoint to files rank 0 copies in (e.g. the tokenizer)."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if _rank() == 0:
@@ -108,6 +110,9 @@ def save(path: str | Path, model, optimizer=None, extra: dict | None = None) -> 
         dcp.save(_merged(_states(models, optimizers)), checkpoint_id=str(partial), no_dist=not dist.is_initialized())
     _barrier()
     if _rank() == 0:
+        for name, src in (files or {}).items():
+            if Path(src).is_file():
+                shutil.copyfile(src, partial / name)
         atomic_write_text(partial / STATE_FILE, json.dumps(extra or {}, indent=1, sort_keys=True))
         fsync_dir(partial)
         if path.exists():
@@ -151,17 +156,33 @@ def verify(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} ({e})") from e
 
 
-def load(path: str | Path, model, optimizer=None) -> dict:
+def export_native(path: str | Path, cfg, out_dir: str | Path, dtype=None) -> Path:
+    """Write the model of DCP checkpoint `path` as a native model directory (config.json +
+    model.safetensors, what `deepseekmoe convert` / `generate` read), in this process alone (no
+    process group needed; memory: the whole model on CPU). `cfg` is its ModelConfig."""
+    from ..io import save_native
+    from ..model import Transformer
+
+    model = Transformer(cfg)
+    load(path, model, no_dist=True)
+    sd = {k: (v.to(dtype) if dtype is not None else v) for k, v in model.state_dict().items()}
+    save_native(out_dir, cfg, sd)
+    return Path(out_dir)
+
+
+def load(path: str | Path, model, optimizer=None, no_dist: bool | None = None) -> dict:
     """Load a checkpoint written by `save` (at any world size) into this rank's model (+ optimizer),
     whatever their layout; return the `extra` dict. Raises CheckpointError if `path` is not a
-    complete checkpoint or does not fit the model."""
+    complete checkpoint or does not fit the model. `no_dist=True` loads in this process alone
+    (plain, unsharded modules) even while a process group exists."""
     path = Path(path)
     extra = verify(path)
     models, optimizers = _as_lists(model, optimizer)
     states = _states(models, optimizers)
     try:
         with _quiet():
-            dcp.load(_merged(states), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            dcp.load(_merged(states), checkpoint_id=str(path),
+                     no_dist=not dist.is_initialized() if no_dist is None else no_dist)
     except Exception as e:  # noqa: BLE001 - DCP raises several types for a mismatch
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load {path}: {msg}; the checkpoint does not match this model "

@@ -128,9 +128,10 @@ class Runtime:
         yield from batches[r:len(batches) - len(batches) % W:W]
 
     # ------------------------------------------------------------------ checkpoints and failures
-    def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints) -> Path:
+    def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints,
+             files: dict | None = None) -> Path:
         """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep`."""
-        dcp_ckpt.save(path, model, optimizer, state)
+        dcp_ckpt.save(path, model, optimizer, state, files)
         if self.is_rank0:
             for old in list_checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
