@@ -87,7 +87,26 @@ def _clean(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-def dist_worker(rank, world, scenarios):
+def meta_init_check(ep):
+    """Build on the meta device, parallelize, materialise with to_empty() + init_weights(): the path
+    for models too large to build whole on one rank. Returns the loss of one step (finite)."""
+    from deepseekmoe.parallel import ParallelConfig, build_mesh, parallelize
+
+    pcfg = ParallelConfig(ep=ep)
+    mesh = build_mesh(pcfg, "cpu")
+    with torch.device("meta"):
+        model = Transformer(tiny_cfg(ep))
+    model = parallelize(model, mesh, pcfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ids = batches()[0][mesh.data_parallel_rank::mesh.data_parallel_size]
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    w13 = model.layers[1].mlp.experts.w13
+    return loss.item(), tuple(w13.to_local().shape), tuple(w13.shape), w13.grad is not None
+
+
+def dist_worker(rank, world, scenarios, meta_check=False):
     """Each scenario (cfg, dp, ep, activation_checkpointing) on its own mesh, one after another:
     one spawn serves several layouts (process start-up dominates these tests on 2 cores).
     Per step: the weights before it, global loss / balance loss / grad norm, full gradients, and
@@ -122,6 +141,8 @@ def dist_worker(rank, world, scenarios):
             opt.zero_grad()
         final = {_clean(n): _full(p.detach()).clone() for n, p in model.named_parameters()}
         results.append((out, mesh.ep_rank, final if rank == 0 else None))
+    if meta_check:
+        results.append(meta_init_check(world))
     return results
 
 
@@ -173,7 +194,12 @@ def test_ep2_with_activation_checkpointing_and_dp2_match_single_process():
     """2 ranks: ep=2 (with activation checkpointing: the recomputation re-runs the all-to-alls),
     then dp=2, ep=1 (plain FSDP2; the batch-level balance loss still needs the global counts)."""
     scenarios = [(tiny_cfg(2), 1, 2, True), (tiny_cfg(1), 2, 1, False)]
-    _check(scenarios, run_ranks(dist_worker, 2, scenarios, timeout=150))
+    results = run_ranks(dist_worker, 2, scenarios, True, timeout=150)
+    _check(scenarios, results)
+    for rank_results in results:  # and a model built on `meta`, materialised after parallelize
+        loss, local_shape, global_shape, has_grad = rank_results[-1]
+        assert torch.isfinite(torch.tensor(loss)) and has_grad
+        assert local_shape == (4, 32, 32) and global_shape == (8, 32, 32)  # E/ep of [E, 2F, D]
 
 
 def test_dp2xep2_and_ep4_match_single_process():
