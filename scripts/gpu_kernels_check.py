@@ -152,7 +152,7 @@ def check_poison(results):
     mk.rowtile(a, w2, y, perm, counts, w.reshape(-1), K, tpe, n=D, kd=F, a_gather=False, b_kmajor=True)
     dgu, aw, dx = nan(S, 2 * F), nan(S, F), nan(S, D)
     dwp = torch.full((S, mk.dwp_cols(F)), float("nan"), device=DEV)
-    mk.down_bwd(dy, w2, gu, perm, counts, w.reshape(-1), K, tpe, dgu, aw, dwp)
+    mk.down_bwd(dy, w2, a, gu, perm, counts, w.reshape(-1), K, tpe, dgu, aw, dwp)
     dw2, dw13 = nan(E, D, F), nan(E, 2 * F, D)
     mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True)
     mk.wgrad(dgu, x, dw13, perm, counts, K, tpe, a_gather=False)
@@ -191,8 +191,13 @@ def check_graph_compile(results):
         results["compile_max_rel"] = max(rel(a, b) for a, b in zip(out, run_fb(mt.experts_triton, x, w, w13, w2,
                                                                                       g, idx)))
         return
-    ins = [t.clone().requires_grad_() for t in (x, w, w13, w2)]
     eager = run_fb(mt.experts_triton, x, w, w13, w2, g, idx)
+    fn = torch.compile(mt.experts_triton, fullgraph=True)
+    t0 = time.time()
+    out = run_fb(fn, x, w, w13, w2, g, idx)
+    results["compile_s"] = time.time() - t0
+    results["compile_max_rel"] = max(rel(a, b) for a, b in zip(out, eager))
+    ins = [t.clone().requires_grad_() for t in (x, w, w13, w2)]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -214,11 +219,6 @@ def check_graph_compile(results):
     torch.cuda.synchronize()
     ref = run_fb(mt.experts_triton, x2, w2_, w13, w2, g2, idx2)
     results["cuda_graph_max_rel"] = max(rel(a, b) for a, b in zip([y, *grads], ref))
-    fn = torch.compile(mt.experts_triton, fullgraph=True)
-    t0 = time.time()
-    out = run_fb(fn, x, w, w13, w2, g, idx)
-    results["compile_s"] = time.time() - t0
-    results["compile_max_rel"] = max(rel(a, b) for a, b in zip(out, eager))
     print("graph/compile", results["cuda_graph_max_rel"], results["compile_max_rel"], flush=True)
 
 
@@ -235,17 +235,17 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     dw2, dw13 = torch.empty_like(w2), torch.empty_like(w13)
     C = mk.triton.Config
     extra = {
-        "gateup_fwd": [((128, 128, 64), 8, 5), ((64, 256, 64), 8, 3), ((128, 128, 32), 8, 5)],
-        "down_fwd": [((128, 256, 64), 8, 4), ((256, 128, 64), 8, 3)],
-        "down_bwd": [((64, 256, 64), 8, 3), ((128, 128, 32), 8, 5)],
-        "wgrad": [((128, 256, 64), 8, 4), ((256, 128, 64), 8, 4), ((128, 128, 32), 8, 5)],
-        "gateup_dx": [((128, 256, 64), 8, 4), ((256, 128, 64), 8, 3)],
+        "gateup_fwd": [((128, 128, 32), 8, 6), ((256, 64, 64), 8, 4)],
+        "down_fwd": [((128, 256, 32), 8, 6)],
+        "down_bwd": [((128, 256, 64), 8, 4), ((128, 128, 64), 8, 3), ((64, 128, 64), 4, 4)],
+        "wgrad": [((128, 256, 64), 8, 4), ((128, 256, 32), 8, 8), ((128, 128, 128), 8, 4)],
+        "gateup_dx": [((128, 256, 32), 8, 6)],
     }
     stages = {
         "gateup_fwd": (2, lambda c: mk.gateup_fwd(x, w13, perm, counts, K, tpe, a, gu, config=c)),
         "down_fwd": (1, lambda c: mk.rowtile(a, w2, y, perm, counts, w_S, K, tpe, n=D, kd=F, a_gather=False,
                                              b_kmajor=True, config=c)),
-        "down_bwd": (1, lambda c: mk.down_bwd(dy, w2, gu, perm, counts, w_S, K, tpe, dgu, aw, dwp, config=c)),
+        "down_bwd": (1, lambda c: mk.down_bwd(dy, w2, a, gu, perm, counts, w_S, K, tpe, dgu, aw, dwp, config=c)),
         "wgrad_w2": (1, lambda c: mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True, config=c)),
         "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x, dw13, perm, counts, K, tpe, a_gather=False, config=c)),
         "gateup_dx": (2, lambda c: mk.rowtile(dgu, w13, dx, perm, counts, None, K, tpe, n=D, kd=2 * F,
@@ -288,7 +288,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     # Non-GEMM stages
     other = {
         "routing_metadata": lambda: mt.routing_metadata(idx, E),
-        "combine_sum_K": lambda: y.view(T, K, D).sum(1, dtype=torch.float32).to(torch.bfloat16),
+        "combine_sum_K": lambda: mk.sum_slots(y, T, K),
         "dwp_scatter": lambda: torch.empty(S, device=DEV).scatter_(0, perm.long(), dwp.sum(1)),
     }
     for name, fn in other.items():
@@ -297,6 +297,43 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         print(f"other {name:18s} {ms:7.3f} ms", flush=True)
     results["best_stage"] = best
     return best
+
+
+def graph_time(fb):
+    """fwd+bwd replayed from a CUDA graph: the GPU time without Python launch overhead."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fb()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fb()
+    return bench(graph.replay)
+
+
+def profile(fb):
+    """Per-kernel device time of one fwd+bwd (mean of 5), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    fb()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            fb()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in p.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((ev.key[:60], t / 5 / 1e3, ev.count // 5))
+    rows.sort(key=lambda r: -r[1])
+    for k, ms, n in rows[:16]:
+        print(f"profile {ms:7.3f} ms x{n:<3d} {k}", flush=True)
+    print(f"profile total {sum(r[1] for r in rows):.3f} ms", flush=True)
+    return rows
 
 
 def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"], mode="balanced"):
@@ -312,6 +349,10 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
         mem, hold = peak_mem(fn, x, w, w13, w2, g, idx)
         rows[name] = dict(fwd_ms=ms_f, fb_ms=ms_fb, fwd_tflops=fl / ms_f, fb_tflops=3 * fl / ms_fb,
                           peak_mib=mem, saved_mib=hold)
+        if name == "triton" and mode == "balanced" and not DRY:
+            rows[name]["graph_fb_ms"] = graph_time(fb)
+            rows[name]["graph_fb_tflops"] = 3 * fl / rows[name]["graph_fb_ms"]
+            results["profile"] = profile(fb)
     # Dense SwiGLU with the same activated FLOPs: width K*F on T tokens, cuBLAS through torch.
     W13 = (torch.randn(2 * K * F, D, device=DEV) / D ** 0.5).bfloat16().requires_grad_()
     W2 = (torch.randn(D, K * F, device=DEV) / (K * F) ** 0.5).bfloat16().requires_grad_()
@@ -356,6 +397,12 @@ def main():
     best = {} if args.skip_sweep else sweep(results)
     end_to_end(results)
     end_to_end(results, mode="skewed")
+    if not DRY:
+        results["autotune"] = {n: {str(k): str(v) for k, v in getattr(t, "cache", {}).items()}
+                               for n, t in mk._TUNED.items()}
+        for n, c in results["autotune"].items():
+            for k, v in c.items():
+                print(f"autotune {n} {k[:70]} -> {v}", flush=True)
     results["wall_s"] = time.time() - t0
     with open(os.path.join(args.out, "gpu_kernels_check.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -374,7 +421,8 @@ def main():
     for key, rows in results["e2e"].items():
         for n, r in rows.items():
             print(f"  {key} {n:13s} fwd {r['fwd_tflops']:6.1f} fwd+bwd {r['fb_tflops']:6.1f} TF/s "
-                  f"peak {r.get('peak_mib', 0):7.0f} MiB saved {r.get('saved_mib', 0):6.0f} MiB")
+                  f"peak {r.get('peak_mib', 0):7.0f} MiB saved {r.get('saved_mib', 0):6.0f} MiB"
+                  + (f" graph {r['graph_fb_tflops']:.1f} TF/s" if "graph_fb_tflops" in r else ""))
 
 
 if __name__ == "__main__":

@@ -58,9 +58,9 @@ def _expert_rows(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, gu_ptr, a_ptr,
+def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, st_ptr, a_ptr,
                 D, F, K_TOP, E, TPE,
-                E_P2: tl.constexpr, SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                E_P2: tl.constexpr, SAVE_ST: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
@@ -95,14 +95,18 @@ def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, gu_ptr, a_ptr,
         a_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    sig = tl.sigmoid(acc_g)
+    silu = acc_g * sig
+    act = silu * acc_u
     r64 = rows.to(tl.int64)
     mask = (rows < end)[:, None] & (offs_n < F)[None, :]
     tl.store(a_ptr + r64[:, None] * F + offs_n[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
-    if SAVE_GU:
-        g_out = gu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
-        tl.store(g_out, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
-        tl.store(g_out + F, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
+    if SAVE_ST:
+        # The backward's SwiGLU factors while g and u are in registers: s = silu(g) and
+        # t = u silu'(g) = u sig (1 + g (1 - sig)) = sig (u - a) + a.
+        st_out = st_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
+        tl.store(st_out, silu.to(st_ptr.dtype.element_ty), mask=mask)
+        tl.store(st_out + F, (sig * (acc_u - act) + act).to(st_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,15 +169,50 @@ def _rowtile_gemm(a_ptr, b_ptr, out_ptr, perm_ptr, counts_ptr, w_ptr,
 
 
 @triton.jit
-def _down_bwd(dy_ptr, w2_ptr, gu_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_ptr, dwp_ptr,
+def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
+                     BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, DWP_GRAN: tl.constexpr):
+    """SwiGLU backward of one [BLOCK_M, SUB_N] column block of dA' (see _down_bwd).
+
+    Only products with saved factors: a = silu(g) u, s = silu(g), t = u silu'(g) (stored by the
+    forward epilogue, where g and u were in registers), so no transcendental and few temporaries.
+    """
+    offs_n = n0 + tl.arange(0, SUB_N)
+    mask = (rows < end)[:, None] & (offs_n < F)[None, :]
+    # Offsets inside the tile stay int32; the tile's first row moves the base pointer (int64).
+    loc2 = tl.arange(0, BLOCK_M)[:, None] * (2 * F) + offs_n[None, :]
+    loc1 = tl.arange(0, BLOCK_M)[:, None] * F + offs_n[None, :]
+    row0 = start.to(tl.int64)
+    act = tl.load(a_ptr + row0 * F + loc1, mask=mask, other=0.0).to(tl.float32)
+    dwp = tl.sum(acc * act, 1)  # masked columns load a = 0
+    # dwp has one column per DWP_GRAN columns of F whatever the tile shape: this block writes all
+    # of its own (the sum into the first, zeros after), so no zero-init and no stale values.
+    NSUB: tl.constexpr = SUB_N // DWP_GRAN
+    sub = n0 // DWP_GRAN + tl.arange(0, NSUB)
+    dwp_tile = tl.where(tl.arange(0, NSUB)[None, :] == 0, dwp[:, None], 0.0)
+    tl.store(dwp_ptr + rows.to(tl.int64)[:, None] * DWP_COLS + sub[None, :], dwp_tile,
+             mask=(rows < end)[:, None] & (sub < DWP_COLS)[None, :])
+    tl.store(aw_ptr + row0 * F + loc1, (act * wv[:, None]).to(aw_ptr.dtype.element_ty), mask=mask)
+    da = acc * wv[:, None]
+    s_f = tl.load(st_ptr + row0 * (2 * F) + loc2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dgu_ptr + row0 * (2 * F) + F + loc2, (da * s_f).to(dgu_ptr.dtype.element_ty), mask=mask)
+    t_f = tl.load(st_ptr + row0 * (2 * F) + F + loc2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dgu_ptr + row0 * (2 * F) + loc2, (da * t_f).to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_bwd(dy_ptr, w2_ptr, a_ptr, st_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_ptr, dwp_ptr,
               D, F, K_TOP, E, TPE, DWP_COLS,
               E_P2: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, DWP_GRAN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dA'_s = dy[tok(s)] @ W2_e (unweighted grad of a), then the whole SwiGLU backward in registers.
 
-    dw_s = <dA'_s, a_s> (partial over this column tile), da = w_s dA', dg = da u silu'(g),
-    du = da silu(g), aw = w_s a (the left operand of dW2). a is recomputed from the saved g|u.
+    dw_s = <dA'_s, a_s> (partial over this column block), da = w_s dA', dg = da u silu'(g),
+    du = da silu(g), aw = w_s a (the left operand of dW2), from the forward's saved a and s|t.
+    The BLOCK_N columns are two accumulators of BLOCK_N / 2 columns each, so the register-hungry
+    epilogue runs on half a tile at a time (a whole-tile epilogue spilled heavily).
     """
+    SUB_N: tl.constexpr = BLOCK_N // 2
+    tl.static_assert(SUB_N % DWP_GRAN == 0)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
     pid_m = pid // n_tiles
@@ -185,48 +224,36 @@ def _down_bwd(dy_ptr, w2_ptr, gu_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_p
     rows_c = tl.minimum(rows, end - 1)
     slot = tl.load(perm_ptr + rows_c).to(tl.int64)
     tok = slot // K_TOP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_j = tl.arange(0, SUB_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = dy_ptr + tok[:, None] * D + offs_k[None, :]
-    b_ptrs = w2_ptr + e.to(tl.int64) * D * F + offs_k[:, None] * F + offs_n[None, :]
-    bn_mask = (offs_n < F)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b0_ptrs = w2_ptr + e.to(tl.int64) * D * F + offs_k[:, None] * F + (n0 + offs_j)[None, :]
+    b1_ptrs = b0_ptrs + SUB_N
+    m0 = (n0 + offs_j < F)[None, :]
+    m1 = (n0 + SUB_N + offs_j < F)[None, :]
+    acc0 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BLOCK_K)):
         if EVEN_K:
             av = tl.load(a_ptrs)
-            bv = tl.load(b_ptrs, mask=bn_mask, other=0.0)
+            b0 = tl.load(b0_ptrs, mask=m0, other=0.0)
+            b1 = tl.load(b1_ptrs, mask=m1, other=0.0)
         else:
             km = offs_k < D - k * BLOCK_K
             av = tl.load(a_ptrs, mask=km[None, :], other=0.0)
-            bv = tl.load(b_ptrs, mask=km[:, None] & bn_mask, other=0.0)
-        acc = _dot(av, bv, acc, PREC)
+            b0 = tl.load(b0_ptrs, mask=km[:, None] & m0, other=0.0)
+            b1 = tl.load(b1_ptrs, mask=km[:, None] & m1, other=0.0)
+        acc0 = _dot(av, b0, acc0, PREC)
+        acc1 = _dot(av, b1, acc1, PREC)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * F
-    r64 = rows.to(tl.int64)
-    mask = (rows < end)[:, None] & (offs_n < F)[None, :]
-    g_in = gu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
-    g = tl.load(g_in, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(g_in + F, mask=mask, other=0.0).to(tl.float32)
+        b0_ptrs += BLOCK_K * F
+        b1_ptrs += BLOCK_K * F
     wv = tl.load(w_ptr + slot).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    act = silu * u
-    dwp = tl.sum(acc * act, 1)  # masked columns have g = u = 0, so act = 0 there
-    # dwp has one column per DWP_GRAN columns of F whatever BLOCK_N is; this tile writes all of
-    # its own (the sum into the first), so no zero-init and no stale values between configs.
-    NSUB: tl.constexpr = BLOCK_N // DWP_GRAN
-    sub = tl.arange(0, NSUB)
-    dwp_tile = tl.where(sub[None, :] == 0, dwp[:, None], 0.0)
-    tl.store(dwp_ptr + r64[:, None] * DWP_COLS + pid_n * NSUB + sub[None, :], dwp_tile,
-             mask=(rows < end)[:, None] & (pid_n * NSUB + sub < DWP_COLS)[None, :])
-    da = acc * wv[:, None]
-    dg = da * u * sig * (1.0 + g * (1.0 - sig))
-    du = da * silu
-    d_out = dgu_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
-    tl.store(d_out, dg.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_out + F, du.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(aw_ptr + r64[:, None] * F + offs_n[None, :], (act * wv[:, None]).to(aw_ptr.dtype.element_ty),
-             mask=mask)
+    _swiglu_bwd_tile(acc0, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
+                     BLOCK_M, SUB_N, DWP_GRAN)
+    _swiglu_bwd_tile(acc1, rows, end, start, n0 + SUB_N, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
+                     BLOCK_M, SUB_N, DWP_GRAN)
 
 
 @triton.jit
@@ -276,6 +303,30 @@ def _wgrad(a_ptr, b_ptr, out_ptr, perm_ptr, counts_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _sum_slots(src_ptr, out_ptr, T, D, K_TOP, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = sum_k src[t*K + k] (fp32 accumulate): the combine of forward outputs / dx slots."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (cols < D)[None, :]
+    src = src_ptr + (rows.to(tl.int64) * K_TOP)[:, None] * D + cols[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for _ in range(0, K_TOP):
+        acc += tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        src += D
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_slots(src_SD, T, K):
+    """[T*K, D] in slot order -> [T, D], summing each token's K slots."""
+    D = src_SD.shape[1]
+    out = src_SD.new_empty(T, D)
+    bt, bd = (4, 16) if INTERPRET else (4, 512)
+    _sum_slots[(triton.cdiv(T, bt), triton.cdiv(D, bd))](src_SD, out, T, D, K, BLOCK_T=bt, BLOCK_D=bd,
+                                                          **({} if INTERPRET else dict(num_warps=4)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Hopper configs (bf16 operands, fp32 accumulate; num_warps a multiple of 4 and BLOCK_M >= 64 so
 # Triton emits wgmma). Autotuned per (shape, tokens-per-expert bucket); the lists stay short
@@ -286,10 +337,14 @@ def _cfgs(*specs):
             for m, n, k, w, s in specs]
 
 
-GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
-ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))
-DOWN_BWD_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))
-WGRAD_CFGS = _cfgs((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4))
+# Measured on H100 (docs/kernels.md): every kernel sits near the same L2->SM traffic rate, so the
+# candidates are the largest tiles that fit the register file (128x256 outputs, or 128x2x128).
+GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 8, 4))
+ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+# down_bwd: BLOCK_N / 2 must be a multiple of DWP_GRAN (two accumulators of BLOCK_N / 2 columns).
+DOWN_BWD_CFGS = _cfgs((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 5))
+# num_stages 5: the row-index load inside the loop takes pipeline stages from the data loads.
+WGRAD_CFGS = _cfgs((128, 256, 64, 8, 5), (256, 128, 64, 8, 5), (128, 128, 64, 8, 5), (128, 128, 64, 4, 5))
 CONFIGS = {"gateup_fwd": GATEUP_CFGS, "down_fwd": ROWTILE_CFGS, "gateup_dx": ROWTILE_CFGS,
            "down_bwd": DOWN_BWD_CFGS, "wgrad": WGRAD_CFGS}
 
@@ -299,7 +354,7 @@ def _tuned(fn, cfgs, key):
 
 
 _TUNED = {
-    "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE_GU"]),
+    "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE_ST"]),
     "rowtile": _tuned(_rowtile_gemm, ROWTILE_CFGS, ["N", "KD", "TPE", "A_GATHER", "SCALE_W"]),
     "down_bwd": _tuned(_down_bwd, DOWN_BWD_CFGS, ["D", "F", "TPE"]),
     "wgrad": _tuned(_wgrad, WGRAD_CFGS, ["N1", "N2", "TPE", "A_GATHER"]),
@@ -310,6 +365,7 @@ _RAW = {"gateup_fwd": _gateup_fwd, "rowtile": _rowtile_gemm, "down_bwd": _down_b
 # fp32 is the exactness path (tests, references), not a speed path: one config that fits in
 # shared memory at 4 bytes an element, no tuning.
 FP32_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=2)
+FP32_DOWN_BWD_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), num_warps=4, num_stages=2)
 # {kernel name: Config} to bypass autotuning (the GPU check uses it to test every config).
 FORCE_CONFIG: dict = {}
 # Column granularity of the partial routing-weight grads of down_bwd (the smallest BLOCK_N used).
@@ -324,13 +380,16 @@ def _launch(name, grid_fn, args, kwargs, config=None):
     """Run kernel `name`: with `config` (a triton.Config, for sweeps), autotuned, or interpreted."""
     config = config or FORCE_CONFIG.get(name)
     if config is None and not INTERPRET and args[0].dtype.itemsize == 4:
-        config = FP32_CFG
+        config = FP32_DOWN_BWD_CFG if name == "down_bwd" else FP32_CFG
+    if name == "down_bwd":
+        kwargs = dict(kwargs, DWP_GRAN=DWP_GRAN)
     if config is not None:
         meta = dict(config.kwargs)
         return _RAW[name][grid_fn(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
                                          num_stages=config.num_stages)
     if INTERPRET:
-        return _RAW[name][grid_fn(_INTERP_CFG)](*args, **kwargs, **_INTERP_CFG)
+        meta = dict(_INTERP_CFG, BLOCK_N=2 * DWP_GRAN) if name == "down_bwd" else _INTERP_CFG
+        return _RAW[name][grid_fn(meta)](*args, **kwargs, **meta)
     return _TUNED[name][grid_fn](*args, **kwargs)
 
 
@@ -342,14 +401,14 @@ def _common(E, tpe, dtype_is_fp32):
     return dict(E_P2=triton.next_power_of_2(E), PREC="ieee" if dtype_is_fp32 else "tf32")
 
 
-def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, gu_S2F, config=None):
-    """a_SF[s] = silu(g) * u with [g|u] = x[tok(s)] @ W13_e^T; also stores g|u when gu_S2F is given."""
+def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, config=None):
+    """a_SF[s] = silu(g) * u with [g|u] = x[tok(s)] @ W13_e^T; with st_S2F also s|t for backward."""
     E, twoF, D = w13_E2FD.shape
     F_ = twoF // 2
     S = perm_S.shape[0]
-    save = gu_S2F is not None
-    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE_GU=save, **_common(E, tpe, x_TD.dtype.itemsize == 4))
-    args = (x_TD, w13_E2FD, perm_S, counts_E, gu_S2F if save else a_SF, a_SF, D, F_, K, E, tpe)
+    save = st_S2F is not None
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE_ST=save, **_common(E, tpe, x_TD.dtype.itemsize == 4))
+    args = (x_TD, w13_E2FD, perm_S, counts_E, st_S2F if save else a_SF, a_SF, D, F_, K, E, tpe)
     return _launch("gateup_fwd", _row_grid(S, E, F_), args, kw, config)
 
 
@@ -363,12 +422,12 @@ def rowtile(a, b_EXX, out_SN, perm_S, counts_E, w_S, K, tpe, *, n, kd, a_gather,
     return _launch("rowtile", _row_grid(S, E, n), args, kw, config)
 
 
-def down_bwd(dy_TD, w2_EDF, gu_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, config=None):
-    """dSwiGLU, aw = w * a and per-column-tile partial routing-weight grads (see _down_bwd)."""
+def down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, config=None):
+    """dSwiGLU, aw = w * a and per-column-block partial routing-weight grads (see _down_bwd)."""
     E, D, F_ = w2_EDF.shape
     S = perm_S.shape[0]
-    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, DWP_GRAN=DWP_GRAN, **_common(E, tpe, dy_TD.dtype.itemsize == 4))
-    args = (dy_TD, w2_EDF, gu_S2F, perm_S, counts_E, w_S, dgu_S2F, aw_SF, dwp_SC, D, F_, K, E, tpe,
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, **_common(E, tpe, dy_TD.dtype.itemsize == 4))
+    args = (dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, dgu_S2F, aw_SF, dwp_SC, D, F_, K, E, tpe,
             dwp_SC.shape[1])
     return _launch("down_bwd", _row_grid(S, E, F_), args, kw, config)
 

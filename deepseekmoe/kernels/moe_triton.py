@@ -6,13 +6,15 @@ deepseekmoe.moe.experts.experts_loop (its reference twin). Data flow:
   forward   perm_S, counts_E = sort of the T*K slots by expert (device only, no host sync)
             gateup_fwd: a_SF (and g|u saved for backward)   down_fwd: y_slot = w * (a @ W2^T)
             y_TD = sum over the K slots of each token (one reduction, fp32 accumulate)
-  backward  down_bwd: dg|du, aw = w*a, dw (via dw_s = <dy_tok, W2_e a_s> = <dA'_s, a_s>, so y is
-            never stored)   wgrad: dW2 = dy_tok^T aw, dW13 = dgu^T x_tok   gateup_dx: dx slots,
+  backward  down_bwd: dg|du = dA' w t | dA' w s, aw = w*a, dw (via dw_s = <dy_tok, W2_e a_s> =
+            <dA'_s, a_s>, so y is never stored)   wgrad: dW2 = dy_tok^T aw, dW13 = dgu^T x_tok   gateup_dx: dx slots,
             summed over K
 
-Saved for backward: g|u [S, 2F] in the compute dtype plus the routing metadata; grouped keeps
-the permuted x, g|u, silu(g), a and the permuted outputs. Both ops are torch.library custom ops
-with a fake (meta) implementation, so torch.compile keeps them in one graph.
+Saved for backward: a = silu(g) u [S, F] and s|t = silu(g) | u silu'(g) [S, 2F] in the compute
+dtype (the forward epilogue has g and u in registers; the backward then needs only products),
+plus the routing metadata; grouped keeps the permuted x, g|u, silu(g), a and permuted outputs.
+Both ops are torch.library custom ops with a fake (meta) implementation, so torch.compile keeps
+them in one graph.
 
 Shape legend: T tokens, K experts per token, S = T*K slots, E experts, D hidden, F expert width.
 """
@@ -50,36 +52,39 @@ def forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K: int, save: bo
     S = perm_S.shape[0]
     tpe = tpe_bucket(S, E)
     a_SF = x_TD.new_empty(S, F_)
-    gu_S2F = x_TD.new_empty(S, twoF) if save else None
-    mk.gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, gu_S2F, config=configs.get("gateup_fwd"))
+    st_S2F = x_TD.new_empty(S, twoF) if save else None
+    mk.gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, config=configs.get("gateup_fwd"))
     y_SD = x_TD.new_empty(S, D)  # slot order (t*K + k)
     mk.rowtile(a_SF, w2_EDF, y_SD, perm_S, counts_E, w_S, K, tpe, n=D, kd=F_, a_gather=False, b_kmajor=True,
                config=configs.get("down_fwd"))
-    y_TD = y_SD.view(T, K, D).sum(1, dtype=torch.float32).to(x_TD.dtype)
-    return y_TD, (gu_S2F if save else x_TD.new_empty(0))
+    y_TD = mk.sum_slots(y_SD, T, K)
+    empty = x_TD.new_empty(0)
+    return y_TD, (a_SF if save else empty), (st_S2F if save else empty)
 
 
-def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F, K: int, configs=None):
+def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K: int, configs=None):
     configs = configs or {}
     T, D = x_TD.shape
     E, twoF, _ = w13_E2FD.shape
     F_ = twoF // 2
     S = perm_S.shape[0]
     tpe = tpe_bucket(S, E)
-    dgu_S2F = torch.empty_like(gu_S2F)
+    dgu_S2F = torch.empty_like(st_S2F)
     aw_SF = x_TD.new_empty(S, F_)
     dwp_SC = torch.empty(S, mk.dwp_cols(F_), dtype=torch.float32, device=x_TD.device)
-    mk.down_bwd(dy_TD, w2_EDF, gu_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC,
+    mk.down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC,
                 config=configs.get("down_bwd"))
+    # Order chosen for peak memory: each temporary is freed before the next large one appears.
     dw2 = torch.empty_like(w2_EDF)
     mk.wgrad(dy_TD, aw_SF, dw2, perm_S, counts_E, K, tpe, a_gather=True, config=configs.get("wgrad_w2"))
     del aw_SF
-    dw13 = torch.empty_like(w13_E2FD)
-    mk.wgrad(dgu_S2F, x_TD, dw13, perm_S, counts_E, K, tpe, a_gather=False, config=configs.get("wgrad_w13"))
     dx_SD = x_TD.new_empty(S, D)  # slot order
     mk.rowtile(dgu_S2F, w13_E2FD, dx_SD, perm_S, counts_E, None, K, tpe, n=D, kd=twoF, a_gather=False,
                b_kmajor=False, config=configs.get("gateup_dx"))
-    dx_TD = dx_SD.view(T, K, D).sum(1, dtype=torch.float32).to(x_TD.dtype)
+    dx_TD = mk.sum_slots(dx_SD, T, K)
+    del dx_SD
+    dw13 = torch.empty_like(w13_E2FD)
+    mk.wgrad(dgu_S2F, x_TD, dw13, perm_S, counts_E, K, tpe, a_gather=False, config=configs.get("wgrad_w13"))
     dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
     dw_S.scatter_(0, perm_S.to(torch.int64), dwp_SC.sum(1))
     return dx_TD, dw_S.to(w_S.dtype), dw13, dw2
@@ -91,25 +96,26 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F, 
 @torch.library.custom_op("deepseekmoe::moe_experts_fwd", mutates_args=())
 def moe_experts_fwd(x_TD: torch.Tensor, w_S: torch.Tensor, perm_S: torch.Tensor, counts_E: torch.Tensor,
                     w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, K: int,
-                    save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save)
 
 
 @moe_experts_fwd.register_fake
 def _(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save):
-    S = perm_S.shape[0]
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty((S, w13_E2FD.shape[1]) if save else (0,))
+    S, twoF = perm_S.shape[0], w13_E2FD.shape[1]
+    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty((S, twoF // 2) if save else (0,)),
+            x_TD.new_empty((S, twoF) if save else (0,)))
 
 
 @torch.library.custom_op("deepseekmoe::moe_experts_bwd", mutates_args=())
 def moe_experts_bwd(dy_TD: torch.Tensor, x_TD: torch.Tensor, w_S: torch.Tensor, perm_S: torch.Tensor,
-                    counts_E: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, gu_S2F: torch.Tensor,
-                    K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F, K)
+                    counts_E: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, a_SF: torch.Tensor,
+                    st_S2F: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K)
 
 
 @moe_experts_bwd.register_fake
-def _(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F, K):
+def _(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K):
     return (x_TD.new_empty(x_TD.shape), w_S.new_empty(w_S.shape), w13_E2FD.new_empty(w13_E2FD.shape),
             w2_EDF.new_empty(w2_EDF.shape))
 
@@ -117,15 +123,20 @@ def _(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F, K):
 def _setup_context(ctx, inputs, output):
     x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save = inputs
     ctx.K = K
-    ctx.save_for_backward(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, output[1])
+    # a and s|t are saved tensors, not results: no zero-filled grads for them (830 MB at 16B/16K).
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, output[1], output[2])
 
 
-def _backward(ctx, dy_TD, _dgu):
-    x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, gu_S2F = ctx.saved_tensors
-    if gu_S2F.numel() == 0 and perm_S.numel() > 0:
+def _backward(ctx, dy_TD, _da, _dst):
+    x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F = ctx.saved_tensors
+    if dy_TD is None:
+        return None, None, None, None, None, None, None, None
+    if st_S2F.numel() == 0 and perm_S.numel() > 0:
         raise RuntimeError("moe_experts_fwd ran with save=False (no grad was needed) but backward was called")
     dx, dw, dw13, dw2 = moe_experts_bwd(dy_TD.contiguous(), x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF,
-                                        gu_S2F, ctx.K)
+                                        a_SF, st_S2F, ctx.K)
     return dx, dw, None, None, dw13, dw2, None, None
 
 
@@ -144,5 +155,5 @@ def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     perm_S, counts_E = routing_metadata(idx_TK, E)
     save = torch.is_grad_enabled() and (x_TD.requires_grad or w_S.requires_grad or w13.requires_grad
                                         or w2.requires_grad)
-    y_TD, _ = moe_experts_fwd(x_TD, w_S, perm_S, counts_E, w13, w2, K, save)
+    y_TD, _, _ = moe_experts_fwd(x_TD, w_S, perm_S, counts_E, w13, w2, K, save)
     return y_TD
