@@ -15,9 +15,10 @@ Figures: median step time over --steps timed steps (CUDA events) after --warmup 
 include compilation); tokens/s = tokens per step / median step time; MFU = flops_per_token(seq)
 x tokens/s / peak, with the paper's FLOP convention (docs/accounting.md: 3x forward, attention
 scores counted) and 989 TFLOP/s dense bf16 for H100/H200 SXM.
-Profile: torch.profiler over 3 steps of each case; kernel time (self device time of each aten op)
-grouped into attention, expert GEMMs, dense GEMMs, routing + permutation, loss (head softmax),
-optimizer + clipping, elementwise / norms / casts, compiled (Inductor) kernels.
+Profile: torch.profiler over 3 steps of each case; every CUDA kernel counted once and grouped by
+its name into attention, expert GEMMs (CUTLASS grouped GEMM), dense GEMMs (cuBLAS/CUTLASS),
+routing + permutation (sort, top-k, scan, index/gather/scatter), loss (head softmax), optimizer +
+clipping, compiled (Inductor/Triton) kernels, and elementwise / norms / casts (the rest).
 Results are written to JSON after every case, so a run cut short still reports what it finished.
 """
 
@@ -49,20 +50,36 @@ CASES = {
 SMOKE = {"tiny": dict(preset="tiny", overrides={}, seq_len=128, batch=4)}
 ANCHOR = {"case": "deepseekmoe-16b-4l", "tokens_per_s": 16400, "mfu": 0.062,
           "what": "released reference code, one H100, 2 x 4096 tokens, bf16, fused AdamW"}
-T0 = time.time()
-RESULTS: dict = {"anchor": ANCHOR, "cases": [], "profiles": {}, "errors": {}}
-
-CATEGORIES = [  # (category, substrings of the aten op name), first match wins
-    ("attention", ("flash", "attention", "sdpa", "_efficient_attention", "cudnn_attention")),
+OP_CATEGORIES = [  # CPU smoke mode: (category, substrings of the aten op name), first match wins
+    ("attention", ("flash", "attention", "sdpa")),
     ("expert GEMMs", ("grouped_mm",)),
-    ("optimizer + clipping", ("adam", "_foreach", "clip_grad", "_amp_foreach")),
+    ("optimizer + clipping", ("adam", "_foreach", "addcdiv", "lerp")),
     ("loss (head softmax)", ("log_softmax", "nll_loss", "cross_entropy")),
     ("dense GEMMs", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")),
     ("routing + permutation", ("topk", "sort", "scatter", "gather", "aten::index", "index_put", "index_select",
                                "cumsum", "softmax", "nonzero", "bincount", "repeat_interleave", "aten::bmm",
                                "embedding")),
-    ("compiled (Inductor) kernels", ("triton", "compiled", "inductor")),
 ]
+KERNEL_CATEGORIES = [  # GPU: (category, substrings of the CUDA kernel name), first match wins
+    ("expert GEMMs", ("groupproblemshape", "ptrarray", "grouped")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("optimizer + clipping", ("fusedadam", "adam", "multi_tensor_apply", "lpnorm")),
+    ("compiled (Inductor) kernels", ("triton_",)),
+    ("dense GEMMs", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+    ("routing + permutation", ("radix", "sort", "topk", "scan", "index", "scatter", "gather", "histogram",
+                               "cumsum")),
+    ("loss (head softmax)", ("softmax", "nll", "cross_entropy")),
+]
+T0 = time.time()
+RESULTS: dict = {"anchor": ANCHOR, "cases": [], "profiles": {}, "errors": {}}
+
+
+def category(name: str, table=OP_CATEGORIES) -> str:
+    low = name.lower()
+    for cat, keys in table:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise / norms / casts"
 
 
 def log(msg: str) -> None:
@@ -73,14 +90,6 @@ def save(path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(RESULTS, indent=2, default=str))
-
-
-def category(name: str) -> str:
-    low = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in low for k in keys):
-            return cat
-    return "elementwise / norms / casts"
 
 
 class Case:
@@ -193,9 +202,8 @@ def time_case(case: Case, warmup: int, steps: int) -> dict:
 
 
 def profile_case(case: Case, steps: int = 3) -> dict:
-    """Kernel time per step by category. Each kernel is counted once, under the aten op that
-    launched it (self device time of CPU-side ops; user annotations such as Optimizer.step and
-    the kernels' own device-side entries are skipped so nothing is counted twice)."""
+    """Where the time goes. GPU: every CUDA kernel counted once, by its name (the sum is the
+    GPU's busy time); CPU: self time of each aten op."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -209,28 +217,24 @@ def profile_case(case: Case, steps: int = 3) -> dict:
         sync(case.device)
     cats: dict[str, float] = {}
     ops = []
-    kernel_total = 0.0
     for ev in prof.key_averages():
-        if cuda and ev.device_type == DeviceType.CUDA:
-            kernel_total += ev.self_device_time_total
-            continue
-        if getattr(ev, "is_user_annotation", False) or ev.key.startswith(("Optimizer.", "ProfilerStep")):
-            continue
-        t = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if cuda:
+            if ev.device_type != DeviceType.CUDA:
+                continue
+            t, cat = ev.self_device_time_total, category(ev.key, KERNEL_CATEGORIES)
+        else:
+            t, cat = ev.self_cpu_time_total, category(ev.key)
         if t <= 0:
             continue
-        cats[category(ev.key)] = cats.get(category(ev.key), 0.0) + t
-        ops.append((ev.key, t))
-    attributed = sum(cats.values())
-    if cuda and kernel_total > attributed:
-        cats["not attributed to an op"] = kernel_total - attributed
+        cats[cat] = cats.get(cat, 0.0) + t
+        ops.append((ev.key, t, cat))
     total = sum(cats.values()) or 1.0
     ops.sort(key=lambda kv: -kv[1])
-    return {"unit": "kernel time per step" if cuda else "CPU time per step",
+    return {"unit": "GPU kernel time per step" if cuda else "CPU time per step",
             "total_ms_per_step": total / steps / 1e3,
             "categories": {k: {"us_per_step": v / steps, "share": v / total}
                            for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top_ops": [{"op": k, "us_per_step": v / steps, "category": category(k)} for k, v in ops[:15]]}
+            "top": [{"name": k, "us_per_step": v / steps, "category": c} for k, v, c in ops[:20]]}
 
 
 def run_case(name, spec, device, args, compile_):
@@ -274,7 +278,8 @@ def print_tables():
         print(f"\nwhere the time goes: {label} ({prof['unit']}, {prof['total_ms_per_step']:.1f} ms)")
         for cat, v in prof["categories"].items():
             print(f"  {cat:<30}{v['us_per_step'] / 1e3:>10.1f} ms{100 * v['share']:>7.1f}%")
-        print("  top ops: " + "; ".join(f"{o['op'][:60]} {o['us_per_step'] / 1e3:.1f} ms" for o in prof["top_ops"][:8]))
+        for o in prof["top"][:8]:
+            print(f"    {o['us_per_step'] / 1e3:8.2f} ms  {o['category']:<28} {o['name'][:90]}")
     for k, v in RESULTS["errors"].items():
         print(f"error: {k}: {v}")
 
