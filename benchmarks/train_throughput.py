@@ -219,7 +219,10 @@ def profile_case(case: Case, steps: int = 3) -> dict:
     ops = []
     for ev in prof.key_averages():
         if cuda:
-            if ev.device_type != DeviceType.CUDA:
+            # GPU-side ranges of record_function annotations (e.g. Optimizer.step#AdamW.step)
+            # span kernels that are listed themselves: skip them.
+            if ev.device_type != DeviceType.CUDA or getattr(ev, "is_user_annotation", False) \
+                    or ev.key.startswith(("Optimizer.", "ProfilerStep")):
                 continue
             t, cat = ev.self_device_time_total, category(ev.key, KERNEL_CATEGORIES)
         else:
