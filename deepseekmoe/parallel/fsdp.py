@@ -89,14 +89,13 @@ def grad_norm(parameters, group=None) -> torch.Tensor:
     """L2 norm of all gradients of a model laid out by parallelize(): local sums of squares,
     summed over `group` (default: all ranks; each element lives on exactly one rank per stage and
     stages hold disjoint layers). In a single process it is torch's usual total norm."""
-    grads = [_local(p.grad) for p in parameters if p.grad is not None]
+    params = list(parameters)
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     if grads:
         sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    else:
-        sq = torch.zeros((), dtype=torch.float32)
+    else:  # still join the all-reduce (on the parameters' device: NCCL needs GPU tensors)
+        sq = torch.zeros((), dtype=torch.float32, device=_local(params[0]).device if params else None)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        if grads:
-            sq = sq.to(grads[0].device)
         dist.all_reduce(sq, group=group)
     return sq.sqrt()
 
@@ -106,8 +105,9 @@ def clip_grad_norm_(parameters, max_norm: float, group=None) -> torch.Tensor:
     """Clip gradients in place to global norm `max_norm` (0 disables clipping); returns the norm
     before clipping. Same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm /
     (norm + 1e-6), capped at 1), for gradients sharded over different meshes."""
-    params = [p for p in parameters if p.grad is not None]
-    total = grad_norm(params, group)
+    everything = list(parameters)
+    total = grad_norm(everything, group)
+    params = [p for p in everything if p.grad is not None]
     if max_norm and max_norm > 0:  # no host sync: a non-finite norm makes non-finite grads
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:
