@@ -60,8 +60,10 @@ def _expert_rows(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 @triton.jit
 def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, st_ptr, a_ptr,
                 D, F, K_TOP, E, TPE,
-                E_P2: tl.constexpr, SAVE_ST: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                E_P2: tl.constexpr, SAVE: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a = silu(g) * u, [g|u] = x[tok(s)] @ W13_e^T; saves for backward (SAVE): 0 nothing,
+    1 g|u (SAVE_GU), 2 s|t = silu(g) | u silu'(g) (SAVE_AST, with a kept by the caller)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
     pid_m = pid // n_tiles
@@ -101,10 +103,13 @@ def _gateup_fwd(x_ptr, w13_ptr, perm_ptr, counts_ptr, st_ptr, a_ptr,
     r64 = rows.to(tl.int64)
     mask = (rows < end)[:, None] & (offs_n < F)[None, :]
     tl.store(a_ptr + r64[:, None] * F + offs_n[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
-    if SAVE_ST:
+    st_out = st_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
+    if SAVE == 1:
+        tl.store(st_out, acc_g.to(st_ptr.dtype.element_ty), mask=mask)
+        tl.store(st_out + F, acc_u.to(st_ptr.dtype.element_ty), mask=mask)
+    if SAVE == 2:
         # The backward's SwiGLU factors while g and u are in registers: s = silu(g) and
         # t = u silu'(g) = u sig (1 + g (1 - sig)) = sig (u - a) + a.
-        st_out = st_ptr + r64[:, None] * (2 * F) + offs_n[None, :]
         tl.store(st_out, silu.to(st_ptr.dtype.element_ty), mask=mask)
         tl.store(st_out + F, (sig * (acc_u - act) + act).to(st_ptr.dtype.element_ty), mask=mask)
 
@@ -170,11 +175,11 @@ def _rowtile_gemm(a_ptr, b_ptr, out_ptr, perm_ptr, counts_ptr, w_ptr,
 
 @triton.jit
 def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
-                     BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, DWP_GRAN: tl.constexpr):
+                     BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, DWP_GRAN: tl.constexpr, SAVE: tl.constexpr):
     """SwiGLU backward of one [BLOCK_M, SUB_N] column block of dA' (see _down_bwd).
 
-    Only products with saved factors: a = silu(g) u, s = silu(g), t = u silu'(g) (stored by the
-    forward epilogue, where g and u were in registers), so no transcendental and few temporaries.
+    SAVE 1: recompute s = silu(g), t = u silu'(g), a = s u from the saved g|u. SAVE 2: products
+    with the saved a and s|t only (no transcendental, fewer live temporaries, 1.5x the memory).
     """
     offs_n = n0 + tl.arange(0, SUB_N)
     mask = (rows < end)[:, None] & (offs_n < F)[None, :]
@@ -182,8 +187,16 @@ def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_p
     loc2 = tl.arange(0, BLOCK_M)[:, None] * (2 * F) + offs_n[None, :]
     loc1 = tl.arange(0, BLOCK_M)[:, None] * F + offs_n[None, :]
     row0 = start.to(tl.int64)
-    act = tl.load(a_ptr + row0 * F + loc1, mask=mask, other=0.0).to(tl.float32)
-    dwp = tl.sum(acc * act, 1)  # masked columns load a = 0
+    if SAVE == 1:
+        g = tl.load(st_ptr + row0 * (2 * F) + loc2, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(st_ptr + row0 * (2 * F) + F + loc2, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        s_f = g * sig
+        act = s_f * u
+        t_f = sig * (u - act) + act
+    else:
+        act = tl.load(a_ptr + row0 * F + loc1, mask=mask, other=0.0).to(tl.float32)
+    dwp = tl.sum(acc * act, 1)  # masked columns have a = 0
     # dwp has one column per DWP_GRAN columns of F whatever the tile shape: this block writes all
     # of its own (the sum into the first, zeros after), so no zero-init and no stale values.
     NSUB: tl.constexpr = SUB_N // DWP_GRAN
@@ -193,9 +206,11 @@ def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_p
              mask=(rows < end)[:, None] & (sub < DWP_COLS)[None, :])
     tl.store(aw_ptr + row0 * F + loc1, (act * wv[:, None]).to(aw_ptr.dtype.element_ty), mask=mask)
     da = acc * wv[:, None]
-    s_f = tl.load(st_ptr + row0 * (2 * F) + loc2, mask=mask, other=0.0).to(tl.float32)
+    if SAVE == 2:
+        s_f = tl.load(st_ptr + row0 * (2 * F) + loc2, mask=mask, other=0.0).to(tl.float32)
     tl.store(dgu_ptr + row0 * (2 * F) + F + loc2, (da * s_f).to(dgu_ptr.dtype.element_ty), mask=mask)
-    t_f = tl.load(st_ptr + row0 * (2 * F) + F + loc2, mask=mask, other=0.0).to(tl.float32)
+    if SAVE == 2:
+        t_f = tl.load(st_ptr + row0 * (2 * F) + F + loc2, mask=mask, other=0.0).to(tl.float32)
     tl.store(dgu_ptr + row0 * (2 * F) + loc2, (da * t_f).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
@@ -203,11 +218,11 @@ def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_p
 def _down_bwd(dy_ptr, w2_ptr, a_ptr, st_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_ptr, dwp_ptr,
               D, F, K_TOP, E, TPE, DWP_COLS,
               E_P2: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, DWP_GRAN: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dA'_s = dy[tok(s)] @ W2_e (unweighted grad of a), then the whole SwiGLU backward in registers.
 
     dw_s = <dA'_s, a_s> (partial over this column block), da = w_s dA', dg = da u silu'(g),
-    du = da silu(g), aw = w_s a (the left operand of dW2), from the forward's saved a and s|t.
+    du = da silu(g), aw = w_s a (the left operand of dW2), from what the forward saved (SAVE).
     The BLOCK_N columns are two accumulators of BLOCK_N / 2 columns each, so the register-hungry
     epilogue runs on half a tile at a time (a whole-tile epilogue spilled heavily).
     """
@@ -251,9 +266,9 @@ def _down_bwd(dy_ptr, w2_ptr, a_ptr, st_ptr, perm_ptr, counts_ptr, w_ptr, dgu_pt
         b1_ptrs += BLOCK_K * F
     wv = tl.load(w_ptr + slot).to(tl.float32)
     _swiglu_bwd_tile(acc0, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
-                     BLOCK_M, SUB_N, DWP_GRAN)
+                     BLOCK_M, SUB_N, DWP_GRAN, SAVE)
     _swiglu_bwd_tile(acc1, rows, end, start, n0 + SUB_N, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
-                     BLOCK_M, SUB_N, DWP_GRAN)
+                     BLOCK_M, SUB_N, DWP_GRAN, SAVE)
 
 
 @triton.jit
@@ -354,9 +369,9 @@ def _tuned(fn, cfgs, key):
 
 
 _TUNED = {
-    "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE_ST"]),
+    "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE"]),
     "rowtile": _tuned(_rowtile_gemm, ROWTILE_CFGS, ["N", "KD", "TPE", "A_GATHER", "SCALE_W"]),
-    "down_bwd": _tuned(_down_bwd, DOWN_BWD_CFGS, ["D", "F", "TPE"]),
+    "down_bwd": _tuned(_down_bwd, DOWN_BWD_CFGS, ["D", "F", "TPE", "SAVE"]),
     "wgrad": _tuned(_wgrad, WGRAD_CFGS, ["N1", "N2", "TPE", "A_GATHER"]),
 }
 _RAW = {"gateup_fwd": _gateup_fwd, "rowtile": _rowtile_gemm, "down_bwd": _down_bwd, "wgrad": _wgrad}
@@ -378,9 +393,9 @@ def dwp_cols(F_: int) -> int:
 
 def _launch(name, grid_fn, args, kwargs, config=None):
     """Run kernel `name`: with `config` (a triton.Config, for sweeps), autotuned, or interpreted."""
-    config = config or FORCE_CONFIG.get(name)
     if config is None and not INTERPRET and args[0].dtype.itemsize == 4:
         config = FP32_DOWN_BWD_CFG if name == "down_bwd" else FP32_CFG
+    config = config or FORCE_CONFIG.get(name)
     if name == "down_bwd":
         kwargs = dict(kwargs, DWP_GRAN=DWP_GRAN)
     if config is not None:
@@ -401,13 +416,12 @@ def _common(E, tpe, dtype_is_fp32):
     return dict(E_P2=triton.next_power_of_2(E), PREC="ieee" if dtype_is_fp32 else "tf32")
 
 
-def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, config=None):
-    """a_SF[s] = silu(g) * u with [g|u] = x[tok(s)] @ W13_e^T; with st_S2F also s|t for backward."""
+def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, save=0, config=None):
+    """a_SF[s] = silu(g) * u with [g|u] = x[tok(s)] @ W13_e^T; st_S2F gets g|u (save=1) or s|t (2)."""
     E, twoF, D = w13_E2FD.shape
     F_ = twoF // 2
     S = perm_S.shape[0]
-    save = st_S2F is not None
-    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE_ST=save, **_common(E, tpe, x_TD.dtype.itemsize == 4))
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE=save, **_common(E, tpe, x_TD.dtype.itemsize == 4))
     args = (x_TD, w13_E2FD, perm_S, counts_E, st_S2F if save else a_SF, a_SF, D, F_, K, E, tpe)
     return _launch("gateup_fwd", _row_grid(S, E, F_), args, kw, config)
 
@@ -422,13 +436,15 @@ def rowtile(a, b_EXX, out_SN, perm_S, counts_E, w_S, K, tpe, *, n, kd, a_gather,
     return _launch("rowtile", _row_grid(S, E, n), args, kw, config)
 
 
-def down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, config=None):
-    """dSwiGLU, aw = w * a and per-column-block partial routing-weight grads (see _down_bwd)."""
+def down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, save,
+             config=None):
+    """dSwiGLU, aw = w * a and per-column-block partial routing-weight grads (see _down_bwd);
+    st_S2F holds g|u (save=1, a_SF unused) or s|t (save=2)."""
     E, D, F_ = w2_EDF.shape
     S = perm_S.shape[0]
-    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, **_common(E, tpe, dy_TD.dtype.itemsize == 4))
-    args = (dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, dgu_S2F, aw_SF, dwp_SC, D, F_, K, E, tpe,
-            dwp_SC.shape[1])
+    kw = dict(EVEN_K=D % 64 == 0 and not INTERPRET, SAVE=save, **_common(E, tpe, dy_TD.dtype.itemsize == 4))
+    args = (dy_TD, w2_EDF, a_SF if save == 2 else st_S2F, st_S2F, perm_S, counts_E, w_S, dgu_S2F, aw_SF, dwp_SC,
+            D, F_, K, E, tpe, dwp_SC.shape[1])
     return _launch("down_bwd", _row_grid(S, E, F_), args, kw, config)
 
 

@@ -21,10 +21,18 @@ Shape legend: T tokens, K experts per token, S = T*K slots, E experts, D hidden,
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as Fn
 import triton
 
 from . import moe_kernels as mk
+
+# What the forward saves for backward: 1 = g|u [S, 2F] (backward recomputes silu; least memory),
+# 2 = a [S, F] + s|t [S, 2F] (backward epilogue is products only; 1.5x the memory). The default
+# is set from the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_SAVE=gu|ast overrides it.
+SAVE_MODE = {"gu": 1, "ast": 2}[os.environ.get("DEEPSEEKMOE_MOE_SAVE", "gu")]
 
 
 def routing_metadata(idx_TK: torch.Tensor, n_experts: int):
@@ -44,7 +52,7 @@ def tpe_bucket(n_slots: int, n_experts: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Raw computations (also used by scripts/gpu_kernels_check.py to time each stage).
 
-def forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K: int, save: bool, configs=None):
+def forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K: int, save: int, configs=None):
     configs = configs or {}
     T, D = x_TD.shape
     E, twoF, _ = w13_E2FD.shape
@@ -53,13 +61,13 @@ def forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K: int, save: bo
     tpe = tpe_bucket(S, E)
     a_SF = x_TD.new_empty(S, F_)
     st_S2F = x_TD.new_empty(S, twoF) if save else None
-    mk.gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, config=configs.get("gateup_fwd"))
+    mk.gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, save, config=configs.get("gateup_fwd"))
     y_SD = x_TD.new_empty(S, D)  # slot order (t*K + k)
     mk.rowtile(a_SF, w2_EDF, y_SD, perm_S, counts_E, w_S, K, tpe, n=D, kd=F_, a_gather=False, b_kmajor=True,
                config=configs.get("down_fwd"))
     y_TD = mk.sum_slots(y_SD, T, K)
     empty = x_TD.new_empty(0)
-    return y_TD, (a_SF if save else empty), (st_S2F if save else empty)
+    return y_TD, (a_SF if save == 2 else empty), (st_S2F if save else empty)
 
 
 def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K: int, configs=None):
@@ -69,10 +77,11 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
     F_ = twoF // 2
     S = perm_S.shape[0]
     tpe = tpe_bucket(S, E)
+    save = 2 if a_SF.numel() else 1
     dgu_S2F = torch.empty_like(st_S2F)
     aw_SF = x_TD.new_empty(S, F_)
     dwp_SC = torch.empty(S, mk.dwp_cols(F_), dtype=torch.float32, device=x_TD.device)
-    mk.down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC,
+    mk.down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, save,
                 config=configs.get("down_bwd"))
     # Order chosen for peak memory: each temporary is freed before the next large one appears.
     dw2 = torch.empty_like(w2_EDF)
@@ -96,14 +105,14 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
 @torch.library.custom_op("deepseekmoe::moe_experts_fwd", mutates_args=())
 def moe_experts_fwd(x_TD: torch.Tensor, w_S: torch.Tensor, perm_S: torch.Tensor, counts_E: torch.Tensor,
                     w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, K: int,
-                    save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    save: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save)
 
 
 @moe_experts_fwd.register_fake
 def _(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save):
     S, twoF = perm_S.shape[0], w13_E2FD.shape[1]
-    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty((S, twoF // 2) if save else (0,)),
+    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty((S, twoF // 2) if save == 2 else (0,)),
             x_TD.new_empty((S, twoF) if save else (0,)))
 
 
@@ -134,7 +143,7 @@ def _backward(ctx, dy_TD, _da, _dst):
     if dy_TD is None:
         return None, None, None, None, None, None, None, None
     if st_S2F.numel() == 0 and perm_S.numel() > 0:
-        raise RuntimeError("moe_experts_fwd ran with save=False (no grad was needed) but backward was called")
+        raise RuntimeError("moe_experts_fwd ran with save=0 (no grad was needed) but backward was called")
     dx, dw, dw13, dw2 = moe_experts_bwd(dy_TD.contiguous(), x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF,
                                         a_SF, st_S2F, ctx.K)
     return dx, dw, None, None, dw13, dw2, None, None
@@ -143,17 +152,30 @@ def _backward(ctx, dy_TD, _da, _dst):
 moe_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _pad_aligned(x_TD, w13, w2):
+    """Zero-pad D and F to 16-byte rows (e.g. the 2B preset's F = 854): the kernels' row loads are
+    then 16-byte vectors. Exact (padded gate/up rows give g = u = 0, so a = 0), and autograd
+    slices the gradients back; a no-op for aligned shapes."""
+    align = 16 // x_TD.element_size()
+    E, twoF, D = w13.shape
+    F_ = twoF // 2
+    pd, pf = (-D) % align, (-F_) % align
+    if not (pd or pf):
+        return x_TD, w13, w2
+    w13 = torch.cat([Fn.pad(w13[:, :F_], (0, pd, 0, pf)), Fn.pad(w13[:, F_:], (0, pd, 0, pf))], 1)
+    return Fn.pad(x_TD, (0, pd)), w13, Fn.pad(w2, (0, pf, 0, pd))
+
+
 def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     """Fused Triton routed experts; same signature and result as experts_loop."""
     T, K = idx_TK.shape
-    E = w13_E2FD.shape[0]
+    E, _, D = w13_E2FD.shape
     dtype = x_TD.dtype
-    x_TD = x_TD.contiguous()
-    w13 = w13_E2FD.to(dtype).contiguous()
-    w2 = w2_EDF.to(dtype).contiguous()
+    x_TD, w13, w2 = _pad_aligned(x_TD.contiguous(), w13_E2FD.to(dtype), w2_EDF.to(dtype))
+    w13, w2 = w13.contiguous(), w2.contiguous()
     w_S = w_TK.reshape(-1).contiguous()
     perm_S, counts_E = routing_metadata(idx_TK, E)
-    save = torch.is_grad_enabled() and (x_TD.requires_grad or w_S.requires_grad or w13.requires_grad
+    need = torch.is_grad_enabled() and (x_TD.requires_grad or w_S.requires_grad or w13.requires_grad
                                         or w2.requires_grad)
-    y_TD, _, _ = moe_experts_fwd(x_TD, w_S, perm_S, counts_E, w13, w2, K, save)
-    return y_TD
+    y_TD, _, _ = moe_experts_fwd(x_TD, w_S, perm_S, counts_E, w13, w2, K, SAVE_MODE if need else 0)
+    return y_TD[:, :D] if y_TD.shape[1] != D else y_TD
