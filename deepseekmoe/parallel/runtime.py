@@ -68,6 +68,22 @@ class Runtime:
         return self.rank == 0
 
     @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object on every rank (e.g. a timestamped run dir)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
     def loader_rank(self) -> int:
         return self.mesh.data_parallel_rank if self.distributed else 0
 
@@ -113,19 +129,20 @@ class Runtime:
         return t
 
     def eval_share(self, batches):
-        """This rank's share of a finite sequence of validation batches. Every rank must run the
-        same number of forwards (they are collective), so the list is cut to a multiple of the
-        world size; with fewer batches than ranks, every rank evaluates all of them and `sum` of
-        the totals is divided by the world size by the caller's count, which is summed too."""
-        if not self.distributed:
+        """This rank's rows of each validation batch (batches of micro x data-parallel ranks rows,
+        so the ranks together evaluate the windows one process evaluates). Every rank must run the
+        same number of forwards (they are collective), so each gets floor(rows / W) rows: a short
+        last batch of a whole-split pass loses at most W-1 windows."""
+        W = self.loader_world
+        if W == 1:
             yield from batches
             return
-        batches = list(batches)
-        W, r = dist.get_world_size(), self.rank
-        if len(batches) < W:
-            yield from batches
-            return
-        yield from batches[r:len(batches) - len(batches) % W:W]
+        r = self.loader_rank
+        for x in batches:
+            k = x.shape[0] // W
+            if k == 0:
+                return
+            yield x[r * k:(r + 1) * k]
 
     # ------------------------------------------------------------------ checkpoints and failures
     def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints,

@@ -13,6 +13,10 @@ The directory is assembled under a temporary name and renamed into place only wh
 (deepseekmoe.io.atomic_directory), so a crash or a full disk during a save leaves the previous
 checkpoints untouched. Loading checks the manifest first: a truncated or altered file raises one
 CheckpointError naming the file, never a deep torch/safetensors traceback.
+
+Distributed runs (torchrun) write the same directory names as sharded DCP checkpoints instead
+(deepseekmoe.parallel.checkpoint: .metadata, shards, state.json); `verify` and `load_weights`
+recognise them and load them at any world size, one process included.
 """
 
 from __future__ import annotations
@@ -150,6 +154,14 @@ def resolve(spec: str | Path) -> Path:
 def verify(ckpt: Path) -> dict:
     """Check every file against the manifest; return the parsed state.json."""
     ckpt = Path(ckpt)
+    if (ckpt / ".metadata").exists():  # a sharded checkpoint of a distributed run (DCP)
+        from ..parallel.checkpoint import verify as verify_dcp
+
+        state = verify_dcp(ckpt)
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{ckpt} is not a deepseekmoe training checkpoint (format="
+                                  f"{state.get('format')!r})")
+        return state
     others = [p.name for p in list_checkpoints(ckpt.parent.parent) if p != ckpt] if ckpt.parent.name == \
         "checkpoints" else []
     hint = f"; earlier checkpoints you can resume from: {', '.join(others)}" if others else ""
@@ -184,6 +196,11 @@ def load_weights(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
                  device: torch.device) -> None:
     """Load model (and optimizer) state from a verified checkpoint into built objects."""
     ckpt = Path(ckpt)
+    if (ckpt / ".metadata").exists():  # DCP: resharded to this run's layout, any world size
+        from ..parallel.checkpoint import load as load_dcp
+
+        load_dcp(ckpt, model, optimizer)
+        return
     cfg, sd = load_native(ckpt / "model", device="cpu")
     try:
         model.load_state_dict(sd, strict=True)

@@ -8,6 +8,7 @@ expert-load summary and a run directory (checkpoint, metrics.jsonl, loss.png).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ def _key_listing() -> str:
     cfg = recipe_mod.TrainConfig()
     lines = ["recipe keys (override any with --KEY=VALUE; model.* takes any ModelConfig field):"]
     for section in ("name", "out", "model", "data", "optim", "schedule", "train", "eval", "checkpoint", "log",
-                    "system", "sample"):
+                    "system", "sample", "parallel"):
         v = getattr(cfg, section)
         if section == "model":
             lines.append("  model.preset = 'tiny'   model.<field> = ... (see `deepseekmoe info --list`)")
@@ -118,6 +119,8 @@ def run(args) -> int:
     res = train(cfg, run_dir=Path(args.out) if args.out else None, resume=resume,
                 echo=lambda s: print(s, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for the job
+        return 0
     print(f"\ndone: {res.step} steps, {res.tokens:,} tokens in {_hms(wall)}")
     if res.val_loss is not None:
         bpb = f" ({res.val_bpb:.3f} bits/byte)" if res.val_bpb is not None else ""

@@ -28,6 +28,7 @@ from pathlib import Path
 from .. import presets
 from ..config import ModelConfig
 from ..errors import ConfigError, suggest
+from ..parallel.mesh import ParallelConfig
 
 try:  # Python >= 3.11
     import tomllib
@@ -142,6 +143,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     system: SystemSection = field(default_factory=SystemSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun layout (docs/parallel.md)
 
     # ------------------------------------------------------------------ derived
     def model_config(self) -> ModelConfig:

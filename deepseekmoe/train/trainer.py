@@ -34,6 +34,7 @@ from ..errors import ConfigError, DataError, UserError
 from ..io import atomic_write_text
 from ..model import Transformer
 from ..moe.router import device_balance_loss, expert_balance_loss
+from ..parallel.runtime import Runtime
 from . import checkpoint as ckpt_io
 from .metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
 from .optim import Schedule, build_optimizer
@@ -159,7 +160,10 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume "
                                   f"{self.run_dir}, or choose another --out")
         cfg.validate()
-        self.device = resolve_device(cfg.system.device)
+        # Under torchrun: process group, mesh, this rank's device (else a no-op single process).
+        self.rt = Runtime.from_env(cfg.parallel, "cpu" if cfg.system.device == "cpu" else None)
+        self.run_dir = self.rt.broadcast(self.run_dir)  # rank 0's timestamped default name
+        self.device = self.rt.device or resolve_device(cfg.system.device)
         if cfg.system.threads > 0:
             torch.set_num_threads(cfg.system.threads)
         dt = cfg.system.dtype
@@ -167,8 +171,12 @@ class Trainer:
                           else None)
         self.mcfg = cfg.model_config()
         self.data = _open_data(cfg, self.mcfg.vocab_size)
-        self.accum = cfg.grad_accum()
-        self.micro = cfg.micro_batch_size
+        W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
+        self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
+        if cfg.train.batch_size % (self.micro * W):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of {W} data-parallel "
+                              f"ranks x train.micro_batch_size={self.micro}; choose sizes that divide the batch")
+        self.accum = cfg.train.batch_size // (self.micro * W)
 
     # ------------------------------------------------------------------ build
     def _build(self):
@@ -181,9 +189,11 @@ class Trainer:
         model.set_routing(record=True)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        if cfg.system.activation_checkpointing:
+        if self.rt.distributed:  # EP -> activation checkpointing -> compile -> FSDP2
+            model = self.rt.parallelize(model, cfg.system.activation_checkpointing, cfg.system.compile)
+        elif cfg.system.activation_checkpointing:
             _enable_activation_checkpointing(model)
-        if cfg.system.compile:
+        if cfg.system.compile and not self.rt.distributed:
             for block in model.layers:
                 block.compile()
         self.model = model
@@ -191,7 +201,8 @@ class Trainer:
         self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
         self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
                                            batch_size=self.micro, seed=cfg.data.seed,
-                                           vocab_size=self.mcfg.vocab_size)
+                                           vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
+                                           world_size=self.rt.loader_world)
         self.load = ExpertLoad(model, self.device)
         self.split = _BalanceSplit(model)
         self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
@@ -213,8 +224,9 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         bs = cfg.eval.batch_size or self.micro
-        for x in _data().iter_eval_batches(self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
-                                           batch_size=bs, max_batches=cfg.eval.max_batches or None):
+        for x in self.rt.eval_share(_data().iter_eval_batches(  # each rank: bs rows of each batch
+                self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
+                batch_size=bs * self.rt.loader_world, max_batches=cfg.eval.max_batches or None)):
             x = x.to(self.device)
             with self._autocast():
                 out = self.model(x, labels=x)
@@ -222,6 +234,8 @@ class Trainer:
             total += out.lm_loss.double() * n
             count += n
         self.model.train()
+        total = self.rt.sum(total)
+        count = int(self.rt.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device)))
         if count == 0:
             raise DataError(f"{self.data.path}: the {cfg.data.val_split!r} split has no batch of "
                             f"{cfg.train.seq_len} tokens; use a shorter train.seq_len or a larger split")
@@ -234,7 +248,7 @@ class Trainer:
     @torch.no_grad()
     def sample(self) -> str | None:
         s = self.cfg.sample
-        if s.max_new_tokens == 0:
+        if s.max_new_tokens == 0 or self.rt.distributed:  # sharded weights: generate from a checkpoint
             return None
         tok = _data().load_tokenizer(self.data.path)
         self.model.eval()
@@ -249,6 +263,11 @@ class Trainer:
         state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
                  "data_path": str(self.data.path), **extra}
         tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
+        if self.rt.distributed:  # sharded (DCP), same directory names, loadable at any world size
+            full = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": step, **state}
+            return self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.model, self.optimizer, full,
+                                self.cfg.checkpoint.keep, lambda: ckpt_io.list_checkpoints(self.run_dir),
+                                files={"tokenizer.json": tokenizer})
         return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state,
                             tokenizer=tokenizer, keep=self.cfg.checkpoint.keep)
 
@@ -264,22 +283,29 @@ class Trainer:
             self.loader.load_state_dict(self.state["data"])
             step = int(self.state["step"])
         first = self._next_batch(step)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_stale_temporaries(self.run_dir)
+        self.rt.barrier()  # every rank has checked its input before rank 0 writes anything
+        if self.rt.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temporaries(self.run_dir)
+            if self.resume_from is not None:
+                truncate_metrics(self.run_dir / "metrics.jsonl", step)
         if self.resume_from is not None:
-            truncate_metrics(self.run_dir / "metrics.jsonl", step)
             ckpt_io.set_rng_state(self.state["rng"])
-        atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+        if self.rt.is_rank0:
+            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
         tokens = int(self.state.get("tokens", 0))
         streak = int(self.state.get("nonfinite_streak", 0))
         last_ckpt = self.resume_from
-        log = MetricsLogger(self.run_dir, cfg.train.steps, step, progress=cfg.log.progress,
-                            tensorboard=cfg.log.tensorboard)
+        log = (MetricsLogger(self.run_dir, cfg.train.steps, step, progress=cfg.log.progress,
+                             tensorboard=cfg.log.tensorboard) if self.rt.is_rank0 else _Silent())
+        if not self.rt.is_rank0:
+            self.echo = _Silent.print
         self.echo(f"training {self.mcfg.name} ({self.mcfg.num_params() / 1e6:.2f}M params, "
                   f"{self.mcfg.num_active_params() / 1e6:.2f}M active) on {self.device}"
                   f"{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x {cfg.train.batch_size} x "
                   f"{cfg.train.seq_len} tokens (accum {self.accum}), data {self.data.path}, run dir {self.run_dir}"
-                  + (f", resumed at step {step}" if self.resume_from else ""))
+                  + (f", resumed at step {step}" if self.resume_from else "")
+                  + (f", {self.rt.describe()}" if self.rt.distributed else ""))
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         dev = self.device
@@ -307,10 +333,13 @@ class Trainer:
                         parts["devb"] += d.to(dev) / self.accum
                     if self.load:
                         self.load.update()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                gnorm = self.rt.clip_grad_norm_(params, clip)
+                if self.rt.distributed:  # global means, so every rank takes the same finiteness decision
+                    red = self.rt.mean(torch.stack([step_loss, *parts.values()]))
+                    step_loss, parts = red[0], dict(zip(parts, red[1:]))
                 finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per step
                 step += 1
-                ntok = self.micro * self.accum * cfg.train.seq_len
+                ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
                 tokens += ntok
                 tok_int += ntok
                 if not finite:
@@ -345,7 +374,7 @@ class Trainer:
                         rec["expert_balance_loss"] = float(acc["exp"]) / n_acc
                         rec["device_balance_loss"] = float(acc["devb"]) / n_acc
                     if self.peak:
-                        rec["mfu"] = round(self.flops_per_token * tps / self.peak, 4)
+                        rec["mfu"] = round(self.flops_per_token * tps / (self.peak * self.rt.world_size), 4)
                     if self.load:
                         rec["expert_load"] = self.load.read_and_reset()
                     log.write(rec)
@@ -374,11 +403,28 @@ class Trainer:
         result = TrainResult(self.run_dir, step, last_eval[0], last_eval[1], last_ckpt,
                              expert_load=recent[-1] if recent else load, tokens=tokens,
                              wall_s=time.perf_counter() - t_start)
-        if cfg.log.plot:
+        if cfg.log.plot and self.rt.is_rank0:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
                         title=f"{cfg.name}: {self.mcfg.name} on {self.data.path.name}")
         result.sample = self.sample()
         return result
+
+
+class _Silent:
+    """The metrics logger of ranks other than 0: rank 0 alone writes and prints."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        pass
+
+    @staticmethod
+    def print(line: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -438,4 +484,9 @@ def _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, 
 
 
 def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print) -> TrainResult:
-    return Trainer(cfg, run_dir, resume, echo).run()
+    trainer = Trainer(cfg, run_dir, resume, echo)
+    # Distributed: a peer that dies ends this rank at once with one message (no hang).
+    with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None)):
+        result = trainer.run()
+        trainer.rt.close()
+    return result
