@@ -243,7 +243,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     extra = {
         "gateup_fwd": [((128, 128, 32), 8, 6), ((256, 64, 64), 8, 4)],
         "down_fwd": [((128, 256, 32), 8, 6)],
-        "down_bwd": [((128, 256, 64), 8, 4), ((128, 128, 64), 8, 3), ((64, 128, 64), 4, 4)],
+        "down_bwd": [((128, 128, 64), 8, 3), ((128, 256, 32), 8, 6)],
         "wgrad": [((128, 256, 64), 8, 4), ((128, 256, 32), 8, 8), ((128, 128, 128), 8, 4)],
         "gateup_dx": [((128, 256, 32), 8, 6)],
     }
@@ -259,16 +259,29 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x, dw13, perm, counts, K, tpe, a_gather=False, config=c)),
         "gateup_dx": (2, lambda c: mk.rowtile(dgu, w13, dx, perm, counts, None, K, tpe, n=D, kd=2 * F,
                                               a_gather=False, b_kmajor=False, config=c)),
+        # Diagnostics: x_tok @ W13^T as a plain gathered GEMM (no SwiGLU epilogue), and the same
+        # from a pre-permuted copy of x (no gather): what the epilogue and the gather cost.
+        "diag_xw13_gather": (2, lambda c: mk.rowtile(x, w13, gu, perm, counts, None, K, tpe, n=2 * F, kd=D,
+                                                     a_gather=True, b_kmajor=True, config=c)),
+        "diag_xw13_sorted": (2, lambda c: mk.rowtile(x_SD, w13, gu, perm, counts, None, K, tpe, n=2 * F, kd=D,
+                                                     a_gather=False, b_kmajor=True, config=c)),
     }
-    outs = {"gateup_fwd": lambda: [a, gu], "gateup_fwd_ast": lambda: [a, gu], "down_fwd": lambda: [y],
+    x_SD = x[perm.long() // K]
+    outs = {"diag_xw13_gather": lambda: [gu], "diag_xw13_sorted": lambda: [gu],
+            "gateup_fwd": lambda: [a, gu], "gateup_fwd_ast": lambda: [a, gu], "down_fwd": lambda: [y],
             "down_bwd": lambda: [dgu, aw, dwp.sum(1)], "down_bwd_ast": lambda: [dgu, aw, dwp.sum(1)],
             "wgrad_w2": lambda: [dw2], "wgrad_w13": lambda: [dw13], "gateup_dx": lambda: [dx]}
     best = {}
     for name, (units, fn) in stages.items():
         first = None
         key = "wgrad" if name.startswith("wgrad") else name.removesuffix("_ast")
-        cfgs = list(mk.CONFIGS[key]) + [C(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=nw, num_stages=ns)
-                                        for (m, n, k), nw, ns in extra[key]]
+        if name.startswith("diag"):
+            cfgs = [C(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=4)]
+        else:
+            ex = {"NSPLIT": 2} if key == "down_bwd" else {}
+            cfgs = list(mk.CONFIGS[key]) + [
+                C(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, **({"NSPLIT": 4} if ex and n == 256 else ex)),
+                  num_warps=nw, num_stages=ns) for (m, n, k), nw, ns in extra[key]]
         for c in cfgs:
             tag = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
             try:
@@ -330,10 +343,26 @@ def profile(fb):
 
     fb()
     torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
+    with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
         for _ in range(5):
             fb()
         torch.cuda.synchronize()
+    # Idle time on the GPU between kernels (eager launch gaps or host syncs), and host calls
+    # that synchronise or allocate.
+    kern = sorted((e for e in p.events() if str(getattr(e, "device_type", "")).endswith("CUDA")),
+                  key=lambda e: e.time_range.start)
+    gaps = [(b.time_range.start - a.time_range.end, a.name[:40], b.name[:40]) for a, b in zip(kern, kern[1:])]
+    busy = sum(e.time_range.end - e.time_range.start for e in kern)
+    span = kern[-1].time_range.end - kern[0].time_range.start if kern else 0
+    print(f"profile span {span / 5e3:.3f} ms/iter, busy {busy / 5e3:.3f} ms/iter, idle {(span - busy) / 5e3:.3f}",
+          flush=True)
+    for gap, a, b in sorted(gaps, reverse=True)[:8]:
+        print(f"profile gap {gap / 1e3:7.3f} ms after {a} before {b}", flush=True)
+    host = {}
+    for e in p.events():
+        if any(k in e.name for k in ("Synchronize", "cudaMalloc", "cudaFree", "Memcpy", "cudaHostAlloc")):
+            host[e.name] = host.get(e.name, 0) + 1
+    print(f"profile host calls (5 iters): {host}", flush=True)
     rows = []
     for ev in p.key_averages():
         t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)

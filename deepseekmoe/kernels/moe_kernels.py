@@ -218,15 +218,16 @@ def _swiglu_bwd_tile(acc, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_p
 def _down_bwd(dy_ptr, w2_ptr, a_ptr, st_ptr, perm_ptr, counts_ptr, w_ptr, dgu_ptr, aw_ptr, dwp_ptr,
               D, F, K_TOP, E, TPE, DWP_COLS,
               E_P2: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, DWP_GRAN: tl.constexpr,
-              SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              NSPLIT: tl.constexpr):
     """dA'_s = dy[tok(s)] @ W2_e (unweighted grad of a), then the whole SwiGLU backward in registers.
 
     dw_s = <dA'_s, a_s> (partial over this column block), da = w_s dA', dg = da u silu'(g),
     du = da silu(g), aw = w_s a (the left operand of dW2), from what the forward saved (SAVE).
-    The BLOCK_N columns are two accumulators of BLOCK_N / 2 columns each, so the register-hungry
-    epilogue runs on half a tile at a time (a whole-tile epilogue spilled heavily).
+    The BLOCK_N columns are NSPLIT (2 or 4) accumulators of BLOCK_N / NSPLIT columns, so the
+    register-hungry epilogue runs on part of the tile at a time (a whole-tile one spilled heavily).
     """
-    SUB_N: tl.constexpr = BLOCK_N // 2
+    SUB_N: tl.constexpr = BLOCK_N // NSPLIT
     tl.static_assert(SUB_N % DWP_GRAN == 0)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
@@ -244,31 +245,39 @@ def _down_bwd(dy_ptr, w2_ptr, a_ptr, st_ptr, perm_ptr, counts_ptr, w_ptr, dgu_pt
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = dy_ptr + tok[:, None] * D + offs_k[None, :]
     b0_ptrs = w2_ptr + e.to(tl.int64) * D * F + offs_k[:, None] * F + (n0 + offs_j)[None, :]
-    b1_ptrs = b0_ptrs + SUB_N
     m0 = (n0 + offs_j < F)[None, :]
     m1 = (n0 + SUB_N + offs_j < F)[None, :]
+    m2 = (n0 + 2 * SUB_N + offs_j < F)[None, :]
+    m3 = (n0 + 3 * SUB_N + offs_j < F)[None, :]
     acc0 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+    if NSPLIT == 4:
+        acc2 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BLOCK_K)):
         if EVEN_K:
             av = tl.load(a_ptrs)
-            b0 = tl.load(b0_ptrs, mask=m0, other=0.0)
-            b1 = tl.load(b1_ptrs, mask=m1, other=0.0)
+            km = tl.full((BLOCK_K, 1), 1, tl.int1)
         else:
-            km = offs_k < D - k * BLOCK_K
-            av = tl.load(a_ptrs, mask=km[None, :], other=0.0)
-            b0 = tl.load(b0_ptrs, mask=km[:, None] & m0, other=0.0)
-            b1 = tl.load(b1_ptrs, mask=km[:, None] & m1, other=0.0)
-        acc0 = _dot(av, b0, acc0, PREC)
-        acc1 = _dot(av, b1, acc1, PREC)
+            av = tl.load(a_ptrs, mask=(offs_k < D - k * BLOCK_K)[None, :], other=0.0)
+            km = (offs_k < D - k * BLOCK_K)[:, None]
+        acc0 = _dot(av, tl.load(b0_ptrs, mask=km & m0, other=0.0), acc0, PREC)
+        acc1 = _dot(av, tl.load(b0_ptrs + SUB_N, mask=km & m1, other=0.0), acc1, PREC)
+        if NSPLIT == 4:
+            acc2 = _dot(av, tl.load(b0_ptrs + 2 * SUB_N, mask=km & m2, other=0.0), acc2, PREC)
+            acc3 = _dot(av, tl.load(b0_ptrs + 3 * SUB_N, mask=km & m3, other=0.0), acc3, PREC)
         a_ptrs += BLOCK_K
         b0_ptrs += BLOCK_K * F
-        b1_ptrs += BLOCK_K * F
     wv = tl.load(w_ptr + slot).to(tl.float32)
     _swiglu_bwd_tile(acc0, rows, end, start, n0, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
                      BLOCK_M, SUB_N, DWP_GRAN, SAVE)
     _swiglu_bwd_tile(acc1, rows, end, start, n0 + SUB_N, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F, DWP_COLS,
                      BLOCK_M, SUB_N, DWP_GRAN, SAVE)
+    if NSPLIT == 4:
+        _swiglu_bwd_tile(acc2, rows, end, start, n0 + 2 * SUB_N, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F,
+                         DWP_COLS, BLOCK_M, SUB_N, DWP_GRAN, SAVE)
+        _swiglu_bwd_tile(acc3, rows, end, start, n0 + 3 * SUB_N, wv, a_ptr, st_ptr, dgu_ptr, aw_ptr, dwp_ptr, F,
+                         DWP_COLS, BLOCK_M, SUB_N, DWP_GRAN, SAVE)
 
 
 @triton.jit
@@ -347,8 +356,8 @@ def sum_slots(src_SD, T, K):
 # Triton emits wgmma). Autotuned per (shape, tokens-per-expert bucket); the lists stay short
 # because every config costs a compile on a fresh machine.
 
-def _cfgs(*specs):
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+def _cfgs(*specs, **extra):
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, **extra), num_warps=w, num_stages=s)
             for m, n, k, w, s in specs]
 
 
@@ -356,8 +365,9 @@ def _cfgs(*specs):
 # candidates are the largest tiles that fit the register file (128x256 outputs, or 128x2x128).
 GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 8, 4))
 ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
-# down_bwd: BLOCK_N / 2 must be a multiple of DWP_GRAN (two accumulators of BLOCK_N / 2 columns).
-DOWN_BWD_CFGS = _cfgs((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 5))
+# down_bwd: BLOCK_N / NSPLIT must be a multiple of DWP_GRAN (NSPLIT accumulators of that width).
+DOWN_BWD_CFGS = (_cfgs((128, 128, 64, 8, 4), (128, 128, 32, 8, 5), NSPLIT=2)
+                 + _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), NSPLIT=4))
 # num_stages 5: the row-index load inside the loop takes pipeline stages from the data loads.
 WGRAD_CFGS = _cfgs((128, 256, 64, 8, 5), (256, 128, 64, 8, 5), (128, 128, 64, 8, 5), (128, 128, 64, 4, 5))
 CONFIGS = {"gateup_fwd": GATEUP_CFGS, "down_fwd": ROWTILE_CFGS, "gateup_dx": ROWTILE_CFGS,
@@ -380,7 +390,7 @@ _RAW = {"gateup_fwd": _gateup_fwd, "rowtile": _rowtile_gemm, "down_bwd": _down_b
 # fp32 is the exactness path (tests, references), not a speed path: one config that fits in
 # shared memory at 4 bytes an element, no tuning.
 FP32_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=2)
-FP32_DOWN_BWD_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), num_warps=4, num_stages=2)
+FP32_DOWN_BWD_CFG = triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, NSPLIT=2), num_warps=4, num_stages=2)
 # {kernel name: Config} to bypass autotuning (the GPU check uses it to test every config).
 FORCE_CONFIG: dict = {}
 # Column granularity of the partial routing-weight grads of down_bwd (the smallest BLOCK_N used).
@@ -403,7 +413,7 @@ def _launch(name, grid_fn, args, kwargs, config=None):
         return _RAW[name][grid_fn(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
                                          num_stages=config.num_stages)
     if INTERPRET:
-        meta = dict(_INTERP_CFG, BLOCK_N=2 * DWP_GRAN) if name == "down_bwd" else _INTERP_CFG
+        meta = dict(_INTERP_CFG, BLOCK_N=2 * DWP_GRAN, NSPLIT=2) if name == "down_bwd" else _INTERP_CFG
         return _RAW[name][grid_fn(meta)](*args, **kwargs, **meta)
     return _TUNED[name][grid_fn](*args, **kwargs)
 
