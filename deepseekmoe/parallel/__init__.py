@@ -19,33 +19,39 @@ Pipeline parallelism splits the model into stages first and parallelizes each st
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+import importlib
 
-from .expert_parallel import DistributedMoE, ExpertParallelExperts, apply_expert_parallel
-from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, clip_grad_norm_, grad_norm
-from .mesh import (
-    Mesh,
-    ParallelConfig,
-    build_mesh,
-    default_device,
-    init_distributed,
-    launched_distributed,
-    single_process_mesh,
-)
-
-__all__ = ["Mesh", "ParallelConfig", "DistributedMoE", "ExpertParallelExperts", "apply_activation_checkpointing",
-           "apply_compile", "apply_expert_parallel", "apply_fsdp", "build_mesh", "clip_grad_norm_",
-           "default_device", "grad_norm", "init_distributed", "launched_distributed", "parallelize",
-           "single_process_mesh"]
+# Names are imported on first use: the trainer reads ParallelConfig on every start, and FSDP,
+# DCP and the pipelining stack cost about a second to import.
+_EXPORTS = {
+    "Mesh": "mesh", "ParallelConfig": "mesh", "build_mesh": "mesh", "default_device": "mesh",
+    "init_distributed": "mesh", "launched_distributed": "mesh", "single_process_mesh": "mesh",
+    "DistributedMoE": "expert_parallel", "ExpertParallelExperts": "expert_parallel",
+    "apply_expert_parallel": "expert_parallel",
+    "apply_activation_checkpointing": "fsdp", "apply_compile": "fsdp", "apply_fsdp": "fsdp",
+    "clip_grad_norm_": "fsdp", "grad_norm": "fsdp",
+}
+__all__ = sorted([*_EXPORTS, "parallelize"])
 
 
-def parallelize(model: nn.Module, mesh: Mesh, cfg: ParallelConfig | None = None) -> nn.Module:
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def parallelize(model, mesh, cfg=None):
     """Apply EP -> activation checkpointing -> compile -> FSDP2 to `model` (in place; returned).
 
     `model` is a Transformer or a pipeline stage built from one, on its device (or on `meta`, to be
     materialised with to_empty() + init_weights() or a checkpoint load afterwards). With a
     single-process mesh only activation checkpointing and compile apply."""
+    import torch
+
+    from .expert_parallel import apply_expert_parallel
+    from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
+    from .mesh import ParallelConfig
+
     cfg = cfg or ParallelConfig()
     cfg.validate()
     distributed = mesh.device_mesh is not None

@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from . import checkpoint as dcp_ckpt
-from .fsdp import clip_grad_norm_
 from .launch import fail_fast
 from .mesh import Mesh, ParallelConfig, init_distributed, launched_distributed
 
@@ -110,6 +108,8 @@ class Runtime:
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         if not self.distributed:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        from .fsdp import clip_grad_norm_
+
         return clip_grad_norm_(params, 0.0 if max_norm == float("inf") else max_norm)
 
     # ------------------------------------------------------------------ reductions
@@ -148,6 +148,8 @@ class Runtime:
     def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints,
              files: dict | None = None) -> Path:
         """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep`."""
+        from . import checkpoint as dcp_ckpt
+
         dcp_ckpt.save(path, model, optimizer, state, files)
         if self.is_rank0:
             for old in list_checkpoints()[:-keep]:
