@@ -361,15 +361,16 @@ def _cfgs(*specs, **extra):
             for m, n, k, w, s in specs]
 
 
-# Measured on H100 (docs/kernels.md): every kernel sits near the same L2->SM traffic rate, so the
-# candidates are the largest tiles that fit the register file (128x256 outputs, or 128x2x128).
-GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 8, 4))
-ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+# The three best of each kernel's sweep on an H100 at the 16B shape (docs/kernels.md has the full
+# sweeps): the largest tiles that fit the register file (128x256 outputs, or 128x2x128) win.
+GATEUP_CFGS = _cfgs((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6))
+ROWTILE_CFGS = _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6))
 # down_bwd: BLOCK_N / NSPLIT must be a multiple of DWP_GRAN (NSPLIT accumulators of that width).
-DOWN_BWD_CFGS = (_cfgs((128, 128, 64, 8, 4), (128, 128, 32, 8, 5), NSPLIT=2)
-                 + _cfgs((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), NSPLIT=4))
+# (128x256 with NSPLIT=2 is the best for save mode 2; with g|u saved it spills and loses.)
+DOWN_BWD_CFGS = (_cfgs((128, 128, 64, 8, 4), (128, 256, 64, 8, 4), NSPLIT=2)
+                 + _cfgs((128, 256, 32, 8, 6), NSPLIT=4))
 # num_stages 5: the row-index load inside the loop takes pipeline stages from the data loads.
-WGRAD_CFGS = _cfgs((128, 256, 64, 8, 5), (256, 128, 64, 8, 5), (128, 128, 64, 8, 5), (128, 128, 64, 4, 5))
+WGRAD_CFGS = _cfgs((128, 256, 64, 8, 5), (256, 128, 64, 8, 5), (128, 256, 32, 8, 8))
 CONFIGS = {"gateup_fwd": GATEUP_CFGS, "down_fwd": ROWTILE_CFGS, "gateup_dx": ROWTILE_CFGS,
            "down_bwd": DOWN_BWD_CFGS, "wgrad": WGRAD_CFGS}
 
