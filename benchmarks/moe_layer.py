@@ -159,6 +159,8 @@ def main():
                 if mode != "balanced" and str(T) not in args.skewed_tokens.split(","):
                     continue
                 rows += run_case(shape, T, mode, args.backends.split(","), args)
+                with open(os.path.join(args.out, "moe_layer.json"), "w") as f:  # partial results survive a kill
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
                 gc.collect()
                 torch.cuda.empty_cache()
     meta["wall_s"] = time.time() - t0
