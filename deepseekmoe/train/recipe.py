@@ -83,7 +83,7 @@ class ScheduleSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 200  # optimizer steps
+    steps: int = 300  # optimizer steps
     batch_size: int = 16  # sequences per optimizer step, all devices and micro-batches together
     micro_batch_size: int = 0  # sequences per forward pass; 0 = batch_size (no accumulation)
     seq_len: int = 256
