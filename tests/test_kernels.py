@@ -1,0 +1,210 @@
+"""The Triton expert backend on the CPU, through Triton's interpreter, against the `loop` reference.
+
+The interpreter must be selected (TRITON_INTERPRET=1) before triton itself is imported: triton's
+own library functions (tl.cdiv, tl.sigmoid, ...) are jitted at its import. So this module sets it
+before importing triton when it can; if an earlier test already imported triton without it, the
+module re-runs itself in a fresh interpreter process instead (test_in_subprocess). The variable
+is restored after the import and set again only while this module's tests run, since other tests
+check the no-interpreter path.
+
+Shapes are tiny (the interpreter runs every program in numpy); fp32 is compared tightly. The
+interpreter converts fp32 -> bf16 by truncation (the GPU rounds), so the bf16 case is loose; the
+bf16 accuracy bound (~1e-2, no worse than grouped) is checked on the GPU by
+scripts/gpu_kernels_check.py.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+_prev = os.environ.get("TRITON_INTERPRET")
+if IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from deepseekmoe.kernels import moe_kernels as mk
+    from deepseekmoe.kernels import moe_triton as mt
+finally:
+    if _prev is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _prev
+
+from deepseekmoe import kernels  # noqa: E402
+from deepseekmoe.errors import ConfigError  # noqa: E402
+from deepseekmoe.moe.experts import experts_grouped, experts_loop, resolve_backend  # noqa: E402
+
+NAMES = ("y", "dx", "dw", "dw13", "dw2")
+needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
+                                  "test_in_subprocess runs this module in a fresh process")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter rewrites each kernel at its first call
+    yield
+    if prev is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = prev
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
+def test_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(T, K, E, D, F, seed=0, idx=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, F, generator=g) / F**0.5
+    if idx is None:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    dy = torch.randn(T, D, generator=g)
+    return [t.to(dtype) for t in (x, w, w13, w2, dy)], idx
+
+
+def _fwd_bwd(fn, x, w, w13, w2, dy, idx):
+    ins = [t.detach().clone().requires_grad_() for t in (x, w, w13, w2)]
+    y = fn(ins[0], idx, ins[1], ins[2], ins[3])
+    return [y.detach(), *torch.autograd.grad(y, ins, dy)]
+
+
+def _check(T, K, E, D, F, idx=None, seed=0, tol=1e-5, dtype=torch.float32):
+    (x, w, w13, w2, dy), idx = _inputs(T, K, E, D, F, seed, idx, dtype)
+    assert mk.INTERPRET, "the kernels were jitted without TRITON_INTERPRET=1 (imported before this module?)"
+    ref = _fwd_bwd(experts_loop, *(t.float() for t in (x, w, w13, w2, dy)), idx)
+    out = _fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx)
+    for name, o, r in zip(NAMES, out, ref):
+        assert o.dtype == dtype and torch.isfinite(o).all(), name
+        assert _rel(o, r) < tol, f"{name}: triton vs loop rel diff {_rel(o, r):.2e}"
+    return out
+
+
+@needs_interp
+@pytest.mark.parametrize("T,K,E,D,F", [(19, 3, 8, 32, 48), (24, 2, 5, 48, 32)])
+def test_triton_matches_loop(T, K, E, D, F):
+    _check(T, K, E, D, F)
+
+
+@needs_interp
+def test_empty_experts_get_zero_weight_grads():
+    E = 8
+    idx = torch.stack([torch.randperm(3)[:2] for _ in range(20)])  # experts 3..7 never chosen
+    y, dx, dw, dw13, dw2 = _check(20, 2, E, 32, 32, idx=idx)
+    assert dw13[3:].abs().max() == 0 and dw2[3:].abs().max() == 0
+    assert dw13[:3].abs().max() > 0
+
+
+@needs_interp
+def test_one_expert_takes_every_token():
+    _check(33, 1, 4, 32, 32, idx=torch.full((33, 1), 2))
+    # expert 0 in every token's first slot, the rest spread: one long segment, several short ones
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(5, generator=g)[:2] + 1])
+                       for _ in range(40)])
+    _check(40, 3, 6, 32, 32, idx=idx)
+
+
+@needs_interp
+def test_topk_equals_experts_and_one_token():
+    _check(9, 4, 4, 32, 16)  # every token routes to every expert
+    _check(1, 3, 6, 32, 32)
+
+
+@needs_interp
+def test_unaligned_dims_take_the_padding_path():
+    _check(13, 2, 4, 37, 21)  # D, F not multiples of 16: zero-padded inside the backend
+
+
+@needs_interp
+def test_bf16_runs_and_is_close():
+    # Loose: the interpreter truncates fp32 -> bf16 (twice the GPU's rounding error).
+    _check(19, 3, 8, 32, 48, tol=4e-2, dtype=torch.bfloat16)
+
+
+@needs_interp
+def test_save_modes_agree(monkeypatch):
+    (x, w, w13, w2, dy), idx = _inputs(17, 3, 6, 32, 32, seed=5)
+    outs = []
+    for mode in (1, 2):
+        monkeypatch.setattr(mt, "SAVE_MODE", mode)
+        outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
+    for name, a, b in zip(NAMES, *outs):
+        assert _rel(a, b) < 1e-6, name
+
+
+@needs_interp
+def test_inference_forward_saves_nothing():
+    (x, w, w13, w2, _), idx = _inputs(11, 2, 4, 32, 32, seed=2)
+    with torch.no_grad():
+        y = mt.experts_triton(x, idx, w, w13, w2)
+    assert _rel(y, experts_loop(x, idx, w, w13, w2)) < 1e-5
+    perm, counts = mt.routing_metadata(idx, 4)
+    _, a_saved, st_saved = mt.moe_experts_fwd(x, w.reshape(-1), perm, counts, w13, w2, 2, 0)
+    assert a_saved.numel() == 0 and st_saved.numel() == 0
+
+
+@needs_interp
+def test_routing_metadata_is_a_stable_sort_by_expert():
+    idx = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
+    perm, counts = mt.routing_metadata(idx, 5)
+    assert perm.dtype == torch.int32 and counts.tolist() == [2, 2, 3, 1, 0]
+    assert perm.tolist() == [1, 6, 2, 5, 0, 3, 4, 7]  # slots t*K+k grouped by expert, in slot order
+
+
+@needs_interp
+def test_dwp_columns_do_not_depend_on_tile_width():
+    # down_bwd writes every partial-dw column it owns (sum first, zeros after), whatever BLOCK_N:
+    # no zero-init and nothing stale between autotune configs. Compare two tile widths on one
+    # buffer that starts as NaN.
+    (x, w, w13, w2, dy), idx = _inputs(21, 2, 4, 32, 64, seed=7)
+    perm, counts = mt.routing_metadata(idx, 4)
+    S, F = perm.numel(), 64
+    a, st = torch.empty(S, F), torch.empty(S, 2 * F)
+    mk.gateup_fwd(x, w13, perm, counts, 2, 16, a, st, save=1)
+    sums = []
+    for bn, nsplit in ((32, 2), (64, 4)):
+        cfg = mk.triton.Config(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=16, NSPLIT=nsplit))
+        dwp = torch.full((S, mk.dwp_cols(F)), float("nan"))
+        mk.down_bwd(dy, w2, a, st, perm, counts, w.reshape(-1), 2, 16, torch.empty_like(st), torch.empty_like(a),
+                    dwp, 1, config=cfg)
+        assert torch.isfinite(dwp).all()
+        sums.append(dwp.sum(1))
+    assert _rel(sums[1], sums[0]) < 1e-6
+
+
+@needs_interp
+def test_compiles_without_graph_breaks():
+    (x, w, w13, w2, dy), idx = _inputs(12, 2, 4, 32, 32, seed=4)
+    fn = torch.compile(mt.experts_triton, fullgraph=True, backend="aot_eager")
+    out = _fwd_bwd(fn, x, w, w13, w2, dy, idx)
+    ref = _fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx)
+    for name, a, b in zip(NAMES, out, ref):
+        assert _rel(a, b) < 1e-6, name
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", cpu) is experts_grouped
+    with pytest.raises(ConfigError) as err:
+        resolve_backend("triton", cpu)
+    assert "needs a CUDA GPU" in str(err.value) and "expert_backend='grouped'" in str(err.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter makes triton usable on CPU tensors
+    assert resolve_backend("triton", cpu) is kernels.experts_triton
+    assert resolve_backend("auto", cpu) is experts_grouped  # auto never picks the interpreter
