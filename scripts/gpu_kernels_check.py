@@ -225,6 +225,8 @@ def check_graph_compile(results):
     torch.cuda.synchronize()
     ref = run_fb(mt.experts_triton, x2, w2_, w13, w2, g2, idx2)
     results["cuda_graph_max_rel"] = max(rel(a, b) for a, b in zip([y, *grads], ref))
+    with torch.no_grad():  # inference forward: nothing saved for backward
+        results["inference_rel"] = rel(mt.experts_triton(x2, idx2, w2_, w13, w2), ref[0])
     print("graph/compile", results["cuda_graph_max_rel"], results["compile_max_rel"], flush=True)
 
 
@@ -416,6 +418,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--quick", action="store_true", help="correctness only: no sweep, no end-to-end timings")
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes: checks the script")
     args = p.parse_args()
     import triton
@@ -435,9 +438,10 @@ def main():
     check_poison(results)
     check_graph_compile(results)
     mk.FORCE_CONFIG.clear()
-    best = {} if args.skip_sweep else sweep(results)
-    end_to_end(results)
-    end_to_end(results, mode="skewed")
+    best = {} if args.skip_sweep or args.quick else sweep(results)
+    if not args.quick:
+        end_to_end(results)
+        end_to_end(results, mode="skewed")
     if not DRY:
         results["autotune"] = {n: {str(k): str(v) for k, v in getattr(t, "cache", {}).items()}
                                for n, t in mk._TUNED.items()}
@@ -456,7 +460,7 @@ def main():
     print(f"correct: all ok={all(r['ok'] for r in results['correct'])} worst triton bf16 rel={worst:.2e} "
           f"configs agree to {cfg_dev:.1e} "
           f"poison ok={all(results['poison'].values())} graph rel={results['cuda_graph_max_rel']:.1e} "
-          f"compile rel={results['compile_max_rel']:.1e}")
+          f"compile rel={results['compile_max_rel']:.1e} inference rel={results.get('inference_rel', 0):.1e}")
     for name, (tag, ms, tf) in best.items():
         print(f"  {name:18s} {tag:22s} {ms:7.3f} ms {tf:6.1f} TF/s")
     for key, rows in results["e2e"].items():
