@@ -170,6 +170,13 @@ class Trainer:
         self.amp_dtype = (torch.bfloat16 if (dt == "bfloat16" or (dt == "auto" and self.device.type == "cuda"))
                           else None)
         self.mcfg = cfg.model_config()
+        if (cfg.system.compile and self.device.type == "cpu" and self.amp_dtype is None
+                and self.mcfg.n_routed_experts and self.mcfg.expert_backend in ("auto", "grouped")):
+            # torch.compile traces grouped_mm with a bf16-only meta function: fp32 CPU runs fail deep
+            # inside the compiler at the first step.
+            raise ConfigError("system.compile=true on CPU in float32 cannot trace the grouped expert GEMM "
+                              "(torch's grouped_mm compiles in bf16 only); compile is meant for GPU runs: drop "
+                              "it, or set --model.expert_backend=loop")
         self.data = _open_data(cfg, self.mcfg.vocab_size)
         W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
