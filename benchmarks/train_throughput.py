@@ -62,6 +62,8 @@ OP_CATEGORIES = [  # CPU smoke mode: (category, substrings of the aten op name),
 ]
 KERNEL_CATEGORIES = [  # GPU: (category, substrings of the CUDA kernel name), first match wins
     ("expert GEMMs", ("groupproblemshape", "ptrarray", "grouped")),
+    # the triton backend's kernels (deepseekmoe/kernels/moe_kernels.py), named by their jit functions
+    ("expert GEMMs", ("_gateup_fwd", "_rowtile_gemm", "_down_bwd", "_wgrad", "_sum_slots")),
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("optimizer + clipping", ("fusedadam", "adam", "multi_tensor_apply", "lpnorm")),
     ("compiled (Inductor) kernels", ("triton_",)),
