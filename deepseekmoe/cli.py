@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("deepseekmoe.serve", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
     "chat": ("deepseekmoe.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),
     "convert": ("deepseekmoe.convert", "convert between native training checkpoints and the released HF format"),
+    "eval": ("deepseekmoe.eval.cli", "perplexity / bits-per-byte and the paper's benchmarks from local files"),
+    "analyze": ("deepseekmoe.analysis.cli", "routing statistics and the paper's expert-specialisation experiments"),
 }
 
 
