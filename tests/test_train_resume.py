@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 # A model much smaller than `tiny` (same code path: preset + overrides) so the three processes
-# finish in seconds; 1 thread so both runs reduce in the same order.
+# finish in seconds. torch's default thread count: the trainer's deterministic CPU kernels make
+# multi-threaded runs reproducible.
 TINIER = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.intermediate_size=64",
           "--model.moe_intermediate_size=16", "--model.n_routed_experts=8", "--model.num_experts_per_tok=2",
           "--model.num_attention_heads=2", "--train.seq_len=32", "--train.batch_size=4", "--train.steps=24",
           "--train.micro_batch_size=2", "--schedule.warmup_steps=4", "--log.every=1", "--eval.every=8",
           "--eval.max_batches=2", "--checkpoint.every=3", "--checkpoint.keep=2", "--log.progress=false",
-          "--log.tensorboard=false", "--log.plot=false", "--sample.max_new_tokens=0", "--system.threads=1"]
+          "--log.tensorboard=false", "--log.plot=false", "--sample.max_new_tokens=0"]
 
 
 def _env() -> dict:

@@ -12,9 +12,10 @@
   4. final validation, checkpoint, loss-curve PNG, a generated sample and the expert-load summary.
 
 Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
-and AdamW's state are all in the checkpoint, and CPU kernels are deterministic, so a run killed at
-any point and resumed reproduces the uninterrupted run's losses and final weights bit for bit
-(tests/test_train_resume.py). On GPU, atomics in the MoE backward make the last bits vary.
+and AdamW's state are all in the checkpoint, and on CPU the trainer turns on deterministic
+kernels, so a run killed at any point and resumed reproduces the uninterrupted run's losses and
+final weights bit for bit (tests/test_train_resume.py). On GPU, atomics in the MoE backward make
+the last bits vary.
 """
 
 from __future__ import annotations
@@ -280,6 +281,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
+        # CPU: deterministic kernels make runs (and so resumed runs) bit-identical at any thread
+        # count; without them the multi-threaded index_put backward of the expert permutation
+        # accumulates in a varying order. No measurable cost on CPU; GPUs keep the fast kernels.
+        previous = torch.are_deterministic_algorithms_enabled()
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         t_start = time.perf_counter()
         self._build()
