@@ -30,6 +30,16 @@ WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang 
 CORPUS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) + "." for i in range(30)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on a shared 2-core machine a busy neighbour
+    # makes torch's thread pool spin (steps 10-40x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(CORPUS, 300)
