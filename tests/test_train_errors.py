@@ -179,6 +179,38 @@ def test_full_disk_during_save_keeps_previous_checkpoint(capsys, tmp_path, monke
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
 
+def test_real_write_failure_during_save_keeps_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    """Not a mock: the process's file-size limit makes the real safetensors / torch.save writes of
+    the second checkpoint fail (EFBIG, which they report as SafetensorError / RuntimeError, as they
+    do ENOSPC)."""
+    import resource
+    import signal
+
+    out = tmp_path / "o"
+    real_save = ckpt_io.save
+    calls = {"n": 0}
+
+    def save_with_file_limit(*a, **k):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return real_save(*a, **k)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        try:
+            return real_save(*a, **k)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    monkeypatch.setattr(ckpt_io, "save", save_with_file_limit)
+    msg = _fail(capsys, *TINIER, "--out", str(out))
+    assert "could not save checkpoint" in msg and "step_0000004" in msg and "File too large" in msg
+    assert "step_0000002 is intact" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert ckpt_io.verify(out / "checkpoints" / "step_0000002")["step"] == 2
+
+
 def _nan_after(monkeypatch, bad_calls: set[int]):
     """Make the model's loss NaN on the given (1-based) forward calls in training mode."""
     real = Transformer.forward
