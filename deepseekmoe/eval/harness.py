@@ -180,7 +180,13 @@ def run_task(scorer: Scorer, name: str, data_dir: Path, limit: int | None = None
     elif t.kind == "cloze":
         out = score_cloze(scorer, docs, name, samples)
     else:
-        out = score_gen(scorer, docs, name, t.max_new_tokens, t.stop, t.extract, samples)
+        # A short window (a small model) keeps at least half of it for the prompt.
+        max_new = min(t.max_new_tokens, scorer.max_length // 2)
+        if max_new < t.max_new_tokens:
+            print(f"deepseekmoe eval: {name}: generating at most {max_new} tokens (not {t.max_new_tokens}) to "
+                  f"leave room for the prompt in a {scorer.max_length}-token window", file=sys.stderr)
+        out = score_gen(scorer, docs, name, max_new, t.stop, t.extract, samples)
+        out["max_new_tokens"] = max_new
     out = {"shots": shots, **out, "paper": t.paper}
     if samples is not None:
         out["samples"] = samples
@@ -206,19 +212,24 @@ def _fmt(v) -> str:
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table: task, shots, n, acc, acc_norm, em, ppl/loss, bits/byte, chance."""
+    """A plain-text table: task, shots, n (documents; tokens for lm), acc ± stderr, acc_norm, em,
+    ppl, loss, bits/byte, chance; skipped tasks are listed under it."""
     head = ["task", "shots", "n", "acc", "acc_norm", "em", "ppl", "loss", "bpb", "chance"]
-    rows = []
+    rows, skipped = [], []
     for name, r in results.items():
         if "skipped" in r:
-            rows.append([name, "-", "-", "skipped: needs a code sandbox", "", "", "", "", "", ""])
+            skipped.append(name)
             continue
         acc = r.get("acc")
         acc_s = "-" if acc is None else f"{acc:.4f} ± {r['acc_stderr']:.3f}"
         em = r.get("em")
         em_s = "-" if em is None else (f"{em:.4f}" + (f" (flex {r['em_flexible']:.4f})" if "em_flexible" in r else ""))
-        rows.append([name, _fmt(r.get("shots")), _fmt(r.get("n", r.get("tokens"))), acc_s, _fmt(r.get("acc_norm")),
-                     em_s, _fmt(r.get("ppl")), _fmt(r.get("loss")), _fmt(r.get("bpb")), _fmt(r.get("chance"))])
+        n = f"{r['tokens']} tok" if "tokens" in r else _fmt(r.get("n"))
+        rows.append([name, _fmt(r.get("shots")), n, acc_s, _fmt(r.get("acc_norm")), em_s, _fmt(r.get("ppl")),
+                     _fmt(r.get("loss")), _fmt(r.get("bpb")), _fmt(r.get("chance"))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    if skipped:
+        out.append(f"skipped (scoring runs generated code, which needs a sandbox): {', '.join(skipped)}")
+    return "\n".join(out)
