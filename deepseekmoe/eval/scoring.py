@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -128,41 +129,55 @@ class Scorer:
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text))
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def encode_pair(self, context: str, continuation: str, _ctx_cache: dict | None = None):
         """(prefix + context ids, continuation ids), split so that the continuation is tokenised
         as it appears after the context: trailing spaces of the context move to the continuation,
         and the pair is encoded as one string and cut where the context's own encoding ends."""
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
-        ctx = self.encode(context) if context else []
+        if _ctx_cache is not None and context in _ctx_cache:
+            ctx = _ctx_cache[context]
+        else:
+            ctx = self.encode(context) if context else []
+            if _ctx_cache is not None:
+                _ctx_cache[context] = ctx
         whole = self.encode(context + continuation)
         cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else self.encode(continuation)
         if not cont:
             raise ConfigError(f"empty continuation after {context[-40:]!r}: nothing to score")
         return [self.prefix_id] + ctx, cont
 
-    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], int]:
-        """ctx + cont cut from the left to the window; -> (ids, number of scored tokens)."""
-        ids = (ctx + cont)[-(self.max_length + 1):]  # the last token is only a target
-        n = min(len(cont), len(ids) - 1)
-        return ids, n
+    def _fit(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[np.ndarray, int]:
+        """ctx + cont cut from the left to the window, as int32 (a benchmark's requests can hold
+        tens of millions of tokens); -> (ids, number of scored tokens)."""
+        ids = np.asarray([*ctx[-(self.max_length + 1):], *cont], dtype=np.int32)[-(self.max_length + 1):]
+        return ids, min(len(cont), len(ids) - 1)
 
     def _pad(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         L = max(len(r) for r in rows)
         out = torch.full((len(rows), L), self.prefix_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+            out[i, :len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
         return out.to(self.device)
 
     # ------------------------------------------------------------------ log-likelihoods
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc: str = "loglikelihood"):
         """[(sum log p(continuation | context), continuation is greedy)] for (context, continuation)."""
-        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], desc)
+        cache: dict[str, list[int]] = {}  # choices of one question share its context
+        fitted = []
+        for c, x in pairs:
+            fitted.append(self._fit(*self.encode_pair(c, x, cache)))
+            if len(cache) > 64:
+                cache.clear()
+        return self._score_fitted(fitted, desc)
 
     @torch.no_grad()
     def loglikelihood_tokens(self, items: Sequence[tuple[list[int], list[int]]], desc: str = "loglikelihood"):
-        fitted = [self._fit(list(c), list(x)) for c, x in items]
+        return self._score_fitted([self._fit(c, x) for c, x in items], desc)
+
+    @torch.no_grad()
+    def _score_fitted(self, fitted: list[tuple[np.ndarray, int]], desc: str):
         # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up
         # on the first batch rather than at the end.
         order = sorted(range(len(fitted)), key=lambda i: -len(fitted[i][0]))
@@ -179,10 +194,11 @@ class Scorer:
                     L = len(full) - 1
                     sel_b += [b] * n
                     sel_p += range(L - n, L)
-                    tgt += full[L - n + 1:]
+                    tgt.append(full[L - n + 1:])
                 sel_b_t = torch.tensor(sel_b, device=self.device)
                 sel_p_t = torch.tensor(sel_p, device=self.device)
-                lp, gr = target_logprobs(self.model, h[sel_b_t, sel_p_t], torch.tensor(tgt, device=self.device))
+                tgt_t = torch.from_numpy(np.concatenate(tgt).astype(np.int64)).to(self.device)
+                lp, gr = target_logprobs(self.model, h[sel_b_t, sel_p_t], tgt_t)
                 lp, gr = lp.cpu(), gr.cpu()
                 k = 0
                 for i in batch:
