@@ -488,3 +488,14 @@ def test_scorer_argument_errors(model, tok):
     s = Scorer(model, tok, 1, max_length=8, progress=False)
     with pytest.raises(ConfigError, match="no room"):
         s.generate(["x"], max_new_tokens=8)
+
+
+def test_prefix_token_follows_the_tokenizer_config(model, tok, tmp_path):
+    from deepseekmoe.eval import default_prefix
+
+    assert default_prefix(model, tok, tmp_path) == tok.eos_id  # packed training data: docs follow an eos
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    assert default_prefix(model, tok, tmp_path) == tok.bos_id == 0  # released models: bos first
+    assert default_prefix(model, tok, tmp_path, "eos") == tok.eos_id
+    with pytest.raises(ConfigError, match="--prefix"):
+        default_prefix(model, tok, tmp_path, "pad")
