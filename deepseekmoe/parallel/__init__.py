@@ -48,6 +48,7 @@ def parallelize(model, mesh, cfg=None):
     single-process mesh only activation checkpointing and compile apply."""
     import torch
 
+    from ..errors import ConfigError
     from .expert_parallel import apply_expert_parallel
     from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
     from .mesh import ParallelConfig
@@ -57,7 +58,7 @@ def parallelize(model, mesh, cfg=None):
     distributed = mesh.device_mesh is not None
     if distributed:
         if getattr(model, "config", None) is not None and model.config.tie_word_embeddings and mesh.pp > 1:
-            raise ValueError("tied embeddings cannot be split over pipeline stages; use pp=1")
+            raise ConfigError("tied embeddings cannot be split over pipeline stages; use pp=1")
         apply_expert_parallel(model, mesh)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -67,6 +68,6 @@ def parallelize(model, mesh, cfg=None):
         param_dtype = torch.bfloat16 if cfg.param_dtype == "bfloat16" else None
         apply_fsdp(model, mesh, cfg.reshard_after_forward, param_dtype)
     elif distributed and mesh.data_parallel_size > 1:
-        raise ValueError("parallel.fsdp=false with more than one data-parallel rank is not supported: "
-                         "gradients would not be reduced (use fsdp=true)")
+        raise ConfigError("parallel.fsdp=false with more than one data-parallel rank is not supported: "
+                          "gradients would not be reduced (use fsdp=true)")
     return model

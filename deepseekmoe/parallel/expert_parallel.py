@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ..errors import ConfigError
 from ..moe.experts import resolve_backend
 from ..moe.layer import MoE, RoutedExperts
 from ..moe.router import Routing, expert_balance_loss
@@ -82,7 +83,8 @@ class ExpertParallelExperts(nn.Module):
         P, r = ep_mesh.size(), ep_mesh.get_local_rank()
         E = routed.n_experts
         if E % P:
-            raise ValueError(f"n_routed_experts={E} cannot be split evenly over ep={P} ranks")
+            raise ConfigError(f"n_routed_experts={E} cannot be split evenly over parallel.ep={P} ranks; choose an "
+                              f"ep that divides {E}")
         self.n_experts, self.dim, self.width, self.backend = E, routed.dim, routed.width, routed.backend
         self.ep_size, self.n_local, self.ep_group = P, E // P, ep_mesh.get_group()
         self.last_received = -1
@@ -197,7 +199,7 @@ def apply_expert_parallel(model: nn.Module, mesh: Mesh) -> list[MoE]:
     for moe in moes:
         cfg = moe.cfg
         if cfg.router == "hash" and mesh.ep > 1:
-            raise ValueError("router='hash' has no learned router; expert parallel is not supported "
+            raise ConfigError("router='hash' has no learned router; expert parallel is not supported "
                              "for the Hash Layer baseline (use parallel.ep=1)")
         moe.__class__ = DistributedMoE
         moe.dp_group, moe.dp_size = dp_group, dp_size

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..errors import ConfigError
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
+PP_SCHEDULE_ALIASES = {"interleaved": "interleaved1f1b", "interleaved_1f1b": "interleaved1f1b"}
 
 
 @dataclass
@@ -36,8 +37,10 @@ class ParallelConfig:
     dp: int = -1  # replicas of one expert placement; -1 = world / (pp * ep)
     ep: int = 1  # expert-parallel ranks (routed experts split evenly over them)
     pp: int = 1  # pipeline stages (see deepseekmoe.parallel.pipeline)
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b
-    pp_microbatches: int = 0  # micro-batches per step on each pipeline; 0 = 2 x stages
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b (alias: interleaved)
+    # micro-batches per step on each pipeline; 0 = 2 x stages (the trainer: its gradient-
+    # accumulation count, see docs/parallel.md)
+    pp_microbatches: int = 0
     pp_stages_per_rank: int = 1  # virtual stages per rank (interleaved1f1b needs >= 2)
     fsdp: bool = True  # shard parameters, gradients and optimizer state (FSDP2)
     reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3 memory)
@@ -51,13 +54,23 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"parallel.{name}={v!r}: must be a positive integer")
+        if not isinstance(self.pp_microbatches, int) or isinstance(self.pp_microbatches, bool) \
+                or self.pp_microbatches < 0:
+            raise ConfigError(f"parallel.pp_microbatches={self.pp_microbatches!r}: must be a non-negative "
+                              "integer (0 = automatic)")
+        self.pp_schedule = PP_SCHEDULE_ALIASES.get(self.pp_schedule, self.pp_schedule)
         if not isinstance(self.dp, int) or (self.dp < 1 and self.dp != -1):
             raise ConfigError(f"parallel.dp={self.dp!r}: must be a positive integer or -1 (infer)")
         if self.pp_schedule not in PP_SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r}: choose one of "
                               f"{', '.join(PP_SCHEDULES)}")
         if self.pp_schedule == "interleaved1f1b" and self.pp_stages_per_rank < 2:
-            raise ConfigError("parallel.pp_schedule='interleaved1f1b' needs pp_stages_per_rank >= 2")
+            raise ConfigError("parallel.pp_schedule='interleaved1f1b' runs several stages per rank: set "
+                              "--parallel.pp_stages_per_rank=2 (or more)")
+        if self.pp_schedule != "interleaved1f1b" and self.pp_stages_per_rank > 1:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} runs one stage per rank, but "
+                              f"pp_stages_per_rank={self.pp_stages_per_rank}; use "
+                              "--parallel.pp_schedule=interleaved1f1b or pp_stages_per_rank=1")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"parallel.param_dtype={self.param_dtype!r}: choose float32 or bfloat16")
         if self.timeout_s <= 0:

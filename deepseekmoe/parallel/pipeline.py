@@ -19,6 +19,11 @@ the stage's dp x ep ranks), as under gradient accumulation.
 
 Layer split: `split_layers` balances training FLOPs per stage (the core accounting's per-layer
 terms; the output head counts on the last stage), contiguous, every stage at least one block.
+
+Validation (`Pipeline.eval_loss`) runs forward-only schedules (GPipe, or looped BFS for several
+stages per rank) over their own PipelineStage objects around the same modules: torch's stages
+fix their receive buffers' shapes on the first step, so each distinct (micro-batch count, batch
+shape) gets its own schedule, built once and cached (a short last validation batch adds one).
 """
 
 from __future__ import annotations
@@ -29,10 +34,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..model import Transformer, rope_cos_sin
+from ..moe.layer import MoE
 from .mesh import Mesh, ParallelConfig
 
 
@@ -42,7 +55,9 @@ class AddAuxiliaryLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, aux):
         ctx.aux_meta = (aux.dtype, aux.device, aux.shape)
-        return x.view_as(x)
+        # A copy, not a view: FSDP2 hooks a stage's output for backward, and warns on (and
+        # cannot protect) a view. One hidden-state copy per micro-batch and stage.
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad_x):
@@ -62,14 +77,21 @@ class StageModule(nn.Module):
         super().__init__()
         cfg = model.config
         if cfg.router == "hash" and not first:
-            raise ValueError("router='hash' routes by token id, which only the first pipeline stage has; "
-                             "use pp=1 for the Hash Layer baseline")
+            raise ConfigError("router='hash' routes by token id, which only the first pipeline stage has; "
+                              "use pp=1 for the Hash Layer baseline")
         self.config, self.first, self.last = cfg, first, last
         self.embed_tokens = model.embed_tokens if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         self.balance_losses: list[torch.Tensor] = []  # per micro-batch, this step (logging)
+        # fn(stage) after each training forward: per-micro-batch metrics (expert load, balance
+        # terms) read the MoE layers' last routing here, before activation checkpointing's
+        # recomputation in a later backward overwrites it.
+        self.after_forward: list = []
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     init_weights = Transformer.init_weights  # names match the whole model's, so its init applies
 
@@ -85,11 +107,14 @@ class StageModule(nn.Module):
             h, aux = layer(h, cos, sin, input_ids)
             if aux is not None:
                 balance = aux if balance is None else balance + aux
-        if self.last:
-            h = self.lm_head(self.norm(h))
-        if balance is not None:
+        if balance is not None:  # on the hidden state (the head's input on the last stage)
             self.balance_losses.append(balance.detach())
             h = AddAuxiliaryLoss.apply(h, balance)
+        if self.last:
+            h = self.lm_head(self.norm(h))
+        if self.training:
+            for fn in self.after_forward:
+                fn(self)
         return h
 
 
@@ -109,7 +134,7 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[l
     last stage). Exact: binary search over the bottleneck with a greedy feasibility check."""
     L = cfg.num_hidden_layers
     if n_stages > L:
-        raise ValueError(f"{n_stages} pipeline stages for {L} layers: each stage needs at least one layer")
+        raise ConfigError(f"{n_stages} pipeline stages for {L} layers: each stage needs at least one layer")
     costs = layer_costs(cfg, seq_len)
     costs[-1] += 6.0 * cfg.hidden_size * cfg.vocab_size  # output head on the last stage
 
@@ -145,6 +170,10 @@ class Pipeline:
     modules: list[StageModule]  # this rank's stages (1, or pp_stages_per_rank when interleaved)
     stages: list[PipelineStage] = field(default_factory=list)
     mesh: Mesh | None = None
+    stage_ids: list[int] = field(default_factory=list)  # global index of each of `modules`
+    n_stages: int = 1
+    split: list[list[int]] = field(default_factory=list)  # block indices of every stage
+    _eval_schedules: dict = field(default_factory=dict)
 
     @property
     def has_first(self) -> bool:
@@ -154,13 +183,35 @@ class Pipeline:
     def has_last(self) -> bool:
         return any(m.last for m in self.modules)
 
+    @property
+    def n_microbatches(self) -> int:
+        return self.schedule._n_microbatches
+
     def parameters(self):
         for m in self.modules:
             yield from m.parameters()
 
+    def named_parameters(self):
+        for m in self.modules:
+            yield from m.named_parameters()
+
     def train(self, mode: bool = True):
         for m in self.modules:
             m.train(mode)
+
+    def eval(self):
+        self.train(False)
+
+    def moe_layers_by_index(self) -> list[tuple[int, MoE]]:
+        """(global block index, MoE layer) of this rank's stages, in model order."""
+        out = []
+        for m in self.modules:
+            for key, block in m.layers.items():
+                out += [(int(key), mod) for mod in block.modules() if isinstance(mod, MoE)]
+        return sorted(out, key=lambda t: t[0])
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for _, m in self.moe_layers_by_index()]
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward + backward of this rank's data-parallel batch [B, L] over all micro-batches.
@@ -177,7 +228,7 @@ class Pipeline:
         lm = torch.stack(losses).mean() if losses else torch.zeros((), device=dev)
         # The last n_microbatches records: on its first step the schedule runs one extra forward
         # (shape inference, on placeholder inputs after the first stage) before the real ones.
-        n_mb = self.schedule._n_microbatches
+        n_mb = self.n_microbatches
         bal = sum((torch.stack(m.balance_losses[-n_mb:]).mean() for m in self.modules if m.balance_losses),
                   torch.zeros((), device=dev))
         stats = torch.stack([lm.detach().float().to(dev), bal.float().to(dev)])
@@ -185,36 +236,97 @@ class Pipeline:
             dist.all_reduce(stats, group=self.mesh.group("pp"))  # lm from the last stage, balance summed
         return {"loss": stats.sum(), "lm_loss": stats[0], "balance_loss": stats[1]}
 
+    def _eval_schedule(self, n_microbatches: int, shape: tuple[int, ...]):
+        key = (n_microbatches, shape)
+        if key not in self._eval_schedules:
+            group = self.mesh.group("pp") if self.mesh is not None else None
+            device = self.mesh.device if self.mesh is not None else torch.device("cpu")
+            stages = [PipelineStage(m, s, self.n_stages, device, group=group)
+                      for m, s in zip(self.modules, self.stage_ids)]
+            if len(stages) == 1:
+                schedule = ScheduleGPipe(stages[0], n_microbatches, loss_fn=lm_loss)
+            else:
+                schedule = ScheduleLoopedBFS(stages, n_microbatches, loss_fn=lm_loss)
+            self._eval_schedules[key] = schedule
+        return self._eval_schedules[key]
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, n_microbatches: int) -> torch.Tensor | None:
+        """Forward only: the mean LM loss over `n_microbatches` equal chunks of the batch [B, L]
+        (B divisible by it) on the rank holding the last stage, None on the others. Every rank of
+        the pipeline calls it with the same shapes (modules in eval mode: no balance losses)."""
+        if input_ids.shape[0] % n_microbatches:
+            raise ValueError(f"{input_ids.shape[0]} rows do not split into {n_microbatches} equal micro-batches")
+        schedule = self._eval_schedule(n_microbatches, tuple(input_ids.shape))
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if self.has_first else ()
+        schedule.eval(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None)
+        return torch.stack(losses).float().mean() if self.has_last else None
+
+
+def check_layout(cfg: ModelConfig, pcfg: ParallelConfig, n_microbatches: int | None = None) -> None:
+    """ConfigError (naming the value and the fix) for a pipeline layout that cannot run: more
+    stages than blocks, options that need the whole model on one rank, or (when given) a
+    micro-batch count the schedule refuses (torch: 1F1B needs at least one micro-batch per
+    stage; interleaved 1F1B a multiple of its rounds)."""
+    pcfg.validate()
+    n_stages = pcfg.pp * pcfg.pp_stages_per_rank
+    L = cfg.num_hidden_layers
+    if n_stages > L:
+        raise ConfigError(f"parallel.pp={pcfg.pp} x pp_stages_per_rank={pcfg.pp_stages_per_rank} = {n_stages} "
+                          f"pipeline stages for a model of {L} blocks: each stage needs at least one block; "
+                          f"use at most {L} stages")
+    if cfg.tie_word_embeddings:
+        raise ConfigError("parallel.pp > 1 with tie_word_embeddings=true: the embedding (first stage) and the "
+                          "output head (last stage) cannot share one weight; use parallel.pp=1")
+    if cfg.router == "hash":
+        raise ConfigError("parallel.pp > 1 with router='hash': the Hash Layer routes by token id, which only "
+                          "the first stage sees; use parallel.pp=1 for the Hash Layer baseline")
+    n = n_microbatches
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"{n} pipeline micro-batches: need at least 1")
+    if pcfg.pp_schedule == "1f1b" and n < pcfg.pp:
+        raise ConfigError(f"parallel.pp_schedule='1f1b' needs at least one micro-batch per stage, got {n} "
+                          f"micro-batches for pp={pcfg.pp}: use a smaller train.micro_batch_size (more "
+                          "accumulation steps) or --parallel.pp_schedule=gpipe")
+    if pcfg.pp_schedule == "interleaved1f1b" and n % max(1, n // pcfg.pp):
+        rounds = max(1, n // pcfg.pp)
+        raise ConfigError(f"parallel.pp_schedule='interleaved1f1b' runs micro-batches in rounds of pp={pcfg.pp}; "
+                          f"{n} micro-batches are not a multiple of its {rounds} rounds: use a multiple of "
+                          f"{pcfg.pp} micro-batches")
+
 
 def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: list[list[int]] | None = None,
                    seq_len: int = 4096) -> Pipeline:
     """Cut `model` into cfg.pp x cfg.pp_stages_per_rank stages, keep this rank's, parallelize each
     (EP, activation checkpointing, compile, FSDP2 over its dp x ep ranks), build the schedule.
 
-    Stage s lives on pp rank s % pp (looped placement, what the interleaved schedule expects)."""
+    Stage s lives on pp rank s % pp (looped placement, what the interleaved schedule expects).
+    Micro-batches per step: cfg.pp_microbatches (0: 2 x stages). ConfigError for a layout that
+    cannot run (`check_layout`)."""
     from . import parallelize
 
-    cfg.validate()
-    if model.config.tie_word_embeddings:
-        raise ValueError("tied embeddings cannot be split over pipeline stages; use pp=1")
     n_stages = mesh.pp * cfg.pp_stages_per_rank
+    n_mb = cfg.pp_microbatches or 2 * n_stages
+    check_layout(model.config, cfg, n_mb)
     split = split or split_layers(model.config, n_stages, seq_len)
     if len(split) != n_stages:
         raise ValueError(f"layer split has {len(split)} stages, expected {n_stages}")
-    n_mb = cfg.pp_microbatches or 2 * n_stages
     group = mesh.group("pp")
     modules, stages = [], []
     for s in range(mesh.pp_rank, n_stages, mesh.pp):
         module = StageModule(model, split[s], first=s == 0, last=s == n_stages - 1)
+        # Only this rank's stages go to its device; the caller may keep the rest of `model` on
+        # the CPU (or drop it).
+        module.to(mesh.device)
         parallelize(module, mesh, cfg)
         modules.append(module)
         stages.append(PipelineStage(module, s, n_stages, mesh.device, group=group))
     if cfg.pp_schedule == "interleaved1f1b":
         schedule = ScheduleInterleaved1F1B(stages, n_mb, loss_fn=lm_loss)
-    else:
-        if len(stages) != 1:
-            raise ValueError(f"pp_schedule={cfg.pp_schedule!r} runs one stage per rank; set "
-                             "pp_stages_per_rank=1 or use interleaved1f1b")
+    else:  # one stage per rank (check_layout)
         cls = Schedule1F1B if cfg.pp_schedule == "1f1b" else ScheduleGPipe
         schedule = cls(stages[0], n_mb, loss_fn=lm_loss)
-    return Pipeline(schedule, modules, stages, mesh)
+    return Pipeline(schedule, modules, stages, mesh, list(range(mesh.pp_rank, n_stages, mesh.pp)), n_stages, split)

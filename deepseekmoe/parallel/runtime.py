@@ -5,8 +5,12 @@ single-device behaviour, so the one-process trainer (and its bit-exact resume) i
 
   Runtime.from_env(pcfg)      torchrun env -> process group, DeviceMesh, device (cuda:LOCAL_RANK)
   .parallelize(model, ...)    EP -> activation checkpointing -> compile -> FSDP2
+  .build_pipeline(model, ...) parallel.pp > 1: this rank's stages, each parallelized as above,
+                              and the torch.distributed.pipelining schedule (pipeline.py)
+  .pp_sum(t) / .pp_gather(x)  sum / gather over the pipeline stages (per-stage metrics)
   .loader_rank / .loader_world   the data loader's rank and world size (data-parallel ranks)
-  .clip_grad_norm_(params, c) global norm over sharded gradients
+  .clip_grad_norm_(params, c) global norm over sharded gradients (all stages: the squares are
+                              summed over every rank, pp included)
   .mean(t)                    average over data-parallel ranks (losses for logging, finiteness)
   .eval_share(batches) / .sum(t)   split validation batches over ranks, sum the results
   .save(...) / load via deepseekmoe.parallel.checkpoint (DCP, any world size)
@@ -41,10 +45,6 @@ class Runtime:
                 raise ConfigError(f"parallel.ep={cfg.ep}, pp={cfg.pp}, dp={cfg.dp} need several processes; launch "
                                   "with torchrun --nproc-per-node N -m deepseekmoe train ... (docs/parallel.md)")
             return cls(None, cfg)
-        if cfg.pp > 1:
-            raise ConfigError("the trainer runs pipeline parallelism only through the library API for now "
-                              "(deepseekmoe.parallel.pipeline.build_pipeline); use parallel.pp=1 with "
-                              "parallel.ep / FSDP, see docs/parallel.md")
         cfg.validate()
         return cls(init_distributed(cfg, device), cfg)
 
@@ -104,6 +104,38 @@ class Runtime:
         cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
         cfg.compile = cfg.compile or compile
         return parallelize(model, self.mesh, cfg)
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.pp if self.distributed else 1
+
+    def build_pipeline(self, model: torch.nn.Module, n_microbatches: int, seq_len: int,
+                       activation_checkpointing: bool = False, compile: bool = False):
+        """This rank's pipeline stages of `model` (a whole Transformer, on any device; only the
+        stages kept here move to this rank's device) with `n_microbatches` micro-batches a step."""
+        from .pipeline import build_pipeline
+
+        cfg = self.cfg
+        cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
+        cfg.compile = cfg.compile or compile
+        cfg.pp_microbatches = n_microbatches
+        return build_pipeline(model, self.mesh, cfg, seq_len=seq_len)
+
+    def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the pipeline stages (each holds its own layers' share of a metric)."""
+        if self.pp == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.mesh.group("pp"))
+        return t
+
+    def pp_gather(self, obj) -> list:
+        """Every pipeline stage's picklable `obj`, in pp-rank order (collective over pp)."""
+        if self.pp == 1:
+            return [obj]
+        out = [None] * self.pp
+        dist.all_gather_object(out, obj, group=self.mesh.group("pp"))
+        return out
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         if not self.distributed:

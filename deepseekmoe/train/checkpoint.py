@@ -216,15 +216,20 @@ def verify(ckpt: Path) -> dict:
     return state
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 device: torch.device) -> None:
-    """Load model (and optimizer) state from a verified checkpoint into built objects."""
+def load_weights(ckpt: Path, model, optimizer, device: torch.device) -> None:
+    """Load model (and optimizer) state from a verified checkpoint into built objects (lists of
+    them: the stages a pipeline rank holds, DCP checkpoints only)."""
     ckpt = Path(ckpt)
     if (ckpt / ".metadata").exists():  # DCP: resharded to this run's layout, any world size
         from ..parallel.checkpoint import load as load_dcp
 
         load_dcp(ckpt, model, optimizer)
         return
+    import torch.distributed as dist
+
+    if isinstance(model, (list, tuple)) or (dist.is_initialized() and dist.get_world_size() > 1):
+        raise CheckpointError(f"checkpoint {ckpt} was written by a single process (native model + optimizer.pt); a "
+                              "distributed run resumes sharded (DCP) checkpoints only: continue it in one process")
     cfg, sd = load_native(ckpt / "model", device="cpu")
     try:
         model.load_state_dict(sd, strict=True)

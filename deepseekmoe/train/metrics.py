@@ -44,20 +44,33 @@ class ExpertLoad:
     """Tokens per routed expert, per MoE layer, accumulated on the device (no sync until read).
 
     Routing is read from each MoE layer's `last_routing` (Transformer.set_routing(record=True)),
-    which holds detached expert ids of the last forward."""
+    which holds detached expert ids of the last forward. With `tape=True` (pipeline parallel,
+    where one schedule step runs every micro-batch) `snapshot(layers)` keeps the ids of the given
+    layers after each micro-batch's forward instead, and `update(last=n)` counts the last n of
+    them (dropping the schedule's shape-inference forward)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, tape: bool = False):
         self.layers = model.moe_layers() if hasattr(model, "moe_layers") else []
         self.counts = [torch.zeros(m.cfg.n_routed_experts, dtype=torch.int64, device=device) for m in self.layers]
+        self.tape: list[list[torch.Tensor]] | None = [[] for _ in self.layers] if tape else None
 
     def __bool__(self) -> bool:
         return bool(self.layers)
 
-    def update(self) -> None:
-        for moe, c in zip(self.layers, self.counts):
-            r = moe.last_routing
-            if r is not None:
-                idx = r.idx_TK.reshape(-1)
+    def snapshot(self, layers) -> None:
+        wanted = {id(m) for m in layers}
+        for moe, kept in zip(self.layers, self.tape):
+            if id(moe) in wanted and moe.last_routing is not None:
+                kept.append(moe.last_routing.idx_TK)
+
+    def update(self, last: int | None = None) -> None:
+        for i, (moe, c) in enumerate(zip(self.layers, self.counts)):
+            if self.tape is not None:
+                ids, self.tape[i] = (self.tape[i][-last:] if last else self.tape[i]), []
+            else:
+                ids = [moe.last_routing.idx_TK] if moe.last_routing is not None else []
+            for idx in ids:
+                idx = idx.reshape(-1)
                 c.scatter_add_(0, idx, torch.ones_like(idx))
 
     def read_and_reset(self) -> list[float]:

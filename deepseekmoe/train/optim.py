@@ -4,6 +4,8 @@ Parameter groups: weight decay on every matrix (attention and FFN projections, s
 experts, router, embeddings, output head); none on 1-D tensors (RMSNorm gains, biases), whose
 decay would pull a gain towards zero rather than regularise a mapping.
 
+`OptimizerList` steps one AdamW per pipeline stage held by a rank as one optimizer.
+
 Schedules are pure functions of the optimizer step, so the schedule's whole state in a checkpoint
 is the step number and a resumed run follows the same curve bit for bit:
 
@@ -70,3 +72,24 @@ class Schedule:
         for g in optimizer.param_groups:
             g["lr"] = lr
         return lr
+
+
+class OptimizerList:
+    """Several optimizers stepped as one: a pipeline rank holds one AdamW per stage module, since
+    DCP's optimizer state dict pairs each optimizer with the one module whose parameters it owns.
+    Offers what the trainer uses (param_groups for the schedule, step, zero_grad)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)

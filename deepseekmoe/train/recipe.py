@@ -202,6 +202,7 @@ class TrainConfig:
                               f"{mc.max_position_embeddings}; shorten it or set --model.max_position_embeddings")
         if self.sample.temperature < 0:
             raise ConfigError(f"sample.temperature={self.sample.temperature}: must be >= 0 (0 = greedy)")
+        self.parallel.validate()  # names and ranges; the layout against the world size at launch
 
 
 def _choice(key: str, value, choices) -> None:

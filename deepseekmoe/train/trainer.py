@@ -38,7 +38,7 @@ from ..moe.router import device_balance_loss, expert_balance_loss
 from ..parallel.runtime import Runtime
 from . import checkpoint as ckpt_io
 from .metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
-from .optim import Schedule, build_optimizer
+from .optim import OptimizerList, Schedule, build_optimizer
 from .recipe import TrainConfig, to_toml
 
 
@@ -88,12 +88,17 @@ def _enable_activation_checkpointing(model: Transformer) -> None:
 
 class _BalanceSplit:
     """Expert- and device-level balance losses apart (the model reports their sum): forward hooks
-    on the routers keep the last affinities, from which both terms are recomputed (no grad)."""
+    on the routers keep the last affinities, from which both terms are recomputed (no grad).
 
-    def __init__(self, model: Transformer):
+    Pipeline parallel runs all micro-batches in one schedule step: `snapshot(layers)` (called by
+    each stage after its forward) keeps every micro-batch's routing, and `compute(.., last=n)`
+    averages the last n of them."""
+
+    def __init__(self, model):
         self.layers = [m for m in model.moe_layers() if m.cfg.device_balance_alpha > 0
                        and m.cfg.n_device_groups > 1 and m.cfg.router != "hash"]
         self.last = {}
+        self.kept: dict[int, list] = {id(m): [] for m in self.layers}
         for m in self.layers:
             m.gate.register_forward_hook(functools.partial(self._keep, m))
 
@@ -104,17 +109,31 @@ class _BalanceSplit:
     def __bool__(self):
         return bool(self.layers)
 
+    def snapshot(self, layers) -> None:
+        for m in layers:
+            if id(m) in self.kept and id(m) in self.last:
+                self.kept[id(m)].append(self.last[id(m)])
+
+    @staticmethod
+    def _terms(m, r, batch_size: int):
+        c, s = m.cfg, r.scores_TE.detach()
+        exp = (expert_balance_loss(s, r.idx_TK, c.aux_loss_alpha, batch_size if c.seq_aux else None)
+               if c.aux_loss_alpha > 0 else 0.0)
+        return exp, device_balance_loss(s, r.idx_TK, c.device_balance_alpha, c.n_device_groups)
+
     @torch.no_grad()
-    def compute(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, batch_size: int, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         exp = dev = 0.0
         for m in self.layers:
-            r, c = self.last.get(id(m)), m.cfg
-            if r is None or r.scores_TE is None:
-                continue
-            s = r.scores_TE.detach()
-            if c.aux_loss_alpha > 0:
-                exp = exp + expert_balance_loss(s, r.idx_TK, c.aux_loss_alpha, batch_size if c.seq_aux else None)
-            dev = dev + device_balance_loss(s, r.idx_TK, c.device_balance_alpha, c.n_device_groups)
+            if last is None:  # one forward per call (gradient accumulation)
+                r = self.last.get(id(m))
+                rs = [r] if r is not None and r.scores_TE is not None else []
+            else:
+                rs = [r for r in self.kept[id(m)][-last:] if r.scores_TE is not None]
+                self.kept[id(m)] = []
+            for r in rs:
+                e, d = self._terms(m, r, batch_size)
+                exp, dev = exp + e / len(rs), dev + d / len(rs)
         self.last.clear()
         return torch.as_tensor(exp), torch.as_tensor(dev)
 
@@ -181,10 +200,43 @@ class Trainer:
         self.data = _open_data(cfg, self.mcfg.vocab_size)
         W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
-        if cfg.train.batch_size % (self.micro * W):
+        if self.rt.pp > 1:
+            from ..parallel.pipeline import check_layout
+
+            check_layout(self.mcfg, cfg.parallel)  # stages vs. blocks, options pp cannot split
+            if not cfg.train.micro_batch_size:
+                self.micro = self._pipeline_micro(W)
+        if self.micro < 1 or cfg.train.batch_size % (self.micro * W):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of {W} data-parallel "
                               f"ranks x train.micro_batch_size={self.micro}; choose sizes that divide the batch")
         self.accum = cfg.train.batch_size // (self.micro * W)
+        if self.rt.pp > 1:
+            self._check_pipeline(W)
+
+    def _pipeline_micro(self, W: int) -> int:
+        """Sequences per micro-batch when pipelining without train.micro_batch_size: the batch of
+        each data-parallel rank cut into parallel.pp_microbatches (default 2 x stages) pieces."""
+        pc, bs = self.cfg.parallel, self.cfg.train.batch_size
+        n_mb = pc.pp_microbatches or 2 * self.rt.pp * pc.pp_stages_per_rank
+        if bs % (W * n_mb):
+            raise ConfigError(f"train.batch_size={bs} does not split into {n_mb} pipeline micro-batches on each of "
+                              f"{W} data-parallel rank(s): use a multiple of {W * n_mb}, or set "
+                              "train.micro_batch_size (micro-batches = batch / (micro x data-parallel ranks))")
+        return bs // (W * n_mb)
+
+    def _check_pipeline(self, W: int) -> None:
+        """Pipeline parallel: the micro-batches of one schedule step are the gradient-accumulation
+        micro-batches, so parallel.pp_microbatches (if set) must agree; the layout must be one
+        the model and torch's schedules can run (ConfigError before anything is built)."""
+        from ..parallel.pipeline import check_layout
+
+        pc = self.cfg.parallel
+        if pc.pp_microbatches and pc.pp_microbatches != self.accum:
+            raise ConfigError(f"parallel.pp_microbatches={pc.pp_microbatches}, but train.batch_size="
+                              f"{self.cfg.train.batch_size} / (train.micro_batch_size={self.micro} x {W} data-"
+                              f"parallel rank(s)) gives {self.accum} micro-batches per step; the pipeline runs the "
+                              "gradient-accumulation micro-batches: set only one of the two, or make them agree")
+        check_layout(self.mcfg, pc, self.accum)
 
     # ------------------------------------------------------------------ build
     def _build(self):
@@ -193,26 +245,50 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
         model = Transformer(self.mcfg)  # CPU init: the same weights whatever the device
-        model.to(self.device)
         model.set_routing(record=True)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        if self.rt.distributed:  # EP -> activation checkpointing -> compile -> FSDP2
-            model = self.rt.parallelize(model, cfg.system.activation_checkpointing, cfg.system.compile)
-        elif cfg.system.activation_checkpointing:
-            _enable_activation_checkpointing(model)
-        if cfg.system.compile and not self.rt.distributed:
-            for block in model.layers:
-                block.compile()
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.pipe = None
+        if self.rt.pp > 1:
+            # This rank's stages only (moved to its device there), each EP -> act. ckpt -> compile
+            # -> FSDP2 over its dp x ep ranks; one AdamW per stage module (DCP pairs them).
+            self.pipe = self.rt.build_pipeline(model, self.accum, cfg.train.seq_len,
+                                               cfg.system.activation_checkpointing, cfg.system.compile)
+            del model  # the other stages' weights are freed with it
+            self.model = self.pipe
+            self.optimizer = OptimizerList([build_optimizer(m, cfg.optim, self.device) for m in self.pipe.modules])
+            self.ckpt_model, self.ckpt_optim = self.pipe.modules, self.optimizer.optimizers
+        else:
+            model.to(self.device)
+            if self.rt.distributed:  # EP -> activation checkpointing -> compile -> FSDP2
+                model = self.rt.parallelize(model, cfg.system.activation_checkpointing, cfg.system.compile)
+            elif cfg.system.activation_checkpointing:
+                _enable_activation_checkpointing(model)
+            if cfg.system.compile and not self.rt.distributed:
+                for block in model.layers:
+                    block.compile()
+            self.model = model
+            self.optimizer = build_optimizer(model, cfg.optim, self.device)
+            self.ckpt_model, self.ckpt_optim = model, self.optimizer
         self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
         self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
                                            batch_size=self.micro, seed=cfg.data.seed,
                                            vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
                                            world_size=self.rt.loader_world)
-        self.load = ExpertLoad(model, self.device)
-        self.split = _BalanceSplit(model)
+        self.load = ExpertLoad(self.model, self.device, tape=self.pipe is not None)
+        self.split = _BalanceSplit(self.model)
+        # Whether the run logs expert load / the balance split at all: a property of the model, not
+        # of this rank's stages (collectives over the stages must match on every rank).
+        m = self.mcfg
+        self.load_on = (m.n_routed_experts > 0 and any(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
+                        if self.pipe is not None else bool(self.load))
+        self.split_on = (self.load_on and m.device_balance_alpha > 0 and m.n_device_groups > 1
+                         and m.router != "hash") if self.pipe is not None else bool(self.split)
+        if self.pipe is not None:
+            self.load_ids = [i for i, _ in self.pipe.moe_layers_by_index()]
+            for stage in self.pipe.modules:
+                stage.after_forward += [lambda st: self.load.snapshot(st.moe_layers()),
+                                        lambda st: self.split.snapshot(st.moe_layers())]
         self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -225,6 +301,14 @@ class Trainer:
         x = next(self.loader)  # the loader raises DataError on an id beyond the vocabulary
         return x.to(self.device, non_blocking=True)
 
+    def _expert_load(self) -> list[float]:
+        """Per MoE layer of the whole model, in order (pipeline: gathered from every stage)."""
+        mine = self.load.read_and_reset() if self.load else []
+        if self.pipe is None:
+            return mine
+        pairs = [p for got in self.rt.pp_gather(list(zip(self.load_ids, mine))) for p in got]
+        return [v for _, v in sorted(pairs)]
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
@@ -232,15 +316,26 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         bs = cfg.eval.batch_size or self.micro
-        for x in self.rt.eval_share(_data().iter_eval_batches(  # each rank: bs rows of each batch
-                self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
-                batch_size=bs * self.rt.loader_world, max_batches=cfg.eval.max_batches or None)):
-            x = x.to(self.device)
-            with self._autocast():
-                out = self.model(x, labels=x)
-            n = x.shape[0] * (x.shape[1] - 1)
-            total += out.lm_loss.double() * n
-            count += n
+        batches = self.rt.eval_share(_data().iter_eval_batches(  # each rank: bs rows of each batch
+            self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
+            batch_size=bs * self.rt.loader_world, max_batches=cfg.eval.max_batches or None))
+        if self.pipe is not None:
+            for xs in _groups(batches, self.accum):  # the batches of one forward-only schedule step
+                x = torch.cat(xs).to(self.device)
+                with self._autocast():
+                    loss = self.pipe.eval_loss(x, x, len(xs))
+                if loss is not None:  # the last stage's ranks hold the loss; the others add 0
+                    n = x.shape[0] * (x.shape[1] - 1)
+                    total += loss.double() * n
+                    count += n
+        else:
+            for x in batches:
+                x = x.to(self.device)
+                with self._autocast():
+                    out = self.model(x, labels=x)
+                n = x.shape[0] * (x.shape[1] - 1)
+                total += out.lm_loss.double() * n
+                count += n
         self.model.train()
         total = self.rt.sum(total)
         count = int(self.rt.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device)))
@@ -273,7 +368,7 @@ class Trainer:
         tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
         if self.rt.distributed:  # sharded (DCP), same directory names, loadable at any world size
             full = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": step, **state}
-            return self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.model, self.optimizer, full,
+            return self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.ckpt_model, self.ckpt_optim, full,
                                 self.cfg.checkpoint.keep, lambda: ckpt_io.list_checkpoints(self.run_dir),
                                 files={"tokenizer.json": tokenizer})
         return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state,
@@ -299,7 +394,7 @@ class Trainer:
         # Fail on a bad first batch before the run directory exists (nothing half-written).
         step = 0
         if self.resume_from is not None:
-            ckpt_io.load_weights(self.resume_from, self.model, self.optimizer, self.device)
+            ckpt_io.load_weights(self.resume_from, self.ckpt_model, self.ckpt_optim, self.device)
             self.loader.load_state_dict(self.state["data"])
             step = int(self.state["step"])
         first = self._next_batch(step)
@@ -325,7 +420,10 @@ class Trainer:
                   f"{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x {cfg.train.batch_size} x "
                   f"{cfg.train.seq_len} tokens (accum {self.accum}), data {self.data.path}, run dir {self.run_dir}"
                   + (f", resumed at step {step}" if self.resume_from else "")
-                  + (f", {self.rt.describe()}" if self.rt.distributed else ""))
+                  + (f", {self.rt.describe()}" if self.rt.distributed else "")
+                  + (f", pipeline {cfg.parallel.pp_schedule} over {self.pipe.n_stages} stages (blocks "
+                     + " | ".join(f"{s[0]}-{s[-1]}" for s in self.pipe.split) + f"), {self.accum} micro-batches "
+                     f"of {self.micro}" if self.pipe is not None else ""))
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         dev = self.device
@@ -337,7 +435,23 @@ class Trainer:
                 lr = self.schedule.set(self.optimizer, step)
                 step_loss = torch.zeros((), device=dev)
                 parts = {k: torch.zeros((), device=dev) for k in ("lm", "bal", "exp", "devb")}
-                for _ in range(self.accum):
+                if self.pipe is not None:
+                    # One schedule step runs the accum micro-batches (micro rows each) through
+                    # the stages, forward and backward; gradients are their mean, as below.
+                    xs = [first if first is not None else self._next_batch(step)]
+                    xs += [self._next_batch(step) for _ in range(self.accum - 1)]
+                    first = None
+                    x = torch.cat(xs)
+                    with self._autocast():
+                        st = self.pipe.step(x, x)  # the same on every rank of the pipeline
+                    step_loss, parts["lm"], parts["bal"] = st["loss"], st["lm_loss"], st["balance_loss"]
+                    if self.split_on:  # each stage's layers' terms, summed over the stages
+                        e, d = self.split.compute(self.micro, last=self.accum)
+                        ed = self.rt.pp_sum(torch.stack([e.to(dev).float(), d.to(dev).float()]))
+                        parts["exp"], parts["devb"] = ed[0], ed[1]
+                    if self.load:
+                        self.load.update(last=self.accum)
+                for _ in range(self.accum if self.pipe is None else 0):
                     x = first if first is not None else self._next_batch(step)
                     first = None
                     with self._autocast():
@@ -390,13 +504,13 @@ class Trainer:
                            "lm_loss": float(acc["lm"]) / n_acc, "balance_loss": float(acc["bal"]) / n_acc,
                            "grad_norm": float(acc["gnorm"]) / n_acc, "lr": lr, "tokens": tokens,
                            "tokens_per_s": round(tps, 1)}
-                    if self.split:
+                    if self.split_on:
                         rec["expert_balance_loss"] = float(acc["exp"]) / n_acc
                         rec["device_balance_loss"] = float(acc["devb"]) / n_acc
                     if self.peak:
                         rec["mfu"] = round(self.flops_per_token * tps / (self.peak * self.rt.world_size), 4)
-                    if self.load:
-                        rec["expert_load"] = self.load.read_and_reset()
+                    if self.load_on:
+                        rec["expert_load"] = self._expert_load()
                     log.write(rec)
                     log.print(_format(rec, cfg.train.steps))
                     for k in acc:
@@ -428,6 +542,18 @@ class Trainer:
                         title=f"{cfg.name}: {self.mcfg.name} on {self.data.path.name}")
         result.sample = self.sample()
         return result
+
+
+def _groups(batches, n: int):
+    """Consecutive batches in lists of up to n of one shape (a short last batch goes alone)."""
+    group: list[torch.Tensor] = []
+    for x in batches:
+        if group and (len(group) == n or x.shape != group[0].shape):
+            yield group
+            group = []
+        group.append(x)
+    if group:
+        yield group
 
 
 class _Silent:
