@@ -11,6 +11,10 @@
      validation every `eval.every`, an atomic checkpoint every `checkpoint.every`;
   4. final validation, checkpoint, loss-curve PNG, a generated sample and the expert-load summary.
 
+Under torchrun the same loop runs distributed through `deepseekmoe.parallel.runtime.Runtime`
+(expert parallel + FSDP2; with `parallel.pp > 1` a pipeline whose schedule step runs the
+`grad_accum` micro-batches, forward and backward, in place of the micro-batch loop).
+
 Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
 and AdamW's state are all in the checkpoint, and on CPU the trainer turns on deterministic
 kernels, so a run killed at any point and resumed reproduces the uninterrupted run's losses and
@@ -34,10 +38,9 @@ import torch
 from ..errors import ConfigError, DataError, UserError
 from ..io import atomic_write_text
 from ..model import Transformer
-from ..moe.router import device_balance_loss, expert_balance_loss
 from ..parallel.runtime import Runtime
 from . import checkpoint as ckpt_io
-from .metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
+from .metrics import BalanceSplit, ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
 from .optim import OptimizerList, Schedule, build_optimizer
 from .recipe import TrainConfig, to_toml
 
@@ -84,58 +87,6 @@ def _enable_activation_checkpointing(model: Transformer) -> None:
 
     for block in model.layers:
         block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
-
-
-class _BalanceSplit:
-    """Expert- and device-level balance losses apart (the model reports their sum): forward hooks
-    on the routers keep the last affinities, from which both terms are recomputed (no grad).
-
-    Pipeline parallel runs all micro-batches in one schedule step: `snapshot(layers)` (called by
-    each stage after its forward) keeps every micro-batch's routing, and `compute(.., last=n)`
-    averages the last n of them."""
-
-    def __init__(self, model):
-        self.layers = [m for m in model.moe_layers() if m.cfg.device_balance_alpha > 0
-                       and m.cfg.n_device_groups > 1 and m.cfg.router != "hash"]
-        self.last = {}
-        self.kept: dict[int, list] = {id(m): [] for m in self.layers}
-        for m in self.layers:
-            m.gate.register_forward_hook(functools.partial(self._keep, m))
-
-    def _keep(self, moe, _module, _args, routing):
-        if moe.training:
-            self.last[id(moe)] = routing
-
-    def __bool__(self):
-        return bool(self.layers)
-
-    def snapshot(self, layers) -> None:
-        for m in layers:
-            if id(m) in self.kept and id(m) in self.last:
-                self.kept[id(m)].append(self.last[id(m)])
-
-    @staticmethod
-    def _terms(m, r, batch_size: int):
-        c, s = m.cfg, r.scores_TE.detach()
-        exp = (expert_balance_loss(s, r.idx_TK, c.aux_loss_alpha, batch_size if c.seq_aux else None)
-               if c.aux_loss_alpha > 0 else 0.0)
-        return exp, device_balance_loss(s, r.idx_TK, c.device_balance_alpha, c.n_device_groups)
-
-    @torch.no_grad()
-    def compute(self, batch_size: int, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        exp = dev = 0.0
-        for m in self.layers:
-            if last is None:  # one forward per call (gradient accumulation)
-                r = self.last.get(id(m))
-                rs = [r] if r is not None and r.scores_TE is not None else []
-            else:
-                rs = [r for r in self.kept[id(m)][-last:] if r.scores_TE is not None]
-                self.kept[id(m)] = []
-            for r in rs:
-                e, d = self._terms(m, r, batch_size)
-                exp, dev = exp + e / len(rs), dev + d / len(rs)
-        self.last.clear()
-        return torch.as_tensor(exp), torch.as_tensor(dev)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -276,7 +227,7 @@ class Trainer:
                                            vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
                                            world_size=self.rt.loader_world)
         self.load = ExpertLoad(self.model, self.device, tape=self.pipe is not None)
-        self.split = _BalanceSplit(self.model)
+        self.split = BalanceSplit(self.model)
         # Whether the run logs expert load / the balance split at all: a property of the model, not
         # of this rank's stages (collectives over the stages must match on every rank).
         m = self.mcfg
