@@ -12,6 +12,8 @@ training), and their sum `loss`, the objective the released code trains.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -135,25 +137,45 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.init_weights()
+        if self.embed_tokens.weight.device.type != "meta":  # built on meta: nothing to fill
+            self.init_weights()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None):
+    def init_weights(self, generator: torch.Generator | None = None, *, seed: int | None = None):
         """Normal(0, initializer_range) for every matrix, ones for norms, zero biases.
 
-        Safe to call after `to_empty()` on a meta-built model (it also rebuilds non-persistent
-        buffers such as the Hash Layer table)."""
+        `seed` (the trainer and the parallel code): layout-independent init. Each parameter is
+        drawn on the CPU in float32 from its own generator, seeded from (seed, parameter name)
+        (each routed expert of a stacked w13 / w2 from (seed, name, expert index)), then cast and
+        copied to the parameter's device. So a parameter's values do not depend on the device,
+        the dtype's rounding aside, or on which other parameters this module holds: a whole
+        model, a pipeline stage and an expert-parallel / FSDP shard (DTensor) of the same
+        parameter agree element for element. A sharded parameter receives only its local part;
+        the transient host memory is one full non-expert parameter or this rank's experts of one
+        stacked tensor.
+
+        Without `seed`: the global RNG (or `generator`) fills the parameters in place, in module
+        order, as `Transformer(cfg)` does after `torch.manual_seed`.
+
+        Safe to call after `to_empty()` on a meta-built model (meta parameters are skipped; it also
+        rebuilds non-persistent buffers such as the Hash Layer table)."""
+        if seed is not None and generator is not None:
+            raise ValueError("init_weights: pass either a generator or a seed, not both")
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
+            name = _canonical_name(name)
+            local, offset = _local_part(p) if seed is not None else (p, None)
             if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
+                local.fill_(1.0)
             elif name.endswith(".bias"):
-                p.zero_()
-            else:
+                local.zero_()
+            elif seed is None:
                 p.normal_(0.0, std, generator=generator)
+            else:
+                local.copy_(_seeded_normal(seed, name, tuple(p.shape), offset, tuple(local.shape), std))
         for m in self.modules():
             if hasattr(m, "build_table") and m.table.device.type != "meta":
                 m.table.copy_(m.build_table())
@@ -224,3 +246,59 @@ class Transformer(nn.Module):
 
         hf.save_model(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
 
+
+# ---------------------------------------------------------------------------- seeded init helpers
+# Wrappers that parallelize() may insert into parameter names (activation checkpointing,
+# torch.compile's OptimizedModule); the seed uses the plain Transformer name.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# Stacked routed-expert tensors: dim 0 indexes experts, each drawn from its own stream so that a
+# rank holding E/ep experts generates only those.
+_STACKED_EXPERTS = ("experts.w13", "experts.w2")
+
+
+def _canonical_name(name: str) -> str:
+    for w in _WRAPPER_PREFIXES:
+        name = name.replace(w, "")
+    return name
+
+
+def param_seed(seed: int, name: str, index: int | None = None) -> int:
+    """A 63-bit generator seed from (seed, parameter name[, expert index]); a stable hash
+    (blake2b), not Python's per-process salted hash()."""
+    key = f"{seed}/{name}" if index is None else f"{seed}/{name}/{index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _local_part(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(this process's storage of parameter p, its offset in the global tensor per dimension).
+
+    A DTensor (expert parallel, FSDP2) holds one contiguous block of the global tensor per rank
+    (FSDP's shards of an expert slice are sub-blocks of it); its offset comes from the placements,
+    without communication. A plain tensor is its own whole."""
+    dtensor_mod = sys.modules.get("torch.distributed.tensor")  # a DTensor implies this import
+    if dtensor_mod is not None and isinstance(p, dtensor_mod.DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = p.to_local()  # under no_grad: the local storage itself (FSDP's shard included)
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        if tuple(shape) != tuple(local.shape):
+            raise RuntimeError(f"init_weights: local shard {tuple(local.shape)} of a {tuple(p.shape)} parameter "
+                               f"does not match its placements {p.placements} (expected {tuple(shape)})")
+        return local, tuple(offset)
+    return p, (0,) * p.dim()
+
+
+def _seeded_normal(seed: int, name: str, shape: tuple[int, ...], offset: tuple[int, ...],
+                   size: tuple[int, ...], std: float) -> torch.Tensor:
+    """Block [offset, offset + size) of parameter `name` (global `shape`) drawn as
+    Normal(0, std) on the CPU in float32 from the (seed, name) streams."""
+    if name.endswith(_STACKED_EXPERTS):
+        # Only the experts this block covers: one stream per expert.
+        lo, n = offset[0], size[0]
+        block = torch.empty((n, *shape[1:]))
+        for i in range(n):
+            block[i].normal_(0.0, std, generator=torch.Generator().manual_seed(param_seed(seed, name, lo + i)))
+        offset = (0, *offset[1:])
+    else:
+        block = torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+    return block[tuple(slice(o, o + n) for o, n in zip(offset, size))]

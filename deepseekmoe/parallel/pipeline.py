@@ -303,6 +303,12 @@ def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: l
     """Cut `model` into cfg.pp x cfg.pp_stages_per_rank stages, keep this rank's, parallelize each
     (EP, activation checkpointing, compile, FSDP2 over its dp x ep ranks), build the schedule.
 
+    `model` may live on the meta device (the trainer's way: nothing of the other stages is ever
+    allocated); this rank's stages are then parallelized on meta and materialised on its device
+    with to_empty(), uninitialised: call `init_weights(seed=...)` on each of `Pipeline.modules`
+    (their parameter names are the whole model's, so the weights are those of the whole model
+    initialised with the same seed) or load a checkpoint.
+
     Stage s lives on pp rank s % pp (looped placement, what the interleaved schedule expects).
     Micro-batches per step: cfg.pp_microbatches (0: 2 x stages). ConfigError for a layout that
     cannot run (`check_layout`)."""
@@ -315,13 +321,20 @@ def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: l
     if len(split) != n_stages:
         raise ValueError(f"layer split has {len(split)} stages, expected {n_stages}")
     group = mesh.group("pp")
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
     modules, stages = [], []
     for s in range(mesh.pp_rank, n_stages, mesh.pp):
         module = StageModule(model, split[s], first=s == 0, last=s == n_stages - 1)
-        # Only this rank's stages go to its device; the caller may keep the rest of `model` on
-        # the CPU (or drop it).
-        module.to(mesh.device)
-        parallelize(module, mesh, cfg)
+        if on_meta:
+            # Parallelize on meta, then allocate only this rank's shards of the stage on its
+            # device, uninitialised: the caller runs init_weights(seed=...) or loads a checkpoint.
+            parallelize(module, mesh, cfg)
+            module.to_empty(device=mesh.device)
+        else:
+            # Only this rank's stages go to its device; the caller may keep the rest of `model`
+            # on the CPU (or drop it).
+            module.to(mesh.device)
+            parallelize(module, mesh, cfg)
         modules.append(module)
         stages.append(PipelineStage(module, s, n_stages, mesh.device, group=group))
     if cfg.pp_schedule == "interleaved1f1b":

@@ -3,8 +3,10 @@
 `train(cfg, run_dir, resume=None)` does, in order:
   1. resolve everything that can be wrong with the input (config, dataset, vocabulary) before a
      single file is written, so a bad input leaves no run directory behind;
-  2. build the model (CPU init from `train.seed`, then moved; identical weights on any device),
-     AdamW and the schedule; restore a checkpoint when resuming;
+  2. build the model on `meta`, lay it out (parallel runs), allocate what this rank keeps on its
+     device and initialise it from `train.seed` (`Transformer.init_weights(seed=...)`: identical
+     weights on any device and in any layout), AdamW and the schedule; restore a checkpoint when
+     resuming;
   3. loop over optimizer steps: `grad_accum` micro-batches under bf16 autocast (GPU), gradient
      clipping, a finiteness check (a NaN/inf step is skipped and logged; too many in a row stop
      the run with the last good checkpoint intact), AdamW step; metrics every `log.every`,
@@ -195,29 +197,37 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
-        model = Transformer(self.mcfg)  # CPU init: the same weights whatever the device
+        # Built on `meta` (no memory), laid out, then only what this rank keeps is allocated on its
+        # device and initialised from train.seed, one parameter at a time, each from its own
+        # (seed, name) stream: one process and every parallel layout start from the same weights.
+        with torch.device("meta"):
+            model = Transformer(self.mcfg)
         model.set_routing(record=True)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         self.pipe = None
         if self.rt.pp > 1:
-            # This rank's stages only (moved to its device there), each EP -> act. ckpt -> compile
-            # -> FSDP2 over its dp x ep ranks; one AdamW per stage module (DCP pairs them).
+            # This rank's stages only (allocated on its device there), each EP -> act. ckpt ->
+            # compile -> FSDP2 over its dp x ep ranks; one AdamW per stage module (DCP pairs them).
             self.pipe = self.rt.build_pipeline(model, self.accum, cfg.train.seq_len,
                                                cfg.system.activation_checkpointing, cfg.system.compile)
-            del model  # the other stages' weights are freed with it
+            del model
+            for stage in self.pipe.modules:
+                stage.init_weights(seed=cfg.train.seed)
             self.model = self.pipe
             self.optimizer = OptimizerList([build_optimizer(m, cfg.optim, self.device) for m in self.pipe.modules])
             self.ckpt_model, self.ckpt_optim = self.pipe.modules, self.optimizer.optimizers
         else:
-            model.to(self.device)
             if self.rt.distributed:  # EP -> activation checkpointing -> compile -> FSDP2
                 model = self.rt.parallelize(model, cfg.system.activation_checkpointing, cfg.system.compile)
-            elif cfg.system.activation_checkpointing:
-                _enable_activation_checkpointing(model)
-            if cfg.system.compile and not self.rt.distributed:
-                for block in model.layers:
-                    block.compile()
+            model.to_empty(device=self.device)  # this rank's shards only, uninitialised
+            model.init_weights(seed=cfg.train.seed)
+            if not self.rt.distributed:
+                if cfg.system.activation_checkpointing:
+                    _enable_activation_checkpointing(model)
+                if cfg.system.compile:
+                    for block in model.layers:
+                        block.compile()
             self.model = model
             self.optimizer = build_optimizer(model, cfg.optim, self.device)
             self.ckpt_model, self.ckpt_optim = model, self.optimizer
