@@ -14,7 +14,11 @@ Pipeline parallelism splits the model into stages first and parallelizes each st
 (pipeline.py). Launch, layout and the scaling model: docs/parallel.md.
 
     mesh = init_distributed(ParallelConfig(ep=2))       # under torchrun
-    model = parallelize(Transformer(cfg), mesh, pcfg)    # same weights, global-batch semantics
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = parallelize(model, mesh, pcfg)              # global-batch semantics
+    model.to_empty(device=mesh.device)                  # this rank's shards only
+    model.init_weights(seed=0)                          # one process's weights (docs/parallel.md)
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ def __getattr__(name: str):
 def parallelize(model, mesh, cfg=None):
     """Apply EP -> activation checkpointing -> compile -> FSDP2 to `model` (in place; returned).
 
-    `model` is a Transformer or a pipeline stage built from one, on its device (or on `meta`, to be
-    materialised with to_empty() + init_weights() or a checkpoint load afterwards). With a
-    single-process mesh only activation checkpointing and compile apply."""
+    `model` is a Transformer or a pipeline stage built from one, on its device, or on `meta`, to be
+    materialised afterwards with to_empty() + init_weights(seed=...) (each rank then allocates and
+    draws only its own shards, and gets the values one process would have: the trainer's way)
+    or a checkpoint load. With a single-process mesh only activation checkpointing and compile
+    apply."""
     import torch
 
     from ..errors import ConfigError

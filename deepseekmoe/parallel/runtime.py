@@ -111,8 +111,9 @@ class Runtime:
 
     def build_pipeline(self, model: torch.nn.Module, n_microbatches: int, seq_len: int,
                        activation_checkpointing: bool = False, compile: bool = False):
-        """This rank's pipeline stages of `model` (a whole Transformer, on any device; only the
-        stages kept here move to this rank's device) with `n_microbatches` micro-batches a step."""
+        """This rank's pipeline stages of `model` (a whole Transformer on any device: only the
+        stages kept here move to this rank's device; on `meta`: they are allocated there,
+        uninitialised, for init_weights(seed=...)) with `n_microbatches` micro-batches a step."""
         from .pipeline import build_pipeline
 
         cfg = self.cfg
