@@ -295,10 +295,11 @@ def _seeded_normal(seed: int, name: str, shape: tuple[int, ...], offset: tuple[i
     if name.endswith(_STACKED_EXPERTS):
         # Only the experts this block covers: one stream per expert.
         lo, n = offset[0], size[0]
-        block = torch.empty((n, *shape[1:]))
+        block = torch.empty((n, *shape[1:]), device="cpu", dtype=torch.float32)
         for i in range(n):
             block[i].normal_(0.0, std, generator=torch.Generator().manual_seed(param_seed(seed, name, lo + i)))
         offset = (0, *offset[1:])
     else:
-        block = torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(param_seed(seed, name)))
+        block = torch.empty(shape, device="cpu", dtype=torch.float32).normal_(
+            0.0, std, generator=torch.Generator().manual_seed(param_seed(seed, name)))
     return block[tuple(slice(o, o + n) for o, n in zip(offset, size))]
