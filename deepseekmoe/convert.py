@@ -3,12 +3,14 @@
 The direction is read off SRC: a native model directory (config.json with
 `"format": "deepseekmoe"`, or a training checkpoint folder holding one as `model/`) becomes a
 released-format directory; a released-format directory (config.json with `model_type:
-"deepseek"`) becomes a native one. Both sides are written atomically, so an interrupted
-conversion leaves DST as it was.
+"deepseek"`) becomes a native one. A sharded checkpoint of a distributed run (DCP) and a run
+directory (its newest checkpoint) count as native sources. Both sides are written atomically, so
+an interrupted conversion leaves DST as it was.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +22,8 @@ DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16":
 
 
 def add_arguments(p) -> None:
-    p.add_argument("src", help="native model dir / training checkpoint folder, or a released-format dir")
+    p.add_argument("src", help="native model dir, training checkpoint (single-process or distributed), run "
+                   "directory (its newest checkpoint), or a released-format dir")
     p.add_argument("dst", help="output directory (the other format)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="dtype of the written weights (auto keeps the source's)")
@@ -42,6 +45,10 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
     if Path(src).resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: the output must differ from the input")
     kind, path = hf.find_checkpoint(src)
+    if kind == "dcp":
+        with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+            native = _export_dcp(path, Path(tmp) / "model")
+            return convert(native, dst, dtype, max_shard_size, tokenizer, overwrite)
     model = Transformer.from_pretrained(path, dtype=dtype)
     if kind == "native":
         if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
@@ -50,6 +57,17 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
         return "hf"
     io.save_native(dst, model.config, model.state_dict())
     return "native"
+
+
+def _export_dcp(path: Path, out: Path) -> Path:
+    """The model of a distributed (DCP) training checkpoint as a native model directory."""
+    from .parallel.checkpoint import export_native, verify
+    from .train import recipe
+
+    state = verify(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path}: its state.json has no training config; not a deepseekmoe checkpoint")
+    return export_native(path, recipe.from_dict(state["config"]).model_config(), out)
 
 
 def run(args) -> int:

@@ -208,8 +208,9 @@ def export_plan(model) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------------- reading
 def find_checkpoint(path) -> tuple[str, Path]:
-    """('hf' | 'native', directory) for a released-format dir, a native model dir, or a training
-    checkpoint folder holding a native `model/` dir."""
+    """('hf' | 'native' | 'dcp', directory) for a released-format dir, a native model dir, a
+    training checkpoint folder holding a native `model/` dir, a distributed (DCP) training
+    checkpoint, or a run directory (runs/<name>-<time>/: its newest checkpoint)."""
     from . import io
 
     path = Path(path)
@@ -217,15 +218,30 @@ def find_checkpoint(path) -> tuple[str, Path]:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if path.is_file():
         path = path.parent
+    if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        # Finished checkpoints are named step_NNNNNNN (zero-padded); temporaries start with '.'.
+        steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir())
+        if not steps:
+            raise CheckpointError(f"{path}: a run directory without a finished checkpoint in checkpoints/")
+        path = steps[-1]
     if io.is_native(path):
         return "native", path
     if io.is_native(path / "model"):
         return "native", path / "model"
+    if (path / ".metadata").is_file():
+        return "dcp", path
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a released deepseek-moe checkpoint, a "
-                              "native model directory, or a training checkpoint holding model/)")
+                              "native model directory, a training checkpoint or a run directory)")
     return "hf", path
+
+
+def require_loadable(kind: str, path: Path) -> None:
+    """Model loaders read released and native directories; a distributed checkpoint needs a convert."""
+    if kind == "dcp":
+        raise CheckpointError(f"{path} is a sharded checkpoint of a distributed run; turn it into a model "
+                              f"directory first: deepseekmoe convert {path} OUT_DIR")
 
 
 def read_hf_config(path: Path) -> dict:
@@ -348,6 +364,7 @@ def load_model(cls, path, dtype: torch.dtype | None = None, device="cpu", **over
     dtype None keeps the checkpoint's dtype. `overrides` replace config fields (e.g.
     expert_backend="loop"). Returns the model in eval mode."""
     kind, path = find_checkpoint(path)
+    require_loadable(kind, path)
     if kind == "native":
         return _load_native(cls, path, dtype, device, overrides)
     raw = read_hf_config(path)

@@ -64,17 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-samples", action="store_true", help="keep per-document predictions in the JSON")
 
 
-def _latest_checkpoint(path: Path) -> Path:
-    """A run directory (runs/<name>-<time>/) means its newest checkpoint."""
-    if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
-        from ..train.checkpoint import list_checkpoints
-
-        found = list_checkpoints(path)
-        if found:
-            return found[-1]
-    return path
-
-
 def open_model(args):
     """(model in eval mode, tokenizer, tokenizer directory, generation mode) from the model flags,
     through the loader `deepseekmoe generate` uses."""
@@ -83,7 +72,7 @@ def open_model(args):
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    _, model_dir = hf.find_checkpoint(_latest_checkpoint(Path(args.model)))
+    _, model_dir = hf.find_checkpoint(args.model)
     ns = argparse.Namespace(model=str(model_dir), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                             expert_backend=args.expert_backend, mode="auto", max_new_tokens=1, temperature=0.0,
                             top_k=0, top_p=1.0)

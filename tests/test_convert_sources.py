@@ -1,0 +1,60 @@
+"""What `convert`, `generate` and `eval` accept as a model: run directories (newest checkpoint) and
+sharded checkpoints of distributed runs, besides native and released-format directories."""
+
+import pytest
+import torch
+
+from deepseekmoe import Transformer, hf, presets
+from deepseekmoe.cli import main
+from deepseekmoe.errors import CheckpointError
+from deepseekmoe.io import save_native
+from deepseekmoe.parallel import checkpoint as dcp_ckpt
+from deepseekmoe.train import recipe
+
+CFG = presets.get("tiny").replace(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return Transformer(CFG).eval()
+
+
+def _logits(model):
+    ids = torch.arange(20).view(2, 10) % CFG.vocab_size
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_run_directory_means_its_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    old, new = _model(0), _model(1)
+    save_native(run / "checkpoints" / "step_0000002" / "model", CFG, old.state_dict())
+    save_native(run / "checkpoints" / "step_0000010" / "model", CFG, new.state_dict())
+    (run / "checkpoints" / ".step_0000011.tmp").mkdir()  # an unfinished save is never picked
+    kind, path = hf.find_checkpoint(run)
+    assert kind == "native" and path == run / "checkpoints" / "step_0000010" / "model"
+    assert main(["convert", str(run), str(tmp_path / "hf")]) == 0
+    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    assert torch.equal(_logits(loaded), _logits(new))
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="without a finished checkpoint"):
+        hf.find_checkpoint(empty)
+
+
+def test_distributed_checkpoint_converts_and_loaders_explain(tmp_path, capsys):
+    model = _model(2)
+    # The trainer stores its whole TrainConfig in state.json; its model section describes CFG.
+    state = {"config": recipe.TrainConfig().to_dict()}
+    state["config"]["model"].update({k: v for k, v in CFG.to_dict().items() if k != "name"})
+    ckpt = dcp_ckpt.save(tmp_path / "step_0000004", model, extra=state)
+    assert hf.find_checkpoint(ckpt) == ("dcp", ckpt)
+    with pytest.raises(CheckpointError, match="deepseekmoe convert"):
+        Transformer.from_pretrained(ckpt)
+    assert main(["generate", "--model", str(ckpt), "--prompt", "a"]) == 2
+    assert "sharded checkpoint of a distributed run" in capsys.readouterr().err
+    assert main(["convert", str(ckpt), str(tmp_path / "hf")]) == 0
+    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    assert loaded.config.hidden_size == CFG.hidden_size
+    assert torch.allclose(_logits(loaded), _logits(model), atol=1e-6)
