@@ -161,7 +161,7 @@ def check_poison(results):
     mk.down_bwd(dy, w2, a, gu, perm, counts, w.reshape(-1), K, tpe, dgu, aw, dwp, 1)
     dw2, dw13 = nan(E, D, F), nan(E, 2 * F, D)
     mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True)
-    mk.wgrad(dgu, x, dw13, perm, counts, K, tpe, a_gather=False)
+    mk.wgrad(dgu, x[perm.long() // K], dw13, perm, counts, K, tpe, a_gather=False, b_gather=False)
     mk.rowtile(dgu, w13, dx, perm, counts, None, K, tpe, n=D, kd=2 * F, a_gather=False, b_kmajor=False)
     finite = {n: bool(torch.isfinite(t).all()) for n, t in
               dict(a=a, gu=gu, y=y, dgu=dgu, aw=aw, dwp=dwp, dx=dx, dw2=dw2, dw13=dw13).items()}
@@ -246,7 +246,8 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "gateup_fwd": [((128, 128, 32), 8, 6), ((256, 64, 64), 8, 4)],
         "down_fwd": [((128, 256, 32), 8, 6)],
         "down_bwd": [((128, 128, 64), 8, 3), ((128, 256, 32), 8, 6)],
-        "wgrad": [((128, 256, 64), 8, 4), ((128, 256, 32), 8, 8), ((128, 128, 128), 8, 4)],
+        "wgrad": [((128, 256, 64), 8, 4), ((256, 128, 64), 8, 5)],
+        "wgrad_sorted": [((256, 128, 64), 8, 4), ((128, 128, 64), 8, 5)],
         "gateup_dx": [((128, 256, 32), 8, 6)],
     }
     stages = {
@@ -258,7 +259,9 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "down_bwd_ast": (1, lambda c: mk.down_bwd(dy, w2, a, gu, perm, counts, w_S, K, tpe, dgu, aw, dwp, 2,
                                                   config=c)),
         "wgrad_w2": (1, lambda c: mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True, config=c)),
-        "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x, dw13, perm, counts, K, tpe, a_gather=False, config=c)),
+        # dW13 as the backward runs it: from a sorted copy of x (both operands through TMA)
+        "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x_SD, dw13, perm, counts, K, tpe, a_gather=False, b_gather=False,
+                                            config=c)),
         "gateup_dx": (2, lambda c: mk.rowtile(dgu, w13, dx, perm, counts, None, K, tpe, n=D, kd=2 * F,
                                               a_gather=False, b_kmajor=False, config=c)),
         # Diagnostics: x_tok @ W13^T as a plain gathered GEMM (no SwiGLU epilogue), and the same
@@ -276,7 +279,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     best = {}
     for name, (units, fn) in stages.items():
         first = None
-        key = "wgrad" if name.startswith("wgrad") else name.removesuffix("_ast")
+        key = {"wgrad_w2": "wgrad", "wgrad_w13": "wgrad_sorted"}.get(name, name.removesuffix("_ast"))
         if name.startswith("diag"):
             cfgs = [C(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=4)]
         else:
@@ -433,7 +436,7 @@ def main():
     # Correctness with one config per kernel (fewer compiles); the sweep then checks every config
     # against the first at the full shape, and end_to_end runs the autotuned path.
     mk.FORCE_CONFIG.update(gateup_fwd=mk.GATEUP_CFGS[0], rowtile=mk.ROWTILE_CFGS[1], down_bwd=mk.DOWN_BWD_CFGS[0],
-                           wgrad=mk.WGRAD_CFGS[0])
+                           wgrad=mk.WGRAD_CFGS[0], wgrad_sorted=mk.WGRAD_SORTED_CFGS[0])
     worst = check_correct(results)
     check_poison(results)
     check_graph_compile(results)

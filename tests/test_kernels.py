@@ -127,6 +127,40 @@ def test_topk_equals_experts_and_one_token():
 
 
 @needs_interp
+def test_no_tokens():
+    """Zero tokens (an expert-parallel rank can receive none): empty output, zero weight grads."""
+    x = torch.randn(0, 32, requires_grad=True)
+    w13 = torch.randn(4, 32, 32, requires_grad=True)
+    w2 = torch.randn(4, 32, 16, requires_grad=True)
+    y = mt.experts_triton(x, torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2), w13, w2)
+    assert y.shape == (0, 32)
+    (y.sum() + (w13 * 0).sum() + (w2 * 0).sum()).backward()
+    assert w13.grad.abs().max() == 0 and w2.grad.abs().max() == 0
+
+
+@needs_interp
+def test_wgrad_operand_modes_agree():
+    """dW from a gathered operand equals dW from a sorted copy (the backward uses the copy for
+    dW13), including experts whose row count is not a multiple of the row block (masked tail)."""
+    T, K, E, D, N = 37, 2, 5, 32, 48
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    perm, counts = mt.routing_metadata(idx, E)
+    assert (counts % 16 != 0).any()
+    A_SN = torch.randn(T * K, N, generator=g)
+    x_TD = torch.randn(T, D, generator=g)
+    out_g, out_s = torch.full((E, N, D), float("nan")), torch.full((E, N, D), float("nan"))
+    mk.wgrad(A_SN, x_TD, out_g, perm, counts, K, 16, a_gather=False)
+    mk.wgrad(A_SN, x_TD[perm.long() // K], out_s, perm, counts, K, 16, a_gather=False, b_gather=False)
+    ref = torch.zeros(E, N, D)
+    for r, s in enumerate(perm.tolist()):
+        e = idx.reshape(-1)[s]
+        ref[e] += A_SN[r, :, None] * x_TD[s // K][None, :]
+    torch.testing.assert_close(out_g, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_s, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
 def test_unaligned_dims_take_the_padding_path():
     _check(13, 2, 4, 37, 21)  # D, F not multiples of 16: zero-padded inside the backend
 

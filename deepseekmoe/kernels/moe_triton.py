@@ -7,8 +7,8 @@ deepseekmoe.moe.experts.experts_loop (its reference twin). Data flow:
             gateup_fwd: a_SF (and g|u saved for backward)   down_fwd: y_slot = w * (a @ W2^T)
             y_TD = sum over the K slots of each token (one reduction, fp32 accumulate)
   backward  down_bwd: dg|du = dA' w t | dA' w s, aw = w*a, dw (via dw_s = <dy_tok, W2_e a_s> =
-            <dA'_s, a_s>, so y is never stored)   wgrad: dW2 = dy_tok^T aw, dW13 = dgu^T x_tok   gateup_dx: dx slots,
-            summed over K
+            <dA'_s, a_s>, so y is never stored)   wgrad: dW2 = dy_tok^T aw, dW13 = dgu^T x_sorted (a
+            sorted copy of x made here)   gateup_dx: dx slots, summed over K
 
 Saved for backward: a = silu(g) u [S, F] and s|t = silu(g) | u silu'(g) [S, 2F] in the compute
 dtype (the forward epilogue has g and u in registers; the backward then needs only products),
@@ -92,8 +92,17 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
                b_kmajor=False, config=configs.get("gateup_dx"))
     dx_TD = mk.sum_slots(dx_SD, T, K)
     del dx_SD
+    # dW13 from a sorted copy of x: with both operands through TMA this product runs ~1.4x faster
+    # than gathering x rows inside its loop. The copy is made in column halves (half the [S, D]
+    # temporary each) so the backward's peak memory stays below the grouped backend's.
     dw13 = torch.empty_like(w13_E2FD)
-    mk.wgrad(dgu_S2F, x_TD, dw13, perm_S, counts_E, K, tpe, a_gather=False, config=configs.get("wgrad_w13"))
+    tok_S = perm_S.long() // K
+    half = D // 2 if D % 32 == 0 else D
+    for c0 in range(0, D, half):
+        x_SH = x_TD[:, c0:c0 + half].index_select(0, tok_S)
+        mk.wgrad(dgu_S2F, x_SH, dw13[:, :, c0:c0 + half], perm_S, counts_E, K, tpe, a_gather=False,
+                 b_gather=False, config=configs.get("wgrad_w13"))
+        del x_SH
     dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
     dw_S.scatter_(0, perm_S.to(torch.int64), dwp_SC.sum(1))
     return dx_TD, dw_S.to(w_S.dtype), dw13, dw2
