@@ -258,6 +258,9 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "down_bwd": (1, lambda c: mk.down_bwd(dy, w2, a, gu, perm, counts, w_S, K, tpe, dgu, aw, dwp, 1, config=c)),
         "down_bwd_ast": (1, lambda c: mk.down_bwd(dy, w2, a, gu, perm, counts, w_S, K, tpe, dgu, aw, dwp, 2,
                                                   config=c)),
+        # the split down backward: dA' = dy_tok @ W2_e (GEMM), then swiglu_bwd_rows (in "other")
+        "down_bwd_gemm": (1, lambda c: mk.rowtile(dy, w2, a, perm, counts, None, K, tpe, n=F, kd=D, a_gather=True,
+                                                  b_kmajor=False, out_sorted=True, config=c)),
         "wgrad_w2": (1, lambda c: mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True, config=c)),
         # dW13 as the backward runs it: from a sorted copy of x (both operands through TMA)
         "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x_SD, dw13, perm, counts, K, tpe, a_gather=False, b_gather=False,
@@ -275,11 +278,13 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     outs = {"diag_xw13_gather": lambda: [gu], "diag_xw13_sorted": lambda: [gu],
             "gateup_fwd": lambda: [a, gu], "gateup_fwd_ast": lambda: [a, gu], "down_fwd": lambda: [y],
             "down_bwd": lambda: [dgu, aw, dwp.sum(1)], "down_bwd_ast": lambda: [dgu, aw, dwp.sum(1)],
-            "wgrad_w2": lambda: [dw2], "wgrad_w13": lambda: [dw13], "gateup_dx": lambda: [dx]}
+            "down_bwd_gemm": lambda: [a], "wgrad_w2": lambda: [dw2], "wgrad_w13": lambda: [dw13],
+            "gateup_dx": lambda: [dx]}
     best = {}
     for name, (units, fn) in stages.items():
         first = None
-        key = {"wgrad_w2": "wgrad", "wgrad_w13": "wgrad_sorted"}.get(name, name.removesuffix("_ast"))
+        key = {"wgrad_w2": "wgrad", "wgrad_w13": "wgrad_sorted", "down_bwd_gemm": "down_fwd"}.get(
+            name, name.removesuffix("_ast"))
         if name.startswith("diag"):
             cfgs = [C(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=4)]
         else:
@@ -314,10 +319,14 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
                 results["sweep"].append({"stage": name, "cfg": tag, "error": repr(e)[:300]})
                 print(f"sweep {name} {tag} ERROR {repr(e)[:300]}", flush=True)
     # Non-GEMM stages
+    dap_b, dw_b = torch.randn_like(a), torch.empty(S, device=DEV)
     other = {
         "routing_metadata": lambda: mt.routing_metadata(idx, E),
         "combine_sum_K": lambda: mk.sum_slots(y, T, K),
         "dwp_scatter": lambda: torch.empty(S, device=DEV).scatter_(0, perm.long(), dwp.sum(1)),
+        **{f"swiglu_bwd_rows {b}": (lambda b=b: mk.swiglu_bwd_rows(dap_b, a, gu, perm, w_S, dgu, aw, dw_b, 1,
+                                                                  blocks=b))
+           for b in ((8, 256, 4), (4, 512, 4), (16, 128, 4), (4, 256, 2), (16, 256, 8))},
     }
     for name, fn in other.items():
         ms = bench(fn, rep=100)
@@ -385,8 +394,10 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
     fl = 6 * T * K * D * F / 1e9
     rows = {}
     ins = [t.clone().requires_grad_() for t in (x, w, w13, w2)]
-    for name, fn in (("grouped", experts_grouped), ("triton", mt.experts_triton), ("triton_ast", mt.experts_triton)):
+    for name, fn in (("grouped", experts_grouped), ("triton", mt.experts_triton), ("triton_ast", mt.experts_triton),
+                     ("triton_fused", mt.experts_triton)):
         mt.SAVE_MODE = 2 if name == "triton_ast" else 1
+        mt.DOWN_BWD = "fused" if name == "triton_fused" else "split"
         fwd = lambda fn=fn: fn(ins[0], idx, ins[1], ins[2], ins[3])
         fb = lambda fn=fn: torch.autograd.grad(fn(ins[0], idx, ins[1], ins[2], ins[3]), ins, g)
         fb()
@@ -398,7 +409,7 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
             rows[name]["graph_fb_ms"] = graph_time(fb)
             rows[name]["graph_fb_tflops"] = 3 * fl / rows[name]["graph_fb_ms"]
             results["profile"] = profile(fb)
-    mt.SAVE_MODE = 1
+    mt.SAVE_MODE, mt.DOWN_BWD = 1, "split"
     # Dense SwiGLU with the same activated FLOPs: width K*F on T tokens, cuBLAS through torch.
     W13 = (torch.randn(2 * K * F, D, device=DEV) / D ** 0.5).bfloat16().requires_grad_()
     W2 = (torch.randn(D, K * F, device=DEV) / (K * F) ** 0.5).bfloat16().requires_grad_()

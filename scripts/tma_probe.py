@@ -312,12 +312,47 @@ def wgrad_part(ctx, record):
                    None, None)
 
 
+def occupancy_part(ctx, record):
+    """down_bwd (g|u saved) and dW2 under configs that let two CTAs share an SM (fewer stages,
+    register caps), so one CTA's epilogue can overlap the other's main loop."""
+    K, E, D, F, dt, perm, counts, tpe, dy, a, dgu, w2, w_S, S = (ctx[k] for k in (
+        "K", "E", "D", "F", "dt", "perm", "counts", "tpe", "dy", "a", "dgu", "w2", "w_S", "S"))
+    C = triton.Config
+    gu = torch.randn_like(dgu)
+    dgu_o, aw_o = torch.empty_like(dgu), torch.empty_like(a)
+    dwp = torch.zeros(S, mk.dwp_cols(F), device=DEV)
+    specs = [(128, 128, 64, 8, 4, 2, None), (128, 128, 64, 8, 2, 2, 128), (128, 128, 64, 8, 3, 2, 128),
+             (128, 128, 32, 8, 4, 2, 128), (128, 128, 32, 8, 3, 2, None), (64, 128, 64, 4, 3, 2, None),
+             (64, 128, 64, 4, 4, 2, None), (64, 256, 64, 8, 3, 4, None), (128, 256, 64, 8, 3, 4, None),
+             (128, 128, 64, 4, 3, 2, None)]
+    if DRY:
+        specs = [(16, 32, 16, 4, 1, 2, None)]
+    for bm, bn, bk, w, st, ns, mr in specs:
+        cfg = C(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NSPLIT=ns), num_warps=w, num_stages=st,
+                **({} if mr is None else dict(maxnreg=mr)))
+        record("down_bwd_s1", f"{bm}x{bn}x{bk} w{w} s{st} nsplit{ns} maxnreg{mr}", 1,
+               lambda cfg=cfg: mk.down_bwd(dy, w2, a, gu, perm, counts, w_S, K, tpe, dgu_o, aw_o, dwp, 1,
+                                           config=None if DRY else cfg), None, None)
+    dw2 = torch.empty_like(w2)
+    wspecs = [(128, 256, 64, 8, 5, None), (128, 128, 64, 8, 4, 128), (128, 128, 64, 8, 3, 128),
+              (128, 128, 64, 4, 4, None), (256, 128, 64, 8, 4, None), (128, 256, 64, 8, 4, None)]
+    if DRY:
+        wspecs = [(16, 16, 16, 4, 1, None)]
+    for bm, bn, bk, w, st, mr in wspecs:
+        cfg = C(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st,
+                **({} if mr is None else dict(maxnreg=mr)))
+        record("wgrad_w2", f"{bm}x{bn}x{bk} w{w} s{st} maxnreg{mr}", 1,
+               lambda cfg=cfg: mk.wgrad(dy, a, dw2, perm, counts, K, tpe, a_gather=True, config=None if DRY else cfg),
+               None, None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--part", default="tma", choices=["tma", "wgrad"], help="tma: the v4 probe; wgrad: wgrad "
-                    "variants and old-vs-new kernels (needs scripts/_ab_old_kernels.py, the previous moe_kernels)")
+    ap.add_argument("--part", default="tma", choices=["tma", "wgrad", "occupancy"],
+                    help="tma: the v4 probe; wgrad: wgrad variants and old-vs-new kernels (needs "
+                    "scripts/_ab_old_kernels.py, the previous moe_kernels); occupancy: down_bwd/dW2 configs")
     args = ap.parse_args()
     if not DRY:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -356,8 +391,9 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    if args.part == "wgrad":
-        wgrad_part(dict(T=T, K=K, E=E, D=D, F=F, dt=dt, perm=perm, counts=counts, tpe=tpe, x=x, dy=dy, a=a, dgu=dgu,
+    if args.part in ("wgrad", "occupancy"):
+        part = wgrad_part if args.part == "wgrad" else occupancy_part
+        part(dict(T=T, K=K, E=E, D=D, F=F, dt=dt, perm=perm, counts=counts, tpe=tpe, x=x, dy=dy, a=a, dgu=dgu,
                         w2=w2, w13=w13, w_S=w_S, S=S), record)
         return finish(rows, args)
     E_P2 = triton.next_power_of_2(E)

@@ -172,14 +172,22 @@ def test_bf16_runs_and_is_close():
 
 
 @needs_interp
-def test_save_modes_agree(monkeypatch):
+def test_save_modes_and_down_bwd_paths_agree(monkeypatch):
+    """What the forward saves (g|u or a + s|t) and how the down projection's backward runs (split:
+    GEMM + elementwise pass; fused: one kernel) change nothing beyond rounding, and all match loop."""
     (x, w, w13, w2, dy), idx = _inputs(17, 3, 6, 32, 32, seed=5)
+    ref = _fwd_bwd(experts_loop, x, w, w13, w2, dy, idx)
     outs = []
     for mode in (1, 2):
-        monkeypatch.setattr(mt, "SAVE_MODE", mode)
-        outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
-    for name, a, b in zip(NAMES, *outs):
-        assert _rel(a, b) < 1e-6, name
+        for path in ("split", "fused"):
+            monkeypatch.setattr(mt, "SAVE_MODE", mode)
+            monkeypatch.setattr(mt, "DOWN_BWD", path)
+            outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
+    for out in outs[1:]:
+        for name, a, b in zip(NAMES, out, outs[0]):
+            assert _rel(a, b) < 1e-6, name
+    for name, a, b in zip(NAMES, outs[0], ref):
+        assert _rel(a, b) < 1e-5, name
 
 
 @needs_interp

@@ -124,9 +124,10 @@ def _gateup_fwd(x_ptr, w_desc, perm_ptr, counts_ptr, st_ptr, a_ptr,
 def _rowtile_gemm(a_desc, a_ptr, b_desc, out_ptr, perm_ptr, counts_ptr, w_ptr,
                   N, KD, lda, E, TPE, K_TOP,
                   E_P2: tl.constexpr, A_GATHER: tl.constexpr, B_KMAJOR: tl.constexpr,
-                  SCALE_W: tl.constexpr, PREC: tl.constexpr, PERSIST: tl.constexpr,
+                  SCALE_W: tl.constexpr, OUT_SORTED: tl.constexpr, PREC: tl.constexpr, PERSIST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[slot(s)] = (w_s *) A_s @ B_e for the sorted rows s of each expert, stored in slot order.
+    """out[slot(s)] = (w_s *) A_s @ B_e for the sorted rows s of each expert, stored in slot order
+    (or in sorted order, OUT_SORTED).
 
     A_s is row s of a sorted [S, KD] tensor read through a_desc (a box running past the expert's
     end computes rows that are never stored), or (A_GATHER) row tok(s) of a token-indexed tensor
@@ -159,7 +160,8 @@ def _rowtile_gemm(a_desc, a_ptr, b_desc, out_ptr, perm_ptr, counts_ptr, w_ptr,
             acc = acc * tl.load(w_ptr + slot).to(tl.float32)[:, None]
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (rows < end)[:, None] & (offs_n < N)[None, :]
-        tl.store(out_ptr + slot[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        orow = rows.to(tl.int64) if OUT_SORTED else slot
+        tl.store(out_ptr + orow[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -342,6 +344,58 @@ def sum_slots(src_SD, T, K):
     return out
 
 
+@triton.jit
+def _swiglu_bwd_rows(dap_ptr, a_ptr, st_ptr, perm_ptr, w_ptr, dgu_ptr, aw_ptr, dw_ptr, S, F,
+                     SAVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """SwiGLU backward of sorted rows from dA' = dy_tok @ W2_e (a separate GEMM, rowtile):
+    dw[slot] = <dA', a> (whole rows: exact, no partials), da = w dA', dg = da t, du = da s,
+    aw = w a, with s = silu(g), t = u silu'(g) recomputed from g|u (SAVE 1) or loaded (SAVE 2)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rows < S
+    r64 = rows.to(tl.int64)
+    slot = tl.load(perm_ptr + rows, mask=rm, other=0).to(tl.int64)
+    wv = tl.load(w_ptr + slot, mask=rm, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        m = rm[:, None] & (cols < F)[None, :]
+        o1 = r64[:, None] * F + cols[None, :]
+        o2 = r64[:, None] * (2 * F) + cols[None, :]
+        dap = tl.load(dap_ptr + o1, mask=m, other=0.0).to(tl.float32)
+        if SAVE == 1:
+            g = tl.load(st_ptr + o2, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(st_ptr + o2 + F, mask=m, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            s_f = g * sig
+            act = s_f * u
+            t_f = sig * (u - act) + act
+        else:
+            act = tl.load(a_ptr + o1, mask=m, other=0.0).to(tl.float32)
+            s_f = tl.load(st_ptr + o2, mask=m, other=0.0).to(tl.float32)
+            t_f = tl.load(st_ptr + o2 + F, mask=m, other=0.0).to(tl.float32)
+        dw += tl.sum(dap * act, 1)
+        da = dap * wv[:, None]
+        tl.store(dgu_ptr + o2, (da * t_f).to(dgu_ptr.dtype.element_ty), mask=m)
+        tl.store(dgu_ptr + o2 + F, (da * s_f).to(dgu_ptr.dtype.element_ty), mask=m)
+        tl.store(aw_ptr + o1, (act * wv[:, None]).to(aw_ptr.dtype.element_ty), mask=m)
+    tl.store(dw_ptr + slot, dw, mask=rm)
+
+
+# (rows, columns, warps) per program of the elementwise SwiGLU backward; GPU check sweeps others.
+SWIGLU_BWD_BLOCKS = (8, 256, 4)
+
+
+def swiglu_bwd_rows(dap_SF, a_SF, st_S2F, perm_S, w_S, dgu_S2F, aw_SF, dw_S, save, blocks=None):
+    """Elementwise SwiGLU backward of the split down-projection backward (see _swiglu_bwd_rows)."""
+    S, F_ = dap_SF.shape
+    if S == 0:
+        return None
+    br, bf, nw = (4, 16, 1) if INTERPRET else (blocks or SWIGLU_BWD_BLOCKS)
+    return _swiglu_bwd_rows[(triton.cdiv(S, br),)](dap_SF, a_SF if save == 2 else st_S2F, st_S2F, perm_S, w_S,
+                                                    dgu_S2F, aw_SF, dw_S, S, F_, SAVE=save, BLOCK_R=br, BLOCK_F=bf,
+                                                    **({} if INTERPRET else dict(num_warps=nw)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Hopper configs (bf16 operands, fp32 accumulate; num_warps a multiple of 4 and BLOCK_M >= 64 so
 # Triton emits wgmma). Autotuned per (shape, tokens-per-expert bucket); the lists stay short
@@ -377,7 +431,7 @@ ROWTILE_CFGS = _cfgs("rowtile", (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1)
 # down_bwd: BLOCK_N / NSPLIT must be a multiple of DWP_GRAN (NSPLIT accumulators of that width).
 # (128x256 with NSPLIT=2 is the best for save mode 2; with g|u saved it spills and loses.)
 DOWN_BWD_CFGS = (_cfgs("down_bwd", (128, 128, 64, 8, 4, -1), (128, 256, 64, 8, 4, -1), NSPLIT=2)
-                 + _cfgs("down_bwd", (128, 256, 32, 8, 6, -1), NSPLIT=4))
+                 + _cfgs("down_bwd", (128, 256, 32, 8, 6, -1), (128, 256, 64, 8, 3, -1), NSPLIT=4))
 # wgrad with a gathered operand: num_stages 5 (its row-index load takes pipeline stages from the
 # data loads); with both operands sorted (through TMA) 5 stages do not fit shared memory, 4 win.
 WGRAD_CFGS = _cfgs("wgrad", (128, 256, 64, 8, 5, -1), (128, 256, 32, 8, 8, -1))
@@ -392,7 +446,7 @@ def _tuned(fn, cfgs, key):
 
 _TUNED = {
     "gateup_fwd": _tuned(_gateup_fwd, GATEUP_CFGS, ["D", "F", "TPE", "SAVE"]),
-    "rowtile": _tuned(_rowtile_gemm, ROWTILE_CFGS, ["N", "KD", "TPE", "A_GATHER", "SCALE_W"]),
+    "rowtile": _tuned(_rowtile_gemm, ROWTILE_CFGS, ["N", "KD", "TPE", "A_GATHER", "SCALE_W", "OUT_SORTED"]),
     "down_bwd": _tuned(_down_bwd, DOWN_BWD_CFGS, ["D", "F", "TPE", "SAVE"]),
     "wgrad": _tuned(_wgrad, WGRAD_CFGS, ["N1", "N2", "TPE", "A_GATHER", "B_GATHER"]),
     "wgrad_sorted": _tuned(_wgrad, WGRAD_SORTED_CFGS, ["N1", "N2", "TPE"]),
@@ -482,15 +536,16 @@ def gateup_fwd(x_TD, w13_E2FD, perm_S, counts_E, K, tpe, a_SF, st_S2F, save=0, c
                    config)
 
 
-def rowtile(a, b_EXX, out_SN, perm_S, counts_E, w_S, K, tpe, *, n, kd, a_gather, b_kmajor, config=None):
-    """out_SN[slot(s)] = (w_s *) A_s @ B_e  (see _rowtile_gemm)."""
+def rowtile(a, b_EXX, out_SN, perm_S, counts_E, w_S, K, tpe, *, n, kd, a_gather, b_kmajor, out_sorted=False,
+            config=None):
+    """out_SN[slot(s)] (or out_SN[s] when out_sorted) = (w_s *) A_s @ B_e  (see _rowtile_gemm)."""
     E = b_EXX.shape[0]
     S = perm_S.shape[0]
     if S == 0:
         return None
     b2 = b_EXX.view(E * b_EXX.shape[1], b_EXX.shape[2])
     kw = dict(a_desc=_desc(a), a_ptr=a, b_desc=_desc(b2), A_GATHER=a_gather, B_KMAJOR=b_kmajor,
-              SCALE_W=w_S is not None, **_common(E, tpe, a.dtype.itemsize == 4))
+              SCALE_W=w_S is not None, OUT_SORTED=out_sorted, **_common(E, tpe, a.dtype.itemsize == 4))
     rest = (out_SN, perm_S, counts_E, w_S if w_S is not None else a, n, kd, a.stride(0), E, tpe, K)
     return _launch("rowtile", _row_grid(S, E, n, a.device), (), dict(kw, **_named(_rowtile_gemm, 3, rest)), config)
 

@@ -33,6 +33,12 @@ from . import moe_kernels as mk
 # 2 = a [S, F] + s|t [S, 2F] (backward epilogue is products only; 1.5x the memory). The default
 # is set from the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_SAVE=gu|ast overrides it.
 SAVE_MODE = {"gu": 1, "ast": 2}[os.environ.get("DEEPSEEKMOE_MOE_SAVE", "gu")]
+# Backward of the down projection: "split" (a row-tiled GEMM for dA', then one elementwise SwiGLU
+# backward pass) or "fused" (one kernel with the SwiGLU backward in its epilogue). Both are tested;
+# the default follows the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_DOWN_BWD overrides it.
+DOWN_BWD = os.environ.get("DEEPSEEKMOE_MOE_DOWN_BWD", "split")
+if DOWN_BWD not in ("split", "fused"):
+    raise ValueError(f"DEEPSEEKMOE_MOE_DOWN_BWD={DOWN_BWD!r}: use 'split' or 'fused'")
 
 
 def routing_metadata(idx_TK: torch.Tensor, n_experts: int):
@@ -80,9 +86,22 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
     save = 2 if a_SF.numel() else 1
     dgu_S2F = torch.empty_like(st_S2F)
     aw_SF = x_TD.new_empty(S, F_)
-    dwp_SC = torch.empty(S, mk.dwp_cols(F_), dtype=torch.float32, device=x_TD.device)
-    mk.down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, save,
-                config=configs.get("down_bwd"))
+    if DOWN_BWD == "split":
+        # dA' = dy_tok @ W2_e as a plain row-tiled GEMM, then one elementwise pass for the SwiGLU
+        # backward: faster than the fused kernel, whose epilogue traffic never overlaps its GEMM.
+        dap_SF = x_TD.new_empty(S, F_)
+        mk.rowtile(dy_TD, w2_EDF, dap_SF, perm_S, counts_E, None, K, tpe, n=F_, kd=D, a_gather=True,
+                   b_kmajor=False, out_sorted=True, config=configs.get("down_bwd_gemm"))
+        dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
+        mk.swiglu_bwd_rows(dap_SF, a_SF, st_S2F, perm_S, w_S, dgu_S2F, aw_SF, dw_S, save)
+        del dap_SF
+    else:
+        dwp_SC = torch.empty(S, mk.dwp_cols(F_), dtype=torch.float32, device=x_TD.device)
+        mk.down_bwd(dy_TD, w2_EDF, a_SF, st_S2F, perm_S, counts_E, w_S, K, tpe, dgu_S2F, aw_SF, dwp_SC, save,
+                    config=configs.get("down_bwd"))
+        dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
+        dw_S.scatter_(0, perm_S.to(torch.int64), dwp_SC.sum(1))
+        del dwp_SC
     # Order chosen for peak memory: each temporary is freed before the next large one appears.
     dw2 = torch.empty_like(w2_EDF)
     mk.wgrad(dy_TD, aw_SF, dw2, perm_S, counts_E, K, tpe, a_gather=True, config=configs.get("wgrad_w2"))
@@ -103,8 +122,6 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
         mk.wgrad(dgu_S2F, x_SH, dw13[:, :, c0:c0 + half], perm_S, counts_E, K, tpe, a_gather=False,
                  b_gather=False, config=configs.get("wgrad_w13"))
         del x_SH
-    dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
-    dw_S.scatter_(0, perm_S.to(torch.int64), dwp_SC.sum(1))
     return dx_TD, dw_S.to(w_S.dtype), dw13, dw2
 
 
