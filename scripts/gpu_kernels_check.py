@@ -262,6 +262,11 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "down_bwd_gemm": (1, lambda c: mk.rowtile(dy, w2, a, perm, counts, None, K, tpe, n=F, kd=D, a_gather=True,
                                                   b_kmajor=False, out_sorted=True, config=c)),
         "wgrad_w2": (1, lambda c: mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True, config=c)),
+        # the same two products from dy copied to sorted order (the default backward, DY_COPY)
+        "down_bwd_gemm_sorted": (1, lambda c: mk.rowtile(dy_SD, w2, a, perm, counts, None, K, tpe, n=F, kd=D,
+                                                         a_gather=False, b_kmajor=False, out_sorted=True, config=c)),
+        "wgrad_w2_sorted": (1, lambda c: mk.wgrad(dy_SD, aw, dw2, perm, counts, K, tpe, a_gather=False,
+                                                  b_gather=False, config=c)),
         # dW13 as the backward runs it: from a sorted copy of x (both operands through TMA)
         "wgrad_w13": (2, lambda c: mk.wgrad(dgu, x_SD, dw13, perm, counts, K, tpe, a_gather=False, b_gather=False,
                                             config=c)),
@@ -275,15 +280,18 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
                                                      a_gather=False, b_kmajor=True, config=c)),
     }
     x_SD = x[perm.long() // K]
+    dy_SD = dy[perm.long() // K]
     outs = {"diag_xw13_gather": lambda: [gu], "diag_xw13_sorted": lambda: [gu],
             "gateup_fwd": lambda: [a, gu], "gateup_fwd_ast": lambda: [a, gu], "down_fwd": lambda: [y],
             "down_bwd": lambda: [dgu, aw, dwp.sum(1)], "down_bwd_ast": lambda: [dgu, aw, dwp.sum(1)],
-            "down_bwd_gemm": lambda: [a], "wgrad_w2": lambda: [dw2], "wgrad_w13": lambda: [dw13],
+            "down_bwd_gemm": lambda: [a], "wgrad_w2": lambda: [dw2], "down_bwd_gemm_sorted": lambda: [a],
+            "wgrad_w2_sorted": lambda: [dw2], "wgrad_w13": lambda: [dw13],
             "gateup_dx": lambda: [dx]}
     best = {}
     for name, (units, fn) in stages.items():
         first = None
-        key = {"wgrad_w2": "wgrad", "wgrad_w13": "wgrad_sorted", "down_bwd_gemm": "down_fwd"}.get(
+        key = {"wgrad_w2": "wgrad", "wgrad_w13": "wgrad_sorted", "down_bwd_gemm": "down_fwd",
+               "down_bwd_gemm_sorted": "down_fwd", "wgrad_w2_sorted": "wgrad_sorted"}.get(
             name, name.removesuffix("_ast"))
         if name.startswith("diag"):
             cfgs = [C(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=4)]
@@ -395,9 +403,10 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
     rows = {}
     ins = [t.clone().requires_grad_() for t in (x, w, w13, w2)]
     for name, fn in (("grouped", experts_grouped), ("triton", mt.experts_triton), ("triton_ast", mt.experts_triton),
-                     ("triton_fused", mt.experts_triton)):
+                     ("triton_fused", mt.experts_triton), ("triton_dy_gather", mt.experts_triton)):
         mt.SAVE_MODE = 2 if name == "triton_ast" else 1
         mt.DOWN_BWD = "fused" if name == "triton_fused" else "split"
+        mt.DY_COPY = name != "triton_dy_gather"
         fwd = lambda fn=fn: fn(ins[0], idx, ins[1], ins[2], ins[3])
         fb = lambda fn=fn: torch.autograd.grad(fn(ins[0], idx, ins[1], ins[2], ins[3]), ins, g)
         fb()
@@ -409,7 +418,7 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
             rows[name]["graph_fb_ms"] = graph_time(fb)
             rows[name]["graph_fb_tflops"] = 3 * fl / rows[name]["graph_fb_ms"]
             results["profile"] = profile(fb)
-    mt.SAVE_MODE, mt.DOWN_BWD = 1, "split"
+    mt.SAVE_MODE, mt.DOWN_BWD, mt.DY_COPY = 1, "split", True
     # Dense SwiGLU with the same activated FLOPs: width K*F on T tokens, cuBLAS through torch.
     W13 = (torch.randn(2 * K * F, D, device=DEV) / D ** 0.5).bfloat16().requires_grad_()
     W2 = (torch.randn(D, K * F, device=DEV) / (K * F) ** 0.5).bfloat16().requires_grad_()

@@ -174,14 +174,16 @@ def test_bf16_runs_and_is_close():
 @needs_interp
 def test_save_modes_and_down_bwd_paths_agree(monkeypatch):
     """What the forward saves (g|u or a + s|t) and how the down projection's backward runs (split:
-    GEMM + elementwise pass; fused: one kernel) change nothing beyond rounding, and all match loop."""
+    GEMM + elementwise pass, dy gathered in the loops or copied to sorted order once; fused: one
+    kernel) change nothing beyond rounding, and all match loop."""
     (x, w, w13, w2, dy), idx = _inputs(17, 3, 6, 32, 32, seed=5)
     ref = _fwd_bwd(experts_loop, x, w, w13, w2, dy, idx)
     outs = []
     for mode in (1, 2):
-        for path in ("split", "fused"):
+        for path, dy_copy in (("split", True), ("split", False), ("fused", False)):
             monkeypatch.setattr(mt, "SAVE_MODE", mode)
             monkeypatch.setattr(mt, "DOWN_BWD", path)
+            monkeypatch.setattr(mt, "DY_COPY", dy_copy)
             outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
     for out in outs[1:]:
         for name, a, b in zip(NAMES, out, outs[0]):

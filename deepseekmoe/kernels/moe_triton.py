@@ -37,6 +37,9 @@ SAVE_MODE = {"gu": 1, "ast": 2}[os.environ.get("DEEPSEEKMOE_MOE_SAVE", "gu")]
 # backward pass) or "fused" (one kernel with the SwiGLU backward in its epilogue). Both are tested;
 # the default follows the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_DOWN_BWD overrides it.
 DOWN_BWD = os.environ.get("DEEPSEEKMOE_MOE_DOWN_BWD", "split")
+# With the split path: gather dy into sorted order once (True) or gather its rows inside dA' and
+# dW2 (False). Set from the measurements in docs/kernels.md.
+DY_COPY = True
 if DOWN_BWD not in ("split", "fused"):
     raise ValueError(f"DEEPSEEKMOE_MOE_DOWN_BWD={DOWN_BWD!r}: use 'split' or 'fused'")
 
@@ -86,12 +89,16 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
     save = 2 if a_SF.numel() else 1
     dgu_S2F = torch.empty_like(st_S2F)
     aw_SF = x_TD.new_empty(S, F_)
+    tok_S = perm_S.long() // K
+    # dy in sorted order (one [S, D] gather) feeds dA' and dW2 with both operands through TMA; it is
+    # freed before dW13's buffers appear, so the backward's peak does not grow (DY_COPY below).
+    dy_SD = dy_TD.index_select(0, tok_S) if DY_COPY and DOWN_BWD == "split" else None
     if DOWN_BWD == "split":
         # dA' = dy_tok @ W2_e as a plain row-tiled GEMM, then one elementwise pass for the SwiGLU
         # backward: faster than the fused kernel, whose epilogue traffic never overlaps its GEMM.
         dap_SF = x_TD.new_empty(S, F_)
-        mk.rowtile(dy_TD, w2_EDF, dap_SF, perm_S, counts_E, None, K, tpe, n=F_, kd=D, a_gather=True,
-                   b_kmajor=False, out_sorted=True, config=configs.get("down_bwd_gemm"))
+        mk.rowtile(dy_TD if dy_SD is None else dy_SD, w2_EDF, dap_SF, perm_S, counts_E, None, K, tpe, n=F_, kd=D,
+                   a_gather=dy_SD is None, b_kmajor=False, out_sorted=True, config=configs.get("down_bwd_gemm"))
         dw_S = torch.empty(S, dtype=torch.float32, device=x_TD.device)
         mk.swiglu_bwd_rows(dap_SF, a_SF, st_S2F, perm_S, w_S, dgu_S2F, aw_SF, dw_S, save)
         del dap_SF
@@ -104,8 +111,12 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
         del dwp_SC
     # Order chosen for peak memory: each temporary is freed before the next large one appears.
     dw2 = torch.empty_like(w2_EDF)
-    mk.wgrad(dy_TD, aw_SF, dw2, perm_S, counts_E, K, tpe, a_gather=True, config=configs.get("wgrad_w2"))
-    del aw_SF
+    if dy_SD is None:
+        mk.wgrad(dy_TD, aw_SF, dw2, perm_S, counts_E, K, tpe, a_gather=True, config=configs.get("wgrad_w2"))
+    else:
+        mk.wgrad(dy_SD, aw_SF, dw2, perm_S, counts_E, K, tpe, a_gather=False, b_gather=False,
+                 config=configs.get("wgrad_w2"))
+    del aw_SF, dy_SD
     dx_SD = x_TD.new_empty(S, D)  # slot order
     mk.rowtile(dgu_S2F, w13_E2FD, dx_SD, perm_S, counts_E, None, K, tpe, n=D, kd=twoF, a_gather=False,
                b_kmajor=False, config=configs.get("gateup_dx"))
@@ -115,7 +126,6 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
     # than gathering x rows inside its loop. The copy is made in column halves (half the [S, D]
     # temporary each) so the backward's peak memory stays below the grouped backend's.
     dw13 = torch.empty_like(w13_E2FD)
-    tok_S = perm_S.long() // K
     half = D // 2 if D % 32 == 0 else D
     for c0 in range(0, D, half):
         x_SH = x_TD[:, c0:c0 + half].index_select(0, tok_S)
