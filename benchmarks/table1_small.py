@@ -73,7 +73,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and 6 steps: checks the script on a CPU")
-    ap.add_argument("--extra", nargs="*", default=[], help="more dotted overrides for every run")
+    ap.add_argument("--backend", default="auto", help="expert backend of every run (auto, grouped, triton, ...)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="one more dotted override for every run, written --extra=--optim.lr=1e-3 (repeatable)")
     args = ap.parse_args()
     if args.smoke:
         args.hidden, args.layers, args.heads, args.ffn = 32, 2, 2, 64
@@ -98,7 +100,8 @@ def main() -> int:
                   f"--eval.every={max(1, args.steps // 5)}", "--eval.max_batches=64",
                   f"--checkpoint.every={args.steps}", "--checkpoint.keep=1", "--log.every=50",
                   "--log.progress=false", "--sample.max_new_tokens=0", "--schedule.warmup_steps="
-                  + str(max(1, args.steps // 50)), f"--system.compile={'true' if args.compile else 'false'}"]
+                  + str(max(1, args.steps // 50)), f"--system.compile={'true' if args.compile else 'false'}",
+                  f"--model.expert_backend={args.backend}"]
         if not (run / "metrics.jsonl").exists() or not any(
                 '"kind": "eval"' in line and f'"step": {args.steps}' in line
                 for line in (run / "metrics.jsonl").read_text().splitlines()):
