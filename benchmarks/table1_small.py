@@ -24,16 +24,26 @@ import time
 from pathlib import Path
 
 MODELS = ("dense-2b", "hash-2b", "switch-2b", "gshard-2b", "deepseekmoe-2b")
+# The ablation of the paper's Fig. 3 between GShard (0 shared + 2 of 16) and DeepSeekMoE (1 shared
+# + 7 of 63 quarter-width experts, m = 4): shared expert isolation at m = 1 (1 shared + 1 of 15
+# full-width) and m = 2 (1 shared + 3 of 31 half-width). Every step activates two FFNs' worth.
+ABLATIONS = {"shared-m1": (15, 1, 1), "shared-m2": (31, 3, 2)}  # name: (routed, top-k, segmentation m)
 PAPER_PILE_LOSS = {"dense-2b": 2.060, "hash-2b": 1.932, "switch-2b": 1.881, "gshard-2b": 1.867,
                    "deepseekmoe-2b": 1.808}  # Table 1 (100B Pile tokens, 2B scale)
 
 
-def overrides(preset: str, hidden: int, layers: int, heads: int, ffn: int) -> list[str]:
-    """Dotted recipe overrides that shrink one 2B-validation preset, keeping its proportions."""
-    expert = ffn // 4 if preset == "deepseekmoe-2b" else ffn  # fine-grained: 0.25 x the FFN
+def overrides(model: str, hidden: int, layers: int, heads: int, ffn: int) -> list[str]:
+    """Dotted recipe overrides that shrink one 2B-validation preset (or build an ablation variant
+    of deepseekmoe-2b), keeping its proportions."""
+    preset, extra = model, []
+    expert = ffn // 4 if model == "deepseekmoe-2b" else ffn  # fine-grained: 0.25 x the FFN
+    if model in ABLATIONS:
+        routed, k, m = ABLATIONS[model]
+        preset, expert = "deepseekmoe-2b", ffn // m
+        extra = [f"--model.n_routed_experts={routed}", f"--model.num_experts_per_tok={k}", "--model.n_shared_experts=1"]
     return [f"--model.preset={preset}", f"--model.hidden_size={hidden}", f"--model.num_hidden_layers={layers}",
             f"--model.num_attention_heads={heads}", f"--model.num_key_value_heads={heads}",
-            f"--model.intermediate_size={ffn}", f"--model.moe_intermediate_size={expert}"]
+            f"--model.intermediate_size={ffn}", f"--model.moe_intermediate_size={expert}", *extra]
 
 
 def read(run: Path) -> dict:
@@ -53,7 +63,8 @@ def counts(preset: str, vocab: int, ov: list[str]) -> tuple[int, int]:
     from deepseekmoe import presets
 
     kw = {a.split("=")[0].removeprefix("--model."): int(a.split("=")[1]) for a in ov if "preset" not in a}
-    cfg = presets.get(preset, vocab_size=vocab, **kw)
+    base = [a.split("=")[1] for a in ov if a.startswith("--model.preset=")][0]
+    cfg = presets.get(base, vocab_size=vocab, **kw)
     return cfg.num_params(), cfg.num_active_params()
 
 
@@ -62,7 +73,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--data", default="", help="a directory from `deepseekmoe prepare` ('' = the shipped sample)")
     ap.add_argument("--out", default="runs/table1-small", help="parent of the five run directories")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated, from {', '.join(MODELS)} and the Fig. 3 ablations {', '.join(ABLATIONS)}")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -81,9 +93,9 @@ def main() -> int:
         args.hidden, args.layers, args.heads, args.ffn = 32, 2, 2, 64
         args.steps, args.batch_size, args.seq_len = 6, 4, 32
     models = [m for m in args.models.split(",") if m]
-    bad = [m for m in models if m not in MODELS]
+    bad = [m for m in models if m not in MODELS and m not in ABLATIONS]
     if bad:
-        raise SystemExit(f"table1_small: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
+        raise SystemExit(f"table1_small: unknown model {bad[0]!r}; choose from {', '.join([*MODELS, *ABLATIONS])}")
     vocab = 4096
     if args.data:
         meta = json.loads((Path(args.data) / "meta.json").read_text())
@@ -122,7 +134,7 @@ def main() -> int:
           f"  paper Pile loss (2B, 100B tokens)")
     for m, r in rows.items():
         print(f"{m:16s} {r['params'] / 1e6:7.2f}M {r['active_params'] / 1e6:7.2f}M {r['val_loss']:9.4f} "
-              f"{r['val_bpb']:9.4f} {r['tokens_per_s'] or 0:9.0f}  {PAPER_PILE_LOSS[m]:.3f}")
+              f"{r['val_bpb']:9.4f} {r['tokens_per_s'] or 0:9.0f}  {PAPER_PILE_LOSS.get(m, float('nan')):.3f}")
     result = {"args": vars(args), "vocab_size": vocab, "rows": rows, "paper_pile_loss": PAPER_PILE_LOSS,
               "date": time.strftime("%Y-%m-%d")}
     try:
