@@ -1,0 +1,57 @@
+"""benchmarks/table1_small.py: the shrunk Table 1 / Fig. 3 models keep the paper's proportions,
+and the script runs end to end (two tiny models, a few CPU steps)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("table1_small", ROOT / "benchmarks" / "table1_small.py")
+t1 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t1)
+
+
+def _cfg(name, hidden=256, layers=4, heads=4, ffn=688, vocab=16384):
+    from deepseekmoe import presets
+
+    ov = t1.overrides(name, hidden, layers, heads, ffn)
+    kw = {a.split("=")[0].removeprefix("--model."): int(a.split("=")[1]) for a in ov if "preset" not in a}
+    base = [a.split("=")[1] for a in ov if a.startswith("--model.preset=")][0]
+    return presets.get(base, vocab_size=vocab, **kw)
+
+
+def test_shrunk_models_keep_the_paper_proportions():
+    d, hs, gs, ds = (_cfg(m) for m in ("dense-2b", "hash-2b", "gshard-2b", "deepseekmoe-2b"))
+    m1, m2 = _cfg("shared-m1"), _cfg("shared-m2")
+    ffn_params = 3 * 256 * 688
+    # every MoE variant holds 16 FFN-widths of experts per layer
+    for c in (hs, gs, ds, m1, m2):
+        width = (c.n_routed_experts + c.n_shared_experts) * c.moe_intermediate_size
+        assert width == 16 * 688, c
+    # top-1 variants activate one FFN (like Dense), the rest two; routers differ only by E x d
+    assert hs.num_active_params() == d.num_active_params()
+    for c in (gs, ds, m1, m2):
+        act_ffn = (c.num_experts_per_tok + c.n_shared_experts) * 3 * 256 * c.moe_intermediate_size
+        assert act_ffn == 2 * ffn_params, c
+    shape = lambda c: (c.n_shared_experts, c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size)
+    assert shape(ds) == (1, 63, 7, 172) and shape(m1) == (1, 15, 1, 688) and shape(m2) == (1, 31, 3, 344)
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_writes_the_table(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table1_small.py"), "--smoke", "--backend", "grouped",
+                        "--models", "dense-2b,shared-m2", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=280, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "table1_small.json").read_text())
+    assert set(res["rows"]) == {"dense-2b", "shared-m2"}
+    for row in res["rows"].values():
+        assert 0 < row["val_loss"] < 10 and row["step"] == 6
+    assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table1_small.py"), "--smoke", "--models", "moe-x",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "unknown model 'moe-x'" in bad.stderr
