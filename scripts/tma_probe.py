@@ -1,13 +1,18 @@
-"""Probe: do Hopper TMA loads and persistent (flattened) tile loops speed up the MoE GEMMs?
+"""Probe: do Hopper TMA loads and persistent tile loops speed up the MoE GEMMs? (docs/kernels.md v4-v6)
 
-Experiment behind docs/kernels.md "v4". Times, at the 16B layer shape (16K tokens, balanced),
-the current pointer-load kernels of deepseekmoe.kernels.moe_kernels against variants that load the
-weight operand (and the sorted operand where there is one) through tensor descriptors (TMA), in
-one-tile-per-program and persistent flattened forms; plus a dense Triton TMA GEMM of the same
-size against cuBLAS as the ceiling. Every variant is checked against the current kernel's output.
+The experiment record behind the triton backend's v4-v6, rerunnable. `--part tma` times, at the
+16B layer shape (16K tokens, balanced), the package's kernels ("current", autotuned) against
+variants written here that load the weight operand (and the sorted operand where there is one)
+through tensor descriptors, one tile per program or persistent (flattened or not), plus a dense
+Triton TMA GEMM of the same size against cuBLAS as the ceiling; when it was first run "current"
+was the pointer-load v3. `--part wgrad` compares the weight-gradient operand modes (gathered rows
+vs a sorted copy) and, given scripts/_ab_old_kernels.py (a copy of an older moe_kernels.py, not
+shipped), old against current kernels on the same machine. `--part occupancy` times the fused
+down_bwd and dW2 under configs that let two CTAs share an SM. Every variant is checked against
+the package kernel's output.
 
-    PYTHONUNBUFFERED=1 python3 scripts/tma_probe.py --out $OUT     # GPU
-    TRITON_INTERPRET=1 python scripts/tma_probe.py --dry-run        # CPU: logic only, tiny shapes
+    PYTHONUNBUFFERED=1 python3 scripts/tma_probe.py --part tma --out $OUT     # GPU
+    TRITON_INTERPRET=1 python scripts/tma_probe.py --dry-run --part wgrad     # CPU: logic only, tiny shapes
 """
 
 from __future__ import annotations
@@ -174,58 +179,6 @@ def _wgrad_tma(a_ptr, b_desc, out_ptr, perm_ptr, counts_ptr,
 
 
 @triton.jit
-def _wgrad_split(a_ptr, a_desc, b_ptr, b_desc, out_ptr, perm_ptr, counts_ptr,
-                 N1, N2, lda, ldb, K_TOP, E,
-                 E_P2: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[e] = A_e^T B_e with an unmasked main loop over the expert's full BLOCK_K row blocks and
-    one masked tail block. A sorted operand comes through its TMA descriptor, a gathered one
-    (A_GATHER / B_GATHER) by pointer through perm."""
-    pid = tl.program_id(0)
-    t1 = tl.cdiv(N1, BLOCK_M)
-    t2 = tl.cdiv(N2, BLOCK_N)
-    e = pid // (t1 * t2)
-    rem = pid % (t1 * t2)
-    n1 = (rem // t2) * BLOCK_M
-    n2 = (rem % t2) * BLOCK_N
-    offs_e = tl.arange(0, E_P2)
-    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
-    start = tl.sum(tl.where(offs_e < e, cnt, 0), 0)
-    end = start + tl.sum(tl.where(offs_e == e, cnt, 0), 0)
-    offs_1 = n1 + tl.arange(0, BLOCK_M)
-    offs_2 = n2 + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    nfull = (end - start) // BLOCK_K
-    for i in range(nfull):
-        r0 = start + i * BLOCK_K
-        if A_GATHER:
-            ar = (tl.load(perm_ptr + r0 + offs_r) // K_TOP).to(tl.int64)
-            av = tl.load(a_ptr + ar[None, :] * lda + offs_1[:, None])
-        else:
-            av = a_desc.load([r0, n1]).T
-        if B_GATHER:
-            br = (tl.load(perm_ptr + r0 + offs_r) // K_TOP).to(tl.int64)
-            bv = tl.load(b_ptr + br[:, None] * ldb + offs_2[None, :])
-        else:
-            bv = b_desc.load([r0, n2])
-        acc = tl.dot(av, bv, acc)
-    r0 = start + nfull * BLOCK_K
-    if r0 < end:
-        rows = r0 + offs_r
-        rm = rows < end
-        g = (tl.load(perm_ptr + rows, mask=rm, other=0) // K_TOP).to(tl.int64)
-        ar = g if A_GATHER else rows.to(tl.int64)
-        br = g if B_GATHER else rows.to(tl.int64)
-        av = tl.load(a_ptr + ar[None, :] * lda + offs_1[:, None], mask=rm[None, :], other=0.0)
-        bv = tl.load(b_ptr + br[:, None] * ldb + offs_2[None, :], mask=rm[:, None], other=0.0)
-        acc = tl.dot(av, bv, acc)
-    mask = (offs_1 < N1)[:, None] & (offs_2 < N2)[None, :]
-    out = out_ptr + e.to(tl.int64) * N1 * N2 + offs_1[:, None] * N2 + offs_2[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _dense_tma(a_desc, b_desc, c_desc, M, N, K, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = A @ B^T (B given as [N, K]), persistent with grouped tile order: the Triton ceiling."""
@@ -263,13 +216,12 @@ def wgrad_part(ctx, record):
     the cost of that copy; old (pointer-only) kernels vs new on the same machine."""
     T, K, E, D, F, dt, perm, counts, tpe, x, dy, a, dgu, w2, w13, w_S, S = (ctx[k] for k in (
         "T", "K", "E", "D", "F", "dt", "perm", "counts", "tpe", "x", "dy", "a", "dgu", "w2", "w13", "w_S", "S"))
-    E_P2 = triton.next_power_of_2(E)
     bm, bn, bk = (16, 16, 16) if DRY else (128, 256, 64)
     tok_S = perm.long() // K
     x_perm, dy_perm = x[tok_S], dy[tok_S]
     record("permute_copy", "x[tok_sorted] (one [S, D] gather)", 0, lambda: torch.index_select(x, 0, tok_S), None, None)
-    for name, units, A, Bm, N1, N2, ag, out_shape in (
-            ("wgrad_w2", 1, dy, a, D, F, True, w2.shape), ("wgrad_w13", 2, dgu, x, 2 * F, D, False, w13.shape)):
+    for name, units, A, Bm, ag, out_shape in (
+            ("wgrad_w2", 1, dy, a, True, w2.shape), ("wgrad_w13", 2, dgu, x, False, w13.shape)):
         ref = torch.empty(out_shape, device=DEV, dtype=dt)
         record(name, "current(autotuned)", units, lambda A=A, Bm=Bm, ref=ref, ag=ag: mk.wgrad(
             A, Bm, ref, perm, counts, K, tpe, a_gather=ag), ref, None)
@@ -282,16 +234,12 @@ def wgrad_part(ctx, record):
         sorted_B = Bm if ag else x_perm
         for label, aa, bb, ga, gb in (("split, gathered", A, Bm, ag, not ag),
                                       ("split, sorted copy", sorted_A, sorted_B, False, False)):
+            # the mask-free main loop + masked tail, as it landed in deepseekmoe.kernels (v4)
             for stages in ((3,) if DRY else (4, 5)):
-                ad = TensorDescriptor.from_tensor(aa, [bk, bm])
-                bd = TensorDescriptor.from_tensor(bb, [bk, bn])
-                grid = E * triton.cdiv(N1, bm) * triton.cdiv(N2, bn)
-
-                def run(aa=aa, bb=bb, ad=ad, bd=bd, ga=ga, gb=gb, o=o, N1=N1, N2=N2, stages=stages, grid=grid):
-                    _wgrad_split[(grid,)](aa, ad, bb, bd, o, perm, counts, N1, N2, aa.stride(0), bb.stride(0), K, E,
-                                          E_P2=E_P2, A_GATHER=ga, B_GATHER=gb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                          **({} if DRY else dict(num_warps=8, num_stages=stages)))
-                record(name, f"{label} s{stages}", units, run, o, ref)
+                cfg = None if DRY else triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=8,
+                                                     num_stages=stages)
+                record(name, f"{label} s{stages}", units, lambda aa=aa, bb=bb, ga=ga, gb=gb, o=o, cfg=cfg: mk.wgrad(
+                    aa, bb, o, perm, counts, K, tpe, a_gather=ga, b_gather=gb, config=cfg), o, ref)
     if OLD is not None:
         dwp = torch.zeros(S, mk.dwp_cols(F), device=DEV)
         dgu_o, aw_o = torch.empty_like(dgu), torch.empty_like(a)
