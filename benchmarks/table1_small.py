@@ -137,13 +137,10 @@ def main() -> int:
               f"{r['val_bpb']:9.4f} {r['tokens_per_s'] or 0:9.0f}  {PAPER_PILE_LOSS.get(m, float('nan')):.3f}")
     result = {"args": vars(args), "vocab_size": vocab, "rows": rows, "paper_pile_loss": PAPER_PILE_LOSS,
               "date": time.strftime("%Y-%m-%d")}
-    try:
-        import torch
+    import torch
 
-        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        result["torch"] = torch.__version__
-    except Exception:
-        pass
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result["torch"] = torch.__version__
     tmp = out / "table1_small.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "table1_small.json")
@@ -163,9 +160,10 @@ def main() -> int:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "val_loss.png", dpi=120)
+        wrote = f"{out / 'table1_small.json'} and {out / 'val_loss.png'}"
     except ImportError:
-        pass
-    print(f"wrote {out / 'table1_small.json'} and {out / 'val_loss.png'}")
+        wrote = f"{out / 'table1_small.json'} (no plot: matplotlib is not installed)"
+    print(f"wrote {wrote}")
     return 0
 
 
