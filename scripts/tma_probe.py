@@ -43,20 +43,6 @@ DEV = "cpu" if DRY else "cuda"
 
 
 @triton.jit
-def _tile_of(tile, cnt, offs_e, n_tiles, BLOCK_M: tl.constexpr):
-    """Flat tile id -> (expert, first sorted row, expert end row, column tile)."""
-    pid_m = tile // n_tiles
-    pid_n = tile % n_tiles
-    ntl = (cnt + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(ntl, 0)
-    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
-    tile0 = tl.sum(tl.where(offs_e < e, ntl, 0), 0)
-    row0 = tl.sum(tl.where(offs_e < e, cnt, 0), 0)
-    end = tl.sum(tl.where(offs_e <= e, cnt, 0), 0)
-    return e, row0 + (pid_m - tile0) * BLOCK_M, end, pid_n
-
-
-@triton.jit
 def _rowtile_tma(a_desc, a_ptr, b_desc, out_ptr, perm_ptr, counts_ptr, w_ptr,
                  N, KD, lda, E, K_TOP, B_ROWS,
                  E_P2: tl.constexpr, A_TMA: tl.constexpr, A_GATHER: tl.constexpr, B_KMAJOR: tl.constexpr,
@@ -71,14 +57,13 @@ def _rowtile_tma(a_desc, a_ptr, b_desc, out_ptr, perm_ptr, counts_ptr, w_ptr,
     real tiles (counted from counts_E) with NUM_PROGS programs.
     """
     pid = tl.program_id(0)
-    offs_e = tl.arange(0, E_P2)
-    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    total = tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0) * n_tiles
+    total = mk._n_row_tiles(counts_ptr, E, E_P2, BLOCK_M) * n_tiles  # the package's tile mapping
     k_tiles = tl.cdiv(KD, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(pid, total, NUM_PROGS, flatten=FLATTEN):
-        e, start, end, pid_n = _tile_of(tile, cnt, offs_e, n_tiles, BLOCK_M)
+        e, start, end = mk._expert_rows(tile // n_tiles, counts_ptr, E, E_P2, BLOCK_M)
+        pid_n = tile % n_tiles
         rows = start + tl.arange(0, BLOCK_M)
         slot = tl.load(perm_ptr + tl.minimum(rows, end - 1)).to(tl.int64)
         n0 = pid_n * BLOCK_N
@@ -112,14 +97,13 @@ def _gateup_tma(x_ptr, w_desc, perm_ptr, counts_ptr, st_ptr, a_ptr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gateup_fwd (save g|u) with W13 [E*2F, D] through a TMA descriptor, x rows gathered."""
     pid = tl.program_id(0)
-    offs_e = tl.arange(0, E_P2)
-    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     n_tiles = tl.cdiv(F, BLOCK_N)
-    total = tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0) * n_tiles
+    total = mk._n_row_tiles(counts_ptr, E, E_P2, BLOCK_M) * n_tiles  # the package's tile mapping
     k_tiles = tl.cdiv(D, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(pid, total, NUM_PROGS, flatten=FLATTEN):
-        e, start, end, pid_n = _tile_of(tile, cnt, offs_e, n_tiles, BLOCK_M)
+        e, start, end = mk._expert_rows(tile // n_tiles, counts_ptr, E, E_P2, BLOCK_M)
+        pid_n = tile % n_tiles
         rows = start + tl.arange(0, BLOCK_M)
         tok = (tl.load(perm_ptr + tl.minimum(rows, end - 1)) // K_TOP).to(tl.int64)
         n0 = pid_n * BLOCK_N
