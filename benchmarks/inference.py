@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepseekmoe import Transformer, hf, presets  # noqa: E402
 from deepseekmoe import io as dio  # noqa: E402
-from deepseekmoe.generate import Decoder  # noqa: E402
+from deepseekmoe.inference.generate import Decoder  # noqa: E402
 
 ANCHORS = {"decode_b1": 5.5, "decode_b8": 16.0, "prefill_2k": 4350.0}
 T0 = time.time()
@@ -177,7 +177,7 @@ def phase_prefill(model, dev, L: int, backend: str) -> None:
     ids = torch.randint(0, V, (1, L), device=dev)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     dec = Decoder(model, 1, L + 64, decode_backend=None)
-    from deepseekmoe.generate import expert_backend
+    from deepseekmoe.inference.generate import expert_backend
 
     with expert_backend(model, backend):
         t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
@@ -189,7 +189,7 @@ def kernel_profile(dec, n: int = 4) -> dict:
     """Device time per decode step by kernel (the step run outside its graph, same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from deepseekmoe.generate import expert_backend
+    from deepseekmoe.inference.generate import expert_backend
 
     with torch.no_grad(), expert_backend(dec.model, dec.decode_backend):
         dec._fn()

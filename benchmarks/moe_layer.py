@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_layer.py --out DIR      # on a CUDA GPU
 
-For the routed experts of the DeepSeekMoE 2B, 16B and 145B layers (shapes from deepseekmoe.presets)
+For the routed experts of the DeepSeekMoE 2B, 16B and 145B layers (shapes from deepseekmoe.model.presets)
 at 4K, 16K and 64K tokens, with balanced and skewed routing, it times the expert function
 fn(x_TD, idx_TK, w_TK, w13, w2) of each backend, forward (grad-enabled, i.e. training forward) and
 forward+backward (grads of x, routing weights, w13, w2), and the peak memory allocated above the
@@ -34,7 +34,7 @@ import torch.nn.functional as Fn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from deepseekmoe import presets  # noqa: E402
-from deepseekmoe.moe.experts import experts_grouped, experts_loop  # noqa: E402
+from deepseekmoe.model.moe.experts import experts_grouped, experts_loop  # noqa: E402
 
 SHAPES = {"2b": "deepseekmoe-2b", "16b": "deepseekmoe-16b", "145b": "deepseekmoe-145b"}
 

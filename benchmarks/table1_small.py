@@ -60,7 +60,7 @@ def read(run: Path) -> dict:
 
 
 def counts(preset: str, vocab: int, ov: list[str]) -> tuple[int, int]:
-    from deepseekmoe import presets
+    from deepseekmoe.model import presets
 
     kw = {a.split("=")[0].removeprefix("--model."): int(a.split("=")[1]) for a in ov if "preset" not in a}
     base = [a.split("=")[1] for a in ov if a.startswith("--model.preset=")][0]

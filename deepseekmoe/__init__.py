@@ -3,12 +3,12 @@
 Public API:
     from deepseekmoe import ModelConfig, Transformer, presets
     cfg = presets.get("deepseekmoe-16b"); model = Transformer(cfg)
+
+Package layout (one folder per concern, imports point down only): docs/architecture.md.
 """
 
-from . import presets
-from .config import ModelConfig
-from .errors import ConfigError, UserError
-from .model import ModelOutput, Transformer
+from deepseekmoe.errors import ConfigError, UserError
+from deepseekmoe.model import ModelConfig, ModelOutput, Transformer, presets
 
 __all__ = ["ModelConfig", "Transformer", "ModelOutput", "presets", "ConfigError", "UserError"]
 __version__ = "0.1.0"

@@ -11,17 +11,18 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from deepseekmoe.errors import UserError
 
 # name -> (module, help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("deepseekmoe.info", "parameter / FLOP accounting and layer plan of a preset or config"),
+    "info": ("deepseekmoe.model.info", "parameter / FLOP accounting and layer plan of a preset or config"),
     "prepare": ("deepseekmoe.data.cli", "tokenize text/jsonl/parquet into token shards for training"),
     "tokenizer": ("deepseekmoe.data.tokenizer_cli", "train a byte-level BPE or inspect a tokenizer.json"),
     "train": ("deepseekmoe.train.cli", "pretrain a model from a TOML recipe (default: the tiny CPU job)"),
-    "generate": ("deepseekmoe.serve", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
-    "chat": ("deepseekmoe.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),
-    "convert": ("deepseekmoe.convert", "convert between native training checkpoints and the released HF format"),
+    "generate": ("deepseekmoe.inference.cli", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
+    "chat": ("deepseekmoe.inference.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),
+    "convert": ("deepseekmoe.checkpoint.convert",
+                "convert between native training checkpoints and the released HF format"),
     "eval": ("deepseekmoe.eval.cli", "perplexity / bits-per-byte and the paper's benchmarks from local files"),
     "analyze": ("deepseekmoe.analysis.cli", "routing statistics and the paper's expert-specialisation experiments"),
 }
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from deepseekmoe import __version__
 
     return f"deepseekmoe {__version__}"
 

@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from deepseekmoe import Transformer, presets
-from deepseekmoe.moe.experts import experts_grouped, experts_loop, resolve_backend
+from deepseekmoe import Transformer
+from deepseekmoe.model import presets
+from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend
 
 
 def rel(a, b):

@@ -33,7 +33,7 @@ if "--dry-run" in sys.argv:
 
 from deepseekmoe.kernels import moe_kernels as mk  # noqa: E402
 from deepseekmoe.kernels import moe_triton as mt  # noqa: E402
-from deepseekmoe.moe.experts import experts_grouped, experts_loop  # noqa: E402
+from deepseekmoe.model.moe.experts import experts_grouped, experts_loop  # noqa: E402
 
 # --dry-run (CPU, TRITON_INTERPRET=1, tiny shapes, one call per "timing") checks this script itself.
 DRY = "--dry-run" in sys.argv

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deepseekmoe import Transformer, presets
+from deepseekmoe import Transformer
+from deepseekmoe.model import presets
 
 
 @pytest.mark.parametrize("name", list(presets.PAPER))

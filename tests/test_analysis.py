@@ -17,10 +17,10 @@ from deepseekmoe import Transformer, cli
 from deepseekmoe.analysis import lm_loss, redundancy_sweep, routing_statistics, shared_ablation, topk_sweep
 from deepseekmoe.analysis.experiments import n_disabled
 from deepseekmoe.analysis.routing import format_expert_table, format_layer_table
-from deepseekmoe.config import ModelConfig
 from deepseekmoe.data import prepare, train_tokenizer
 from deepseekmoe.errors import ConfigError
 from deepseekmoe.eval import Scorer
+from deepseekmoe.model.config import ModelConfig
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang in tall green trees".split()
 CORPUS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(60)) + "." for i in range(24)]

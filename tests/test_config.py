@@ -2,9 +2,10 @@
 
 import pytest
 
-from deepseekmoe import ModelConfig, presets
+from deepseekmoe import ModelConfig
 from deepseekmoe.cli import main
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model import presets
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16)

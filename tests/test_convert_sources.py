@@ -4,11 +4,13 @@ sharded checkpoints of distributed runs, besides native and released-format dire
 import pytest
 import torch
 
-from deepseekmoe import Transformer, hf, presets
+from deepseekmoe import Transformer
+from deepseekmoe.checkpoint import dcp as dcp_ckpt
+from deepseekmoe.checkpoint import hf
+from deepseekmoe.checkpoint.native import save_native
 from deepseekmoe.cli import main
 from deepseekmoe.errors import CheckpointError
-from deepseekmoe.io import save_native
-from deepseekmoe.parallel import checkpoint as dcp_ckpt
+from deepseekmoe.model import presets
 from deepseekmoe.train import recipe
 
 CFG = presets.get("tiny").replace(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from deepseekmoe import presets
 from deepseekmoe.data import check_vocab, default_dataset, load_meta, load_tokenizer, unigram_entropy
 from deepseekmoe.data.dataset import TokenStream
+from deepseekmoe.model import presets
 
 sample = importlib.import_module("deepseekmoe.data.sample")
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from deepseekmoe import Transformer, cli
-from deepseekmoe.config import ModelConfig
 from deepseekmoe.data import prepare, train_tokenizer
 from deepseekmoe.errors import ConfigError, DataError, UserError
 from deepseekmoe.eval import Scorer, eval_prepared, eval_text, harness, run_tasks
 from deepseekmoe.eval.tasks import TASKS, gsm8k_answers, load_race_middle, normalize_answer
+from deepseekmoe.model.config import ModelConfig
 
 WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang in tall green trees "
          "water boils at high heat so cook the rice then eat it with fish or beans").split()

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from deepseekmoe import Transformer, cli
-from deepseekmoe.config import ModelConfig
-from deepseekmoe.generate import (
+from deepseekmoe.inference.generate import (
     Decoder,
     chat_ids,
     chat_text_segments,
@@ -24,7 +23,8 @@ from deepseekmoe.generate import (
     generate_ids,
     sample_next,
 )
-from deepseekmoe.moe.experts import experts_gather, experts_loop, resolve_backend
+from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.model.moe.experts import experts_gather, experts_loop, resolve_backend
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
 

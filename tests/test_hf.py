@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from deepseekmoe import Transformer, hf, presets
-from deepseekmoe.config import ModelConfig
+from deepseekmoe import Transformer
+from deepseekmoe.checkpoint import hf
 from deepseekmoe.errors import CheckpointError, ConfigError
+from deepseekmoe.model import presets
+from deepseekmoe.model.config import ModelConfig
 
 REF = "/work/shared/reference/p1"
 

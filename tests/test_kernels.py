@@ -36,7 +36,7 @@ finally:
 
 from deepseekmoe import kernels  # noqa: E402
 from deepseekmoe.errors import ConfigError  # noqa: E402
-from deepseekmoe.moe.experts import experts_grouped, experts_loop, resolve_backend  # noqa: E402
+from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend  # noqa: E402
 
 NAMES = ("y", "dx", "dw", "dw13", "dw2")
 needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deepseekmoe import ModelConfig, Transformer, presets
+from deepseekmoe import ModelConfig, Transformer
+from deepseekmoe.model import presets
 
 CFG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from deepseekmoe import ModelConfig, Transformer
-from deepseekmoe.config import ConfigError
-from deepseekmoe.model import MLP
-from deepseekmoe.moe.experts import experts_grouped, experts_loop, resolve_backend
-from deepseekmoe.moe.layer import MoE
-from deepseekmoe.moe.router import device_balance_loss, expert_balance_loss
+from deepseekmoe.model.config import ConfigError
+from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend
+from deepseekmoe.model.moe.layer import MoE
+from deepseekmoe.model.moe.router import device_balance_loss, expert_balance_loss
 
 
 def _rel(a, b):
@@ -141,7 +140,7 @@ def _moe_cfg(**kw):
 def test_layer_balance_loss_composition_and_eval():
     cfg = _moe_cfg(aux_loss_alpha=0.01, seq_aux=False, device_balance_alpha=0.05, n_device_groups=4)
     torch.manual_seed(0)
-    moe = MoE(cfg, MLP)
+    moe = MoE(cfg)
     torch.nn.init.normal_(moe.gate.weight, std=0.5)
     x = torch.randn(2, 5, 16)
     moe.train()
@@ -158,7 +157,7 @@ def test_layer_balance_loss_composition_and_eval():
 def test_shared_experts_always_on_with_weight_one():
     cfg = _moe_cfg()
     torch.manual_seed(1)
-    moe = MoE(cfg, MLP).eval()
+    moe = MoE(cfg).eval()
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(1, 7, 16)
@@ -177,7 +176,7 @@ def test_gate_values_raw_vs_renormalised():
                                             ("gshard", 2, False, True), ("switch", 1, False, False)]:
         cfg = _moe_cfg(router=router, num_experts_per_tok=k, norm_topk_prob=norm,
                        n_shared_experts=0 if router != "topk" else 1)
-        moe = MoE(cfg, MLP)
+        moe = MoE(cfg)
         torch.nn.init.normal_(moe.gate.weight, std=0.5)
         r = moe.gate(x)
         assert r.idx_TK.shape == (20, k)
@@ -194,7 +193,7 @@ def test_gate_values_raw_vs_renormalised():
 
 def test_hash_routing_is_a_fixed_function_of_token_id():
     cfg = _moe_cfg(router="hash", n_shared_experts=0, num_experts_per_tok=1, vocab_size=64, aux_loss_alpha=0.0)
-    moe = MoE(cfg, MLP)
+    moe = MoE(cfg)
     ids = torch.tensor([[3, 9, 3, 17, 9, 3]])
     r1 = moe.gate(torch.randn(6, 16), ids)
     r2 = moe.gate(torch.randn(6, 16), ids)
@@ -204,15 +203,15 @@ def test_hash_routing_is_a_fixed_function_of_token_id():
     # balanced table, rebuilt identically from the seed
     counts = torch.bincount(moe.gate.table, minlength=8)
     assert counts.tolist() == [8] * 8
-    assert torch.equal(MoE(cfg, MLP).gate.table, moe.gate.table)
-    other = MoE(cfg.replace(hash_seed=1), MLP).gate.table
+    assert torch.equal(MoE(cfg).gate.table, moe.gate.table)
+    other = MoE(cfg.replace(hash_seed=1)).gate.table
     assert not torch.equal(other, moe.gate.table)
     assert "gate.table" not in moe.state_dict()
 
 
 def test_analysis_knobs_topk_and_masking():
     cfg = _moe_cfg(n_routed_experts=10, num_experts_per_tok=2)
-    moe = MoE(cfg, MLP)
+    moe = MoE(cfg)
     torch.nn.init.normal_(moe.gate.weight, std=1.0)
     x = torch.randn(30, 16)
     base = moe.gate(x)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from deepseekmoe import Transformer
+from deepseekmoe.checkpoint import dcp as ckpt
 from deepseekmoe.errors import CheckpointError
-from deepseekmoe.parallel import checkpoint as ckpt
 from tests.dist_utils import run_ranks
 from tests.test_parallel_ep import tiny_cfg
 
@@ -88,7 +88,7 @@ def test_checkpoint_from_4_ranks_resumes_on_2_ranks_and_1_process(tmp_path):
     extra = ckpt.load(path, model, opt)
     assert extra == {"step": SAVE_AT}
     # The same weights as a native model directory (what convert / generate read).
-    from deepseekmoe.io import load_native
+    from deepseekmoe.checkpoint.native import load_native
 
     _, native = load_native(ckpt.export_native(path, tiny_cfg(2), tmp_path / "native"))
     for n, p in model.state_dict().items():

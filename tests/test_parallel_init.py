@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from deepseekmoe import ModelConfig, Transformer, presets
+from deepseekmoe import ModelConfig, Transformer
+from deepseekmoe.model import presets
 from tests.dist_utils import run_ranks
 from tests.test_parallel_ep import tiny_cfg
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepseekmoe import ModelConfig, Transformer, presets
+from deepseekmoe import ModelConfig, Transformer
+from deepseekmoe.model import presets
 from deepseekmoe.parallel.pipeline import AddAuxiliaryLoss, layer_costs, split_layers
 from tests.dist_utils import run_ranks
 

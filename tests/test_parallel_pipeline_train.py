@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from deepseekmoe import cli, presets
+from deepseekmoe import cli
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model import presets
 from deepseekmoe.parallel import ParallelConfig
 from deepseekmoe.parallel.pipeline import check_layout, split_layers
 from tests.dist_utils import run_ranks
@@ -122,8 +123,8 @@ def test_pp2_1f1b_matches_single_process_and_resumes(single, tmp_path):
 
     # Both stages exported as one native model: the single-process run's final weights (1e-4:
     # Adam amplifies rounding in near-zero gradient elements, see test_parallel_ep).
-    from deepseekmoe.io import load_native
-    from deepseekmoe.parallel.checkpoint import export_native
+    from deepseekmoe.checkpoint.dcp import export_native
+    from deepseekmoe.checkpoint.native import load_native
 
     _, mine = load_native(export_native(run / "checkpoints" / "step_0000004", presets.get("tiny", **MODEL),
                                         tmp_path / "exported"))

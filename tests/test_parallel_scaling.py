@@ -2,7 +2,7 @@
 
 import pytest
 
-from deepseekmoe import presets
+from deepseekmoe.model import presets
 from deepseekmoe.parallel.scaling import a2a_bytes_per_token, a2a_point, expected_distinct_ranks
 
 

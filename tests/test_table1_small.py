@@ -16,7 +16,7 @@ spec.loader.exec_module(t1)
 
 
 def _cfg(name, hidden=256, layers=4, heads=4, ffn=688, vocab=16384):
-    from deepseekmoe import presets
+    from deepseekmoe.model import presets
 
     ov = t1.overrides(name, hidden, layers, heads, ffn)
     kw = {a.split("=")[0].removeprefix("--model."): int(a.split("=")[1]) for a in ov if "preset" not in a}

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.cli import main
 from deepseekmoe.data import default_dataset
-from deepseekmoe.model import Transformer
-from deepseekmoe.train import checkpoint as ckpt_io
+from deepseekmoe.model.transformer import Transformer
 from deepseekmoe.train import recipe
 from deepseekmoe.train.metrics import read_metrics
 from deepseekmoe.train.trainer import DivergedError, Trainer

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deepseekmoe import Transformer, presets
-from deepseekmoe.moe.router import Routing
+from deepseekmoe import Transformer
+from deepseekmoe.model import presets
+from deepseekmoe.model.moe.router import Routing
 from deepseekmoe.train import recipe
 from deepseekmoe.train.metrics import ExpertLoad, peak_flops, read_metrics
 from deepseekmoe.train.trainer import Trainer

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseekmoe import Transformer, presets
+from deepseekmoe import Transformer
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model import presets
 from deepseekmoe.train import recipe
 from deepseekmoe.train.cli import split_overrides
 from deepseekmoe.train.optim import Schedule, build_optimizer, param_groups

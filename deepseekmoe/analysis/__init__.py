@@ -11,7 +11,7 @@
 (`deepseekmoe analyze`). docs/evaluation.md maps each to the paper's figures.
 """
 
-from .experiments import lm_loss, redundancy_sweep, shared_ablation, topk_sweep
-from .routing import routing_statistics
+from deepseekmoe.analysis.experiments import lm_loss, redundancy_sweep, shared_ablation, topk_sweep
+from deepseekmoe.analysis.routing import routing_statistics
 
 __all__ = ["routing_statistics", "lm_loss", "redundancy_sweep", "shared_ablation", "topk_sweep"]

@@ -15,14 +15,14 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, UserError, suggest
+from deepseekmoe.errors import ConfigError, UserError, suggest
 
 EXPERIMENTS = ("routing", "redundancy", "shared", "topk")
 FILES = {"redundancy": "fig4_redundancy", "shared": "fig5_shared", "topk": "fig6_topk"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..eval.cli import add_model_arguments
+    from deepseekmoe.eval.cli import add_model_arguments
 
     add_model_arguments(p)
     p.add_argument("--experiments", default="all",
@@ -85,12 +85,12 @@ def resolve_experiments(spec: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..eval import lm
-    from ..eval.cli import make_scorer, open_model
-    from ..io import atomic_write_text
-    from . import experiments as X
-    from .plots import plot_experiment, plot_load
-    from .routing import check_routed, format_expert_table, format_layer_table, routing_statistics
+    from deepseekmoe.analysis import experiments as X
+    from deepseekmoe.analysis.plots import plot_experiment, plot_load
+    from deepseekmoe.analysis.routing import check_routed, format_expert_table, format_layer_table, routing_statistics
+    from deepseekmoe.checkpoint.files import atomic_write_text
+    from deepseekmoe.eval import lm
+    from deepseekmoe.eval.cli import make_scorer, open_model
 
     chosen = resolve_experiments(args.experiments)
     explicit = args.experiments.strip().lower() != "all"
@@ -112,7 +112,7 @@ def run(args) -> int:
     seq_len = min(args.seq_len or scorer.max_length, scorer.max_length)
     to_bpb = None
     if data is not None:
-        from ..data import bits_per_byte, check_vocab
+        from deepseekmoe.data import bits_per_byte, check_vocab
 
         batches, meta = lm.prepared_batches(data, args.split, seq_len, args.batch_size, args.limit)
         check_vocab(meta, model.config.vocab_size)

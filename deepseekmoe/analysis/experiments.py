@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ..errors import ConfigError
-from .routing import check_routed
+from deepseekmoe.analysis.routing import check_routed
+from deepseekmoe.errors import ConfigError
 
 DEFAULT_FRACTIONS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
 

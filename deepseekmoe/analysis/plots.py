@@ -21,7 +21,7 @@ def _figure(w: float = 6.4, h: float = 4.0):
 def _save(fig, path: Path) -> Path:
     import io
 
-    from ..io import atomic_write_bytes
+    from deepseekmoe.checkpoint.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.tight_layout()

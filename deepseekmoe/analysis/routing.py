@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 
 def check_routed(model) -> None:

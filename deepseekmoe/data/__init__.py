@@ -8,11 +8,11 @@
 The on-disk layout and every function's contract are in docs/data.md.
 """
 
-from .dataset import bits_per_byte, check_vocab, load_meta, unigram_entropy
-from .loader import PackedLoader, iter_eval_batches
-from .prepare import prepare
-from .sample import default_dataset
-from .tokenizer import Tokenizer, train_tokenizer
+from deepseekmoe.data.dataset import bits_per_byte, check_vocab, load_meta, unigram_entropy
+from deepseekmoe.data.loader import PackedLoader, iter_eval_batches
+from deepseekmoe.data.prepare import prepare
+from deepseekmoe.data.sample import default_dataset
+from deepseekmoe.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def load_tokenizer(data_dir) -> Tokenizer:

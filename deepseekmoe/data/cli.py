@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DataError
+from deepseekmoe.errors import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .prepare import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB, SHARD_TOKENS, TOKENIZER_SAMPLE_BYTES
+    from deepseekmoe.data.prepare import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB, SHARD_TOKENS, TOKENIZER_SAMPLE_BYTES
 
     p.epilog = ("examples:\n  deepseekmoe prepare books/ --out data/books --vocab-size 16384\n"
                 "  deepseekmoe prepare corpus.jsonl.xz --val held_out.jsonl.xz --out data/c "
@@ -43,8 +43,8 @@ def _token_arg(v: str | None):
 
 
 def run(args) -> int:
-    from .dataset import load_meta
-    from .prepare import prepare
+    from deepseekmoe.data.dataset import load_meta
+    from deepseekmoe.data.prepare import prepare
 
     if args.tokenizer is None and (args.bos or args.eos):
         raise DataError("--bos/--eos name the special tokens of a given --tokenizer; a trained BPE uses "

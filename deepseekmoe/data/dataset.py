@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from deepseekmoe.errors import DataError
 
 FORMAT = "deepseekmoe-tokens"
 VERSION = 1

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
-from .dataset import TokenStream, check_vocab, load_meta
+from deepseekmoe.data.dataset import TokenStream, check_vocab, load_meta
+from deepseekmoe.errors import ConfigError, DataError
 
 STATE_FORMAT = "deepseekmoe-loader"
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..io import atomic_directory
-from .dataset import FORMAT, VERSION, dtype_for
-from .readers import Source, discover, read_documents
-from .tokenizer import Tokenizer, train_tokenizer
+from deepseekmoe.checkpoint.files import atomic_directory
+from deepseekmoe.data.dataset import FORMAT, VERSION, dtype_for
+from deepseekmoe.data.readers import Source, discover, read_documents
+from deepseekmoe.data.tokenizer import Tokenizer, train_tokenizer
+from deepseekmoe.errors import DataError
 
 PREPARE_VERSION = 1                    # bump when the same input would give different shards
 DEFAULT_VOCAB = 16384
@@ -178,7 +178,7 @@ class _Doc:
 def _move_doc_to_val(tmp: Path, train: _Split, val: _Split, span: tuple[int, int], dtype: str,
                      shard_tokens: int) -> None:
     """Move train tokens [a, b) (one document with its eos) to val, rewriting the train shards."""
-    from .dataset import TokenStream
+    from deepseekmoe.data.dataset import TokenStream
 
     a, b = span
     train.writer.close()

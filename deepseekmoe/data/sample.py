@@ -22,7 +22,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from ..errors import DataError
+from deepseekmoe.errors import DataError
 
 SAMPLE_VOCAB = 4096
 SOURCE_REPO = "rcdm-uga/Gutenberg_Text"
@@ -134,8 +134,8 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def sample_key(vocab_size: int = SAMPLE_VOCAB) -> str:
-    from .dataset import VERSION
-    from .prepare import PREPARE_VERSION
+    from deepseekmoe.data.dataset import VERSION
+    from deepseekmoe.data.prepare import PREPARE_VERSION
 
     h = hashlib.sha256()
     for p in sample_files():
@@ -165,8 +165,8 @@ def default_dataset(cache_dir: str | Path | None = None, progress: bool = True) 
 
     Cache: `cache_dir`, else $DEEPSEEKMOE_CACHE, else $XDG_CACHE_HOME/deepseekmoe (~/.cache/...).
     """
-    from .dataset import load_meta
-    from .prepare import prepare
+    from deepseekmoe.data.dataset import load_meta
+    from deepseekmoe.data.prepare import prepare
 
     root = cache_root(cache_dir) / "data"
     out = root / f"gutenberg-sample-{sample_key()}"

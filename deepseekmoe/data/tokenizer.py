@@ -19,8 +19,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import DataError
-from ..io import atomic_write_text
+from deepseekmoe.checkpoint.files import atomic_write_text
+from deepseekmoe.errors import DataError
 
 DEFAULT_BOS = "<|bos|>"
 DEFAULT_EOS = "<|eos|>"
@@ -252,7 +252,7 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def _texts(items, field: str, max_bytes: int | None) -> Iterator[str]:
-    from .readers import discover, read_documents
+    from deepseekmoe.data.readers import discover, read_documents
 
     seen = 0
     for item in items:

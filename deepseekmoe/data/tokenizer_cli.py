@@ -26,10 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .tokenizer import Tokenizer, train_tokenizer
+    from deepseekmoe.data.tokenizer import Tokenizer, train_tokenizer
 
     if args.action == "train":
-        from .readers import discover
+        from deepseekmoe.data.readers import discover
 
         discover(args.inputs)  # fail early, with the message, on a bad path
         tok = train_tokenizer(list(args.inputs), args.vocab_size, args.out, field=args.field,

@@ -11,10 +11,10 @@ tasks.py (benchmark files -> documents and prompts), harness.py (metrics, table)
 describes every task's protocol.
 """
 
-from .harness import format_table, resolve_tasks, run_task, run_tasks
-from .lm import LMResult, eval_prepared, eval_text
-from .scoring import Scorer, default_prefix
-from .tasks import TASKS
+from deepseekmoe.eval.harness import format_table, resolve_tasks, run_task, run_tasks
+from deepseekmoe.eval.lm import LMResult, eval_prepared, eval_text
+from deepseekmoe.eval.scoring import Scorer, default_prefix
+from deepseekmoe.eval.tasks import TASKS
 
 __all__ = ["Scorer", "default_prefix", "run_tasks", "run_task", "resolve_tasks", "format_table", "TASKS",
            "LMResult", "eval_prepared", "eval_text"]

@@ -16,11 +16,11 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 
 def add_model_arguments(p) -> None:
-    from ..serve import DTYPES
+    from deepseekmoe.inference.cli import DTYPES
 
     p.add_argument("--model", required=True,
                    help="checkpoint: released Hugging Face format, native model dir, a training checkpoint, "
@@ -37,8 +37,8 @@ def add_model_arguments(p) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .harness import GROUPS
-    from .tasks import TASKS
+    from deepseekmoe.eval.harness import GROUPS
+    from deepseekmoe.eval.tasks import TASKS
 
     add_model_arguments(p)
     names = ", ".join(["lm", *TASKS])
@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def open_model(args):
     """(model in eval mode, tokenizer, tokenizer directory, generation mode) from the model flags,
     through the loader `deepseekmoe generate` uses."""
-    from .. import hf
-    from ..serve import load_for_inference
+    from deepseekmoe.checkpoint import hf
+    from deepseekmoe.inference.cli import load_for_inference
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -81,7 +81,7 @@ def open_model(args):
 
 
 def make_scorer(args, model, tok, tok_dir, mode):
-    from .scoring import Scorer, default_prefix
+    from deepseekmoe.eval.scoring import Scorer, default_prefix
 
     if args.max_length is not None and args.max_length < 2:
         raise ConfigError(f"--max-length {args.max_length}: need at least 2 tokens")
@@ -91,9 +91,9 @@ def make_scorer(args, model, tok, tok_dir, mode):
 
 
 def run(args) -> int:
-    from ..io import atomic_write_text
-    from . import lm
-    from .harness import LM_TASK, check_data, format_table, resolve_tasks, run_tasks
+    from deepseekmoe.checkpoint.files import atomic_write_text
+    from deepseekmoe.eval import lm
+    from deepseekmoe.eval.harness import LM_TASK, check_data, format_table, resolve_tasks, run_tasks
 
     names = resolve_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
@@ -102,7 +102,7 @@ def run(args) -> int:
         raise ConfigError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
     data_dir = check_data(names, args.data_dir)  # before the (slow) model load
     if LM_TASK in names and args.lm_text is None:
-        from ..data import load_meta
+        from deepseekmoe.data import load_meta
 
         load_meta(lm.resolve_dataset(args.lm_data))  # a missing or damaged dataset fails here too
     start = time.time()

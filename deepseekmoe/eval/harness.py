@@ -24,9 +24,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import DataError, UserError, suggest
-from .scoring import Scorer
-from .tasks import (
+from deepseekmoe.errors import DataError, UserError, suggest
+from deepseekmoe.eval.scoring import Scorer
+from deepseekmoe.eval.tasks import (
     ALIASES,
     CODE_TASKS_MESSAGE,
     TASKS,

@@ -19,8 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from .scoring import Scorer, perplexity
+from deepseekmoe.errors import DataError
+from deepseekmoe.eval.scoring import Scorer, perplexity
 
 
 @dataclass
@@ -39,7 +39,7 @@ class LMResult:
 def resolve_dataset(spec: str | Path) -> Path:
     """A prepared dataset directory; 'sample' is the shipped sample (built and cached on first use)."""
     if str(spec) == "sample":
-        from ..data import default_dataset
+        from deepseekmoe.data import default_dataset
 
         return default_dataset()
     return Path(spec)
@@ -65,7 +65,7 @@ def check_same_tokenizer(data_dir: Path, meta: dict, tokenizer_dir: str | Path |
 
 def prepared_batches(data_dir: Path, split: str, seq_len: int, batch_size: int, limit: int | None = None):
     """(list of (ids [b, seq_len], None) batches, meta). Loaded eagerly: analyses reuse them."""
-    from ..data import iter_eval_batches, load_meta
+    from deepseekmoe.data import iter_eval_batches, load_meta
 
     meta = load_meta(data_dir)
     max_batches = None if limit is None else max(1, -(-int(limit) // batch_size))
@@ -87,7 +87,7 @@ def _trim(batches, n: int):
 
 def eval_prepared(scorer: Scorer, data, split: str = "val", seq_len: int | None = None,
                   limit: int | None = None, tokenizer_dir=None) -> LMResult:
-    from ..data import bits_per_byte, check_vocab
+    from deepseekmoe.data import bits_per_byte, check_vocab
 
     d = resolve_dataset(data)
     seq_len = min(int(seq_len or scorer.max_length), scorer.max_length)
@@ -101,7 +101,7 @@ def eval_prepared(scorer: Scorer, data, split: str = "val", seq_len: int | None 
 
 
 def read_text_documents(paths, limit: int | None = None, field: str = "text") -> list[str]:
-    from ..data.readers import discover, read_documents
+    from deepseekmoe.data.readers import discover, read_documents
 
     docs: list[str] = []
     for src in discover([str(p) for p in paths]):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError, UserError
-from .scoring import Scorer, default_prefix
+from deepseekmoe.errors import ConfigError, UserError
+from deepseekmoe.eval.scoring import Scorer, default_prefix
 
 INSTALL_HINT = "lm-eval is not installed: `pip install 'deepseekmoe[eval]'` (or `pip install lm-eval`)"
 
@@ -43,7 +43,7 @@ class DeepSeekMoEEvalLM:
         if model is None:
             if pretrained is None:
                 raise ConfigError("DeepSeekMoEEvalLM needs a model (and tokenizer) or pretrained=DIR")
-            from .cli import open_model
+            from deepseekmoe.eval.cli import open_model
 
             ns = argparse.Namespace(model=pretrained, tokenizer=None, device=device or "auto",
                                     dtype=dtype or "auto", expert_backend=None, batch_size=1)

@@ -6,7 +6,7 @@ Every evaluation in this package reduces to three primitives on a `Scorer`:
                               token is the argmax (multiple choice, LAMBADA, lm-eval requests)
   window_nll(batches)         summed next-token NLL over packed windows (perplexity, bits/byte,
                               the routing experiments of deepseekmoe.analysis)
-  generate(prompts, ...)      greedy completions through deepseekmoe.generate's KV-cache decoder
+  generate(prompts, ...)      greedy completions through deepseekmoe.inference.generate's KV-cache decoder
 
 Two choices keep these exact and cheap:
 - Right padding. Attention is causal and routing is per token (no capacity, nothing dropped), so
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 PREFIXES = ("auto", "bos", "eos")
 
@@ -266,7 +266,7 @@ class Scorer:
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
                  desc: str = "generate") -> list[str]:
         """Greedy completions, cut before the first stop string; prompts cut from the left to fit."""
-        from ..generate import generate
+        from deepseekmoe.inference.generate import generate
 
         room = self.max_length - max_new_tokens
         if room < 1:

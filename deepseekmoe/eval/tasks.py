@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from deepseekmoe.errors import DataError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Triton kernels for the MoE fast path.
 
-Each kernel has a pure-PyTorch twin with the same signature (deepseekmoe.moe.experts) and tests
+Each kernel has a pure-PyTorch twin with the same signature (deepseekmoe.model.moe.experts) and tests
 that they agree. This module only decides whether the Triton backend can run on a device; the
 kernels themselves live in submodules and import triton lazily, so CPU installs never need it.
 """
@@ -23,7 +23,7 @@ def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
     except ImportError:
         return "the triton package is not installed (pip install 'deepseekmoe[gpu]')"
     try:
-        from . import moe_triton  # noqa: F401
+        from deepseekmoe.kernels import moe_triton  # noqa: F401
     except ImportError as e:
         return f"the Triton MoE kernels are not available ({e})"
     return None
@@ -31,6 +31,6 @@ def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
 
 def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     """Fused Triton expert compute; same signature and result as experts_loop."""
-    from .moe_triton import experts_triton as fn
+    from deepseekmoe.kernels.moe_triton import experts_triton as fn
 
     return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)

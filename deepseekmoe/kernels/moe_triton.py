@@ -1,7 +1,7 @@
 """The `triton` expert backend: routing metadata, torch.library custom ops and their autograd.
 
 experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF) -> y_TD has the signature and result of
-deepseekmoe.moe.experts.experts_loop (its reference twin). Data flow:
+deepseekmoe.model.moe.experts.experts_loop (its reference twin). Data flow:
 
   forward   perm_S, counts_E = sort of the T*K slots by expert (device only, no host sync)
             gateup_fwd: a_SF (and g|u saved for backward)   down_fwd: y_slot = w * (a @ W2^T)
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as Fn
 import triton
 
-from . import moe_kernels as mk
+from deepseekmoe.kernels import moe_kernels as mk
 
 # What the forward saves for backward: 1 = g|u [S, 2F] (backward recomputes silu; least memory),
 # 2 = a [S, F] + s|t [S, 2F] (backward epilogue is products only; 1.5x the memory). The default

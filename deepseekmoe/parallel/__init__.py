@@ -54,10 +54,10 @@ def parallelize(model, mesh, cfg=None):
     apply."""
     import torch
 
-    from ..errors import ConfigError
-    from .expert_parallel import apply_expert_parallel
-    from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
-    from .mesh import ParallelConfig
+    from deepseekmoe.errors import ConfigError
+    from deepseekmoe.parallel.expert_parallel import apply_expert_parallel
+    from deepseekmoe.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
+    from deepseekmoe.parallel.mesh import ParallelConfig
 
     cfg = cfg or ParallelConfig()
     cfg.validate()

@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..errors import ConfigError
-from ..moe.experts import resolve_backend
-from ..moe.layer import MoE, RoutedExperts
-from ..moe.router import Routing, expert_balance_loss
-from .mesh import Mesh
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.model.moe.experts import resolve_backend
+from deepseekmoe.model.moe.layer import MoE, RoutedExperts
+from deepseekmoe.model.moe.router import Routing, expert_balance_loss
+from deepseekmoe.parallel.mesh import Mesh
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
-class ExpertParallelExperts(nn.Module):
+class ExpertParallelExperts(RoutedExperts):
     """Drop-in for RoutedExperts holding this rank's E/ep experts; same forward signature."""
 
     def __init__(self, routed: RoutedExperts, ep_mesh):
-        super().__init__()
+        nn.Module.__init__(self)
         P, r = ep_mesh.size(), ep_mesh.get_local_rank()
         E = routed.n_experts
         if E % P:

@@ -24,8 +24,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .expert_parallel import ExpertParallelExperts
-from .mesh import Mesh
+from deepseekmoe.parallel.expert_parallel import ExpertParallelExperts
+from deepseekmoe.parallel.mesh import Mesh
 
 
 def block_container(model: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from ..errors import UserError
+from deepseekmoe.errors import UserError
 
 
 def rank() -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 PP_SCHEDULE_ALIASES = {"interleaved": "interleaved1f1b", "interleaved_1f1b": "interleaved1f1b"}

@@ -42,11 +42,12 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
 )
 
-from ..config import ModelConfig
-from ..errors import ConfigError
-from ..model import Transformer, rope_cos_sin
-from ..moe.layer import MoE
-from .mesh import Mesh, ParallelConfig
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.model.layers import rope_cos_sin
+from deepseekmoe.model.moe.layer import MoE
+from deepseekmoe.model.transformer import Transformer
+from deepseekmoe.parallel.mesh import Mesh, ParallelConfig
 
 
 class AddAuxiliaryLoss(torch.autograd.Function):
@@ -312,7 +313,7 @@ def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: l
     Stage s lives on pp rank s % pp (looped placement, what the interleaved schedule expects).
     Micro-batches per step: cfg.pp_microbatches (0: 2 x stages). ConfigError for a layout that
     cannot run (`check_layout`)."""
-    from . import parallelize
+    from deepseekmoe.parallel import parallelize
 
     n_stages = mesh.pp * cfg.pp_stages_per_rank
     n_mb = cfg.pp_microbatches or 2 * n_stages

@@ -13,7 +13,7 @@ single-device behaviour, so the one-process trainer (and its bit-exact resume) i
                               summed over every rank, pp included)
   .mean(t)                    average over data-parallel ranks (losses for logging, finiteness)
   .eval_share(batches) / .sum(t)   split validation batches over ranks, sum the results
-  .save(...) / load via deepseekmoe.parallel.checkpoint (DCP, any world size)
+  .save(...) / load via deepseekmoe.checkpoint.dcp (DCP, any world size)
   .guard(...)                 fail fast with one message when a peer dies (launch.fail_fast)
   .is_rank0                   only rank 0 writes metrics, plots, config and prints
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
-from .launch import fail_fast
-from .mesh import Mesh, ParallelConfig, init_distributed, launched_distributed
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.parallel.launch import fail_fast
+from deepseekmoe.parallel.mesh import Mesh, ParallelConfig, init_distributed, launched_distributed
 
 
 class Runtime:
@@ -98,7 +98,7 @@ class Runtime:
     # ------------------------------------------------------------------ model
     def parallelize(self, model: torch.nn.Module, activation_checkpointing: bool = False,
                     compile: bool = False) -> torch.nn.Module:
-        from . import parallelize
+        from deepseekmoe.parallel import parallelize
 
         cfg = self.cfg
         cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
@@ -114,7 +114,7 @@ class Runtime:
         """This rank's pipeline stages of `model` (a whole Transformer on any device: only the
         stages kept here move to this rank's device; on `meta`: they are allocated there,
         uninitialised, for init_weights(seed=...)) with `n_microbatches` micro-batches a step."""
-        from .pipeline import build_pipeline
+        from deepseekmoe.parallel.pipeline import build_pipeline
 
         cfg = self.cfg
         cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
@@ -141,7 +141,7 @@ class Runtime:
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         if not self.distributed:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        from .fsdp import clip_grad_norm_
+        from deepseekmoe.parallel.fsdp import clip_grad_norm_
 
         return clip_grad_norm_(params, 0.0 if max_norm == float("inf") else max_norm)
 
@@ -181,7 +181,7 @@ class Runtime:
     def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints,
              files: dict | None = None) -> Path:
         """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep`."""
-        from . import checkpoint as dcp_ckpt
+        from deepseekmoe.checkpoint import dcp as dcp_ckpt
 
         dcp_ckpt.save(path, model, optimizer, state, files)
         if self.is_rank0:

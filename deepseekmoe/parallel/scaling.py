@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import comb
 
-from ..config import ModelConfig
+from deepseekmoe.model.config import ModelConfig
 
 H100_PEAK = 989e12  # dense bf16 FLOP/s, SXM
 NVLINK_ACHIEVED = 350e9  # bytes/s per direction per GPU actually reached by all-to-all (of ~450)
@@ -81,7 +81,7 @@ TARGET_MFU = 0.45  # the project's single-GPU target
 
 
 def report(mfus: tuple[float, ...] = (MEASURED_MFU, TARGET_MFU)) -> str:
-    from .. import presets
+    from deepseekmoe.model import presets
 
     rows = []
     for preset in ("deepseekmoe-16b", "deepseekmoe-145b"):

@@ -2,7 +2,7 @@
 resumable checkpoints (checkpoint.py), metrics and plots (metrics.py), the loop (trainer.py) and
 the `deepseekmoe train` command (cli.py)."""
 
-from .recipe import TrainConfig, build
-from .trainer import TrainResult, train
+from deepseekmoe.train.recipe import TrainConfig, build
+from deepseekmoe.train.trainer import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "build", "train"]

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
-from . import recipe as recipe_mod
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.train import recipe as recipe_mod
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -91,8 +91,8 @@ def _latest_run(name: str) -> Path:
 
 
 def run(args) -> int:
-    from . import checkpoint as ckpt_io
-    from .trainer import train
+    from deepseekmoe.checkpoint import training as ckpt_io
+    from deepseekmoe.train.trainer import train
 
     overrides = getattr(args, "overrides", [])
     resume = None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..moe.router import device_balance_loss, expert_balance_loss
+from deepseekmoe.model.moe.router import device_balance_loss, expert_balance_loss
 
 # Dense bf16 tensor-core peak FLOP/s by device name (substring match, most specific first). The
 # SXM figures; PCIe/NVL parts are lower, so MFU there reads slightly optimistic.
@@ -216,7 +216,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep records up to `last_step` (resuming from that checkpoint re-creates the rest)."""
-    from ..io import atomic_write_text
+    from deepseekmoe.checkpoint.files import atomic_write_text
 
     path = Path(path)
     if not path.exists():
@@ -251,7 +251,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     fig.tight_layout()
     import io
 
-    from ..io import atomic_write_bytes
+    from deepseekmoe.checkpoint.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .recipe import OptimSection, ScheduleSection
+from deepseekmoe.train.recipe import OptimSection, ScheduleSection
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -25,10 +25,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import presets
-from ..config import ModelConfig
-from ..errors import ConfigError, suggest
-from ..parallel.mesh import ParallelConfig
+from deepseekmoe.errors import ConfigError, suggest
+from deepseekmoe.model import presets
+from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.parallel.mesh import ParallelConfig
 
 try:  # Python >= 3.11
     import tomllib
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - 3.10 needs the backport
 
 @dataclass
 class ModelSection:
-    """`preset` names a model of deepseekmoe.presets; every other key overrides one of its fields."""
+    """`preset` names a model of deepseekmoe.model.presets; every other key overrides one of its fields."""
 
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)

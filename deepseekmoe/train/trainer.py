@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError, UserError
-from ..io import atomic_write_text
-from ..model import Transformer
-from ..parallel.runtime import Runtime
-from . import checkpoint as ckpt_io
-from .metrics import BalanceSplit, ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
-from .optim import OptimizerList, Schedule, build_optimizer
-from .recipe import TrainConfig, to_toml
+from deepseekmoe.checkpoint import training as ckpt_io
+from deepseekmoe.checkpoint.files import atomic_write_text
+from deepseekmoe.errors import ConfigError, DataError, UserError
+from deepseekmoe.model.transformer import Transformer
+from deepseekmoe.parallel.runtime import Runtime
+from deepseekmoe.train.metrics import BalanceSplit, ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
+from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
+from deepseekmoe.train.recipe import TrainConfig, to_toml
 
 
 class DivergedError(UserError):
@@ -65,7 +65,7 @@ class TrainResult:
 
 
 def _data():
-    from .. import data  # the data helper's package (tokenizer, prepare, loader)
+    from deepseekmoe import data  # the data helper's package (tokenizer, prepare, loader)
 
     return data
 
@@ -154,7 +154,7 @@ class Trainer:
         W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
         if self.rt.pp > 1:
-            from ..parallel.pipeline import check_layout
+            from deepseekmoe.parallel.pipeline import check_layout
 
             check_layout(self.mcfg, cfg.parallel)  # stages vs. blocks, options pp cannot split
             if not cfg.train.micro_batch_size:
@@ -181,7 +181,7 @@ class Trainer:
         """Pipeline parallel: the micro-batches of one schedule step are the gradient-accumulation
         micro-batches, so parallel.pp_microbatches (if set) must agree; the layout must be one
         the model and torch's schedules can run (ConfigError before anything is built)."""
-        from ..parallel.pipeline import check_layout
+        from deepseekmoe.parallel.pipeline import check_layout
 
         pc = self.cfg.parallel
         if pc.pp_microbatches and pc.pp_microbatches != self.accum:
@@ -535,7 +535,7 @@ class _Silent:
 
 
 def _train_records(run_dir: Path) -> list[dict]:
-    from .metrics import read_metrics
+    from deepseekmoe.train.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
 
@@ -555,13 +555,13 @@ def _format(rec: dict, total: int) -> str:
 def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: int, device: torch.device, seed: int = 0) -> str:
     """The prompt and its sampled continuation (documents follow an eos in the packed stream, so
-    the prompt starts with one). Uses deepseekmoe.generate's KV-cache decoder when present."""
+    the prompt starts with one). Uses deepseekmoe.inference.generate's KV-cache decoder when present."""
     ids = [tok.eos_id] + tok.encode(prompt)
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
     if max_new_tokens < 1:
         return prompt
     try:
-        from ..generate import generate_ids
+        from deepseekmoe.inference.generate import generate_ids
     except ImportError:
         return _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, device, seed)
     new = generate_ids(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,

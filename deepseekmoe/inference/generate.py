@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError
+from deepseekmoe.errors import ConfigError, DataError
 
 MODES = ("eager", "cuda_graph", "compile")
 
@@ -318,7 +318,7 @@ def load_tokenizer(path, bos_id: int | None = None, eos_id: int | None = None):
         raise DataError(f"{file}: no tokenizer.json; pass --tokenizer DIR (the released checkpoints ship "
                         "one beside the weights)")
     try:
-        from .data.tokenizer import Tokenizer
+        from deepseekmoe.data.tokenizer import Tokenizer
     except ImportError:
         Tokenizer = None
     if Tokenizer is not None:

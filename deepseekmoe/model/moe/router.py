@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from deepseekmoe.model.config import ModelConfig
 
 
 @dataclass

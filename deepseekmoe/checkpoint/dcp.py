@@ -35,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..errors import CheckpointError
-from ..io import atomic_write_text, fsync_dir
+from deepseekmoe.checkpoint.files import atomic_write_text, fsync_dir
+from deepseekmoe.errors import CheckpointError
 
 STATE_FILE = "state.json"
 
@@ -160,8 +160,8 @@ def export_native(path: str | Path, cfg, out_dir: str | Path, dtype=None) -> Pat
     """Write the model of DCP checkpoint `path` as a native model directory (config.json +
     model.safetensors, what `deepseekmoe convert` / `generate` read), in this process alone (no
     process group needed; memory: the whole model on CPU). `cfg` is its ModelConfig."""
-    from ..io import save_native
-    from ..model import Transformer
+    from deepseekmoe.checkpoint.native import save_native
+    from deepseekmoe.model.transformer import Transformer
 
     model = Transformer(cfg)
     load(path, model, no_dist=True)

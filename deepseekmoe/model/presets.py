@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .config import ModelConfig
-from .errors import ConfigError, suggest
+from deepseekmoe.errors import ConfigError, suggest
+from deepseekmoe.model.config import ModelConfig
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .serve import add_common_arguments, load_for_inference, sampling_kwargs
+from deepseekmoe.inference.cli import add_common_arguments, load_for_inference, sampling_kwargs
 
 
 def add_arguments(p) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .generate import _special_ids, chat_ids, generate
+    from deepseekmoe.inference.generate import _special_ids, chat_ids, generate
 
     model, tok, mode = load_for_inference(args)
     bos, eos = _special_ids(model, tok)

@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from deepseekmoe.errors import CheckpointError, ConfigError
+from deepseekmoe.model.config import ModelConfig
 
 MODEL_TYPE = "deepseek"
 INDEX_FILE = "model.safetensors.index.json"
@@ -211,7 +211,7 @@ def find_checkpoint(path) -> tuple[str, Path]:
     """('hf' | 'native' | 'dcp', directory) for a released-format dir, a native model dir, a
     training checkpoint folder holding a native `model/` dir, a distributed (DCP) training
     checkpoint, or a run directory (runs/<name>-<time>/: its newest checkpoint)."""
-    from . import io
+    from deepseekmoe.checkpoint import native
 
     path = Path(path)
     if not path.exists():
@@ -224,9 +224,9 @@ def find_checkpoint(path) -> tuple[str, Path]:
         if not steps:
             raise CheckpointError(f"{path}: a run directory without a finished checkpoint in checkpoints/")
         path = steps[-1]
-    if io.is_native(path):
+    if native.is_native(path):
         return "native", path
-    if io.is_native(path / "model"):
+    if native.is_native(path / "model"):
         return "native", path / "model"
     if (path / ".metadata").is_file():
         return "dcp", path
@@ -346,10 +346,9 @@ def _finish(model, device) -> torch.nn.Module:
     # Layer table) are not in checkpoints and are rebuilt here.
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "build_table"):
-                m.table = m.build_table().to(device)
+    from deepseekmoe.model.init import init_buffers
+
+    init_buffers(model)
     return model
 
 
@@ -447,9 +446,9 @@ def stream_into(model, files: dict[str, Path]) -> None:
 
 
 def _load_native(cls, path: Path, dtype, device, overrides):
-    from . import io
+    from deepseekmoe.checkpoint import native
 
-    cfg, sd = io.load_native(path)
+    cfg, sd = native.load_native(path)
     if overrides:
         cfg = cfg.replace(**overrides)
     dtype = dtype or next(iter(sd.values())).dtype
@@ -525,7 +524,7 @@ def save_model(model, path, max_shard_size: str | int = "5GB", tokenizer_dir=Non
     """Write `model` in the released format, atomically (a finished directory or nothing)."""
     from safetensors.torch import save_file
 
-    from .io import atomic_directory
+    from deepseekmoe.checkpoint.files import atomic_directory
 
     cfg = model.config
     exports = dict(iter_export(model))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 # torch >= 2.9 spells it F.grouped_mm; 2.8 only has the private torch._grouped_mm.
 _gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -137,7 +137,7 @@ def _grouped_supported() -> bool:
 
 def resolve_backend(name: str, device: torch.device) -> ExpertFn:
     """Map a backend name to its function for tensors on `device`; raise a clear error if unusable."""
-    from .. import kernels
+    from deepseekmoe import kernels
 
     if name == "loop":
         return experts_loop

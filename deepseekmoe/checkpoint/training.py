@@ -10,12 +10,12 @@ A checkpoint is a directory `<run>/checkpoints/step_NNNNNNN/`:
     manifest.json     size and SHA-256 of every other file, written last
 
 The directory is assembled under a temporary name and renamed into place only when complete
-(deepseekmoe.io.atomic_directory), so a crash or a full disk during a save leaves the previous
+(deepseekmoe.checkpoint.files.atomic_directory), so a crash or a full disk during a save leaves the previous
 checkpoints untouched. Loading checks the manifest first: a truncated or altered file raises one
 CheckpointError naming the file, never a deep torch/safetensors traceback.
 
 Distributed runs (torchrun) write the same directory names as sharded DCP checkpoints instead
-(deepseekmoe.parallel.checkpoint: .metadata, shards, state.json); `verify` and `load_weights`
+(deepseekmoe.checkpoint.dcp: .metadata, shards, state.json); `verify` and `load_weights`
 recognise them and load them at any world size, one process included.
 """
 
@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from ..io import atomic_directory, load_native, save_native
+from deepseekmoe.checkpoint.files import atomic_directory
+from deepseekmoe.checkpoint.native import load_native, save_native
+from deepseekmoe.errors import CheckpointError
 
 FORMAT = "deepseekmoe-train"
 VERSION = 1
@@ -179,7 +180,7 @@ def verify(ckpt: Path) -> dict:
     """Check every file against the manifest; return the parsed state.json."""
     ckpt = Path(ckpt)
     if (ckpt / ".metadata").exists():  # a sharded checkpoint of a distributed run (DCP)
-        from ..parallel.checkpoint import verify as verify_dcp
+        from deepseekmoe.checkpoint.dcp import verify as verify_dcp
 
         state = verify_dcp(ckpt)
         if state.get("format") != FORMAT:
@@ -221,7 +222,7 @@ def load_weights(ckpt: Path, model, optimizer, device: torch.device) -> None:
     them: the stages a pipeline rank holds, DCP checkpoints only)."""
     ckpt = Path(ckpt)
     if (ckpt / ".metadata").exists():  # DCP: resharded to this run's layout, any world size
-        from ..parallel.checkpoint import load as load_dcp
+        from deepseekmoe.checkpoint.dcp import load as load_dcp
 
         load_dcp(ckpt, model, optimizer)
         return

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import presets
-from .config import ModelConfig
-from .errors import ConfigError
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.model import presets
+from deepseekmoe.model.config import ModelConfig
 
 
 def add_arguments(p) -> None:
@@ -39,7 +39,7 @@ def load_config(spec: str) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not a readable JSON config ({e})") from e
     if raw.get("model_type") is not None:
-        from . import hf
+        from deepseekmoe.checkpoint import hf
 
         return hf.config_from_hf(raw)
     return ModelConfig.from_dict(raw)

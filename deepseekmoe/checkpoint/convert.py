@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from deepseekmoe.errors import CheckpointError, ConfigError
 
 DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -36,8 +36,8 @@ def add_arguments(p) -> None:
 def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", tokenizer=None,
             overwrite: bool = False) -> str:
     """Convert `src` into the other format at `dst`; return the direction ('hf' or 'native' written)."""
-    from . import hf, io
-    from .model import Transformer
+    from deepseekmoe.checkpoint import hf, native
+    from deepseekmoe.model.transformer import Transformer
 
     dst = Path(dst)
     if dst.exists() and not overwrite:
@@ -47,22 +47,22 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
     kind, path = hf.find_checkpoint(src)
     if kind == "dcp":
         with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
-            native = _export_dcp(path, Path(tmp) / "model")
-            return convert(native, dst, dtype, max_shard_size, tokenizer, overwrite)
+            exported = _export_dcp(path, Path(tmp) / "model")
+            return convert(exported, dst, dtype, max_shard_size, tokenizer, overwrite)
     model = Transformer.from_pretrained(path, dtype=dtype)
     if kind == "native":
         if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
             raise CheckpointError(f"--tokenizer {tokenizer}: no tokenizer.json there")
         model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer_dir=tokenizer)
         return "hf"
-    io.save_native(dst, model.config, model.state_dict())
+    native.save_native(dst, model.config, model.state_dict())
     return "native"
 
 
 def _export_dcp(path: Path, out: Path) -> Path:
     """The model of a distributed (DCP) training checkpoint as a native model directory."""
-    from .parallel.checkpoint import export_native, verify
-    from .train import recipe
+    from deepseekmoe.checkpoint.dcp import export_native, verify
+    from deepseekmoe.train import recipe
 
     state = verify(path)
     if "config" not in state:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
-from .experts import resolve_backend
-from .router import Routing, build_router, device_balance_loss, expert_balance_loss
+from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.model.layers import MLP
+from deepseekmoe.model.moe.experts import resolve_backend
+from deepseekmoe.model.moe.router import Routing, build_router, device_balance_loss, expert_balance_loss
 
 
 class RoutedExperts(nn.Module):
@@ -52,12 +53,12 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, mlp_cls):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.gate = build_router(cfg)
         self.experts = RoutedExperts(cfg)
-        self.shared_experts = (mlp_cls(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts > 0 else None)
         self.shared_enabled = True
         self.record = False

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, suggest
+from deepseekmoe.errors import ConfigError, suggest
 
 ROUTERS = ("topk", "switch", "gshard", "hash")
 EXPERT_BACKENDS = ("auto", "loop", "grouped", "triton")

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .errors import ConfigError
+from deepseekmoe.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,9 +50,9 @@ def check_sampling(args) -> None:
 
 def load_for_inference(args):
     """(model in eval mode, tokenizer, mode) from the common flags."""
-    from . import hf
-    from .generate import load_tokenizer
-    from .model import Transformer
+    from deepseekmoe.checkpoint import hf
+    from deepseekmoe.inference.generate import load_tokenizer
+    from deepseekmoe.model.transformer import Transformer
 
     check_sampling(args)
     device = args.device
@@ -97,7 +97,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .generate import generate
+    from deepseekmoe.inference.generate import generate
 
     prompts = args.prompt or [sys.stdin.read()]
     if any(not p for p in prompts):
