@@ -146,9 +146,10 @@ def test_layer_balance_loss_composition_and_eval():
     moe.train()
     _, aux = moe(x)
     r = moe.gate(x.reshape(10, 16))
-    expected = (expert_balance_loss(r.scores_TE, r.idx_TK, 0.01)
-                + device_balance_loss(r.scores_TE, r.idx_TK, 0.05, 4))
-    assert torch.allclose(aux, expected)
+    expert = expert_balance_loss(r.scores_TE, r.idx_TK, 0.01)
+    device = device_balance_loss(r.scores_TE, r.idx_TK, 0.05, 4)
+    assert torch.allclose(aux.total, expert + device)
+    assert torch.allclose(aux.expert, expert) and torch.allclose(aux.device, device)  # the terms apart
     moe.eval()
     assert moe(x)[1] is None
 

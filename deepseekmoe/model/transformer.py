@@ -21,14 +21,41 @@ import torch.nn.functional as F
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
 from deepseekmoe.model.moe.layer import MoE
+from deepseekmoe.model.moe.router import BalanceLoss
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # lm_loss + balance_loss: the trained objective
     lm_loss: torch.Tensor | None = None
-    balance_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None  # all MoE layers' balance terms (training only)
+    expert_balance_loss: torch.Tensor | None = None  # its expert-level part (None when off)
+    device_balance_loss: torch.Tensor | None = None  # its device-level part (None when off)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float32: labels aligned with the inputs (shifted here), -100
+    ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class BalanceSums:
+    """The layers' balance terms summed over layers (in layer order, as the objective adds them)."""
+
+    def __init__(self):
+        self.total = self.expert = self.device = None
+
+    def add(self, b: BalanceLoss | None) -> None:
+        if b is None:
+            return
+        self.total = _add(self.total, b.total)
+        self.expert = _add(self.expert, b.expert)
+        self.device = _add(self.device, b.device)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 class Block(nn.Module):
@@ -86,20 +113,19 @@ class Transformer(nn.Module):
             position_ids = (torch.arange(L, device=input_ids.device) + start).unsqueeze(0).expand(B, L)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        balance = None
+        balance = BalanceSums()
         for layer in self.layers:
             x, aux = layer(x, cos, sin, input_ids, attention_mask, kv_cache, cache_position)
-            if aux is not None:
-                balance = aux if balance is None else balance + aux
+            balance.add(aux)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
-        out = ModelOutput(logits=logits, balance_loss=balance)
+        out = ModelOutput(logits=logits, balance_loss=balance.total, expert_balance_loss=balance.expert,
+                          device_balance_loss=balance.device)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                          ignore_index=-100)
-            out.loss = out.lm_loss if balance is None else out.lm_loss + balance
+            out.lm_loss = lm_loss(logits, labels)
+            out.loss = out.lm_loss if balance.total is None else out.lm_loss + balance.total
         return out
 
     # ------------------------------------------------------------------ analysis knobs

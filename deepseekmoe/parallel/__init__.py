@@ -5,7 +5,7 @@ The model code is single-device; `parallelize(model, mesh, cfg)` rewrites a buil
 always in this order (each step relies on the previous one):
 
   1. expert parallel   routed experts split over ``ep``, token slots moved by all-to-all;
-                       balance losses computed over the global batch (expert_parallel.py)
+                       routers count experts over the global batch (expert_parallel.py)
   2. activation ckpt   recompute each block in backward (fsdp.py)
   3. torch.compile     per block, in place (fsdp.py)
   4. FSDP2             experts over ``dp``, everything else over ``dp x ep`` (fsdp.py)
@@ -30,7 +30,7 @@ import importlib
 _EXPORTS = {
     "Mesh": "mesh", "ParallelConfig": "mesh", "build_mesh": "mesh", "default_device": "mesh",
     "init_distributed": "mesh", "launched_distributed": "mesh", "single_process_mesh": "mesh",
-    "DistributedMoE": "expert_parallel", "ExpertParallelExperts": "expert_parallel",
+    "ExpertParallelExperts": "expert_parallel",
     "apply_expert_parallel": "expert_parallel",
     "apply_activation_checkpointing": "fsdp", "apply_compile": "fsdp", "apply_fsdp": "fsdp",
     "clip_grad_norm_": "fsdp", "grad_norm": "fsdp",

@@ -1,5 +1,5 @@
 """Expert parallelism: routed experts split over the ``ep`` ranks, token slots moved by all-to-all;
-and the MoE balance losses computed over the global batch when the batch is split over ranks.
+and the routers given the global batch's expert counts when the batch is split over ranks.
 
 Each ep rank keeps experts [r*El, (r+1)*El) of every MoE layer (El = E / ep), stored as DTensors
 of the full [E, ...] shape sharded on dim 0 over the ``ep`` mesh, so checkpoints (DCP) see the
@@ -25,6 +25,7 @@ El local experts, P ep ranks, R slots received by this rank, D hidden, F expert 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -35,7 +36,7 @@ from torch.distributed.tensor import DTensor, Shard
 from deepseekmoe.errors import ConfigError
 from deepseekmoe.model.moe.experts import resolve_backend
 from deepseekmoe.model.moe.layer import MoE, RoutedExperts
-from deepseekmoe.model.moe.router import Routing, expert_balance_loss
+from deepseekmoe.model.moe.router import CountReducer, device_loss_groups
 from deepseekmoe.parallel.mesh import Mesh
 
 log = logging.getLogger(__name__)
@@ -138,72 +139,29 @@ class ExpertParallelExperts(RoutedExperts):
         return (w_TK.to(y_TKD.dtype).unsqueeze(-1) * y_TKD).sum(1)
 
 
-class DistributedMoE(MoE):
-    """MoE whose balance losses see the global batch (counts summed over the data-parallel group).
-
-    The expert-level loss sum_i f_i P_i is linear in P but not in f, so a rank that used its own
-    counts would compute another objective than one process on the whole batch. Summing the
-    counts (no gradient) over the dp x ep ranks of this stage and keeping P local makes the mean
-    of the ranks' losses, and of their gradients, equal to the single-process loss and gradient.
-    The per-sequence form (`seq_aux`) needs nothing: every sequence lives on one rank.
-    The device-level loss uses the real placement: one group per ep rank when ep > 1.
-
-    Installed by swapping the class of an existing MoE (as fully_shard does), so parameter names
-    and the module tree are unchanged.
-    """
-
-    dp_group = None  # the group of ranks whose batches together form the global batch
-    dp_size = 1
-    n_device_groups = 1
-
-    def balance_loss(self, r: Routing, batch_size: int) -> torch.Tensor | None:
-        cfg = self.cfg
-        if not self.training or r.scores_TE is None:
-            return None
-        E = r.scores_TE.shape[-1]
-        T, K = r.idx_TK.shape
-        G = self.n_device_groups
-        need_f = (cfg.aux_loss_alpha > 0 and not cfg.seq_aux) or (cfg.device_balance_alpha > 0 and G > 1)
-        f_E = P_E = None
-        if need_f:
-            counts_E = torch.bincount(r.idx_TK.reshape(-1), minlength=E).to(torch.float32)
-            if self.dp_size > 1:
-                dist.all_reduce(counts_E, group=self.dp_group)
-            f_E = counts_E * (E / (K * T * self.dp_size))
-            P_E = r.scores_TE.mean(0)
-        loss = None
-        if cfg.aux_loss_alpha > 0:
-            if cfg.seq_aux:
-                loss = expert_balance_loss(r.scores_TE, r.idx_TK, cfg.aux_loss_alpha, batch_size)
-            else:
-                loss = cfg.aux_loss_alpha * (f_E * P_E).sum()
-        if cfg.device_balance_alpha > 0 and G > 1:
-            dev = cfg.device_balance_alpha * (f_E.view(G, E // G).mean(1) * P_E.view(G, E // G).sum(1)).sum()
-            loss = dev if loss is None else loss + dev
-        return loss
-
-
 def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def apply_expert_parallel(model: nn.Module, mesh: Mesh) -> list[MoE]:
-    """Split every MoE layer's routed experts over `ep` and make balance losses global.
+    """Split every MoE layer's routed experts over `ep` and give its router the global batch's
+    expert counts (the balance losses stay the router's own, deepseekmoe.model.moe.router).
 
     Works on a Transformer or on a pipeline stage (any module holding MoE layers). Returns the MoE
     layers it changed."""
     moes = moe_modules(model)
     if mesh.device_mesh is None:
         return moes
-    dp_group, dp_size = mesh.group("dp_ep"), mesh.data_parallel_size
+    reducer = CountReducer(functools.partial(dist.all_reduce, group=mesh.group("dp_ep")), mesh.data_parallel_size)
     for moe in moes:
         cfg = moe.cfg
-        if cfg.router == "hash" and mesh.ep > 1:
-            raise ConfigError("router='hash' has no learned router; expert parallel is not supported "
-                             "for the Hash Layer baseline (use parallel.ep=1)")
-        moe.__class__ = DistributedMoE
-        moe.dp_group, moe.dp_size = dp_group, dp_size
-        moe.n_device_groups = mesh.ep if mesh.ep > 1 else cfg.n_device_groups
+        if cfg.router == "hash":
+            if mesh.ep > 1:
+                raise ConfigError("router='hash' has no learned router; expert parallel is not supported "
+                                  "for the Hash Layer baseline (use parallel.ep=1)")
+            continue
+        moe.gate.count_reducer = reducer
+        moe.gate.n_device_groups = device_loss_groups(cfg, mesh.ep)
         if mesh.ep > 1 and cfg.device_balance_alpha > 0 and cfg.n_device_groups != mesh.ep:
             log.warning("device-level balance loss: n_device_groups=%d in the config, but experts are "
                         "placed on ep=%d ranks; using D=%d (the real placement)",

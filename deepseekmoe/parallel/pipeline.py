@@ -46,7 +46,7 @@ from deepseekmoe.errors import ConfigError
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import rope_cos_sin
 from deepseekmoe.model.moe.layer import MoE
-from deepseekmoe.model.transformer import Transformer
+from deepseekmoe.model.transformer import BalanceSums, Transformer
 from deepseekmoe.parallel.mesh import Mesh, ParallelConfig
 
 
@@ -85,7 +85,8 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
-        self.balance_losses: list[torch.Tensor] = []  # per micro-batch, this step (logging)
+        # per micro-batch of this step (logging): [total, expert-level, device-level] of its layers
+        self.balance_losses: list[torch.Tensor] = []
         # fn(stage) after each training forward: per-micro-batch metrics (expert load, balance
         # terms) read the MoE layers' last routing here, before activation checkpointing's
         # recomputation in a later backward overwrites it.
@@ -103,14 +104,15 @@ class StageModule(nn.Module):
         B, L = h.shape[:2]
         pos = torch.arange(L, device=h.device).unsqueeze(0).expand(B, L)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
-        balance = None
+        balance = BalanceSums()
         for layer in self.layers.values():
             h, aux = layer(h, cos, sin, input_ids)
-            if aux is not None:
-                balance = aux if balance is None else balance + aux
-        if balance is not None:  # on the hidden state (the head's input on the last stage)
-            self.balance_losses.append(balance.detach())
-            h = AddAuxiliaryLoss.apply(h, balance)
+            balance.add(aux)
+        if balance.total is not None:  # on the hidden state (the head's input on the last stage)
+            zero = torch.zeros((), device=h.device)
+            self.balance_losses.append(torch.stack([t.detach().float() if t is not None else zero for t in
+                                                    (balance.total, balance.expert, balance.device)]))
+            h = AddAuxiliaryLoss.apply(h, balance.total)
         if self.last:
             h = self.lm_head(self.norm(h))
         if self.training:
@@ -217,8 +219,8 @@ class Pipeline:
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward + backward of this rank's data-parallel batch [B, L] over all micro-batches.
         Every rank passes the batch (only the first stage reads ids, only the last labels).
-        Returns {"loss", "lm_loss", "balance_loss"} (means over micro-batches, the same on every
-        rank of the pipeline)."""
+        Returns {"loss", "lm_loss", "balance_loss", "expert_balance_loss", "device_balance_loss"}
+        (means over micro-batches, the same on every rank of the pipeline)."""
         for m in self.modules:
             m.balance_losses = []
         losses: list[torch.Tensor] = []
@@ -230,12 +232,13 @@ class Pipeline:
         # The last n_microbatches records: on its first step the schedule runs one extra forward
         # (shape inference, on placeholder inputs after the first stage) before the real ones.
         n_mb = self.n_microbatches
-        bal = sum((torch.stack(m.balance_losses[-n_mb:]).mean() for m in self.modules if m.balance_losses),
-                  torch.zeros((), device=dev))
-        stats = torch.stack([lm.detach().float().to(dev), bal.float().to(dev)])
+        bal = sum((torch.stack(m.balance_losses[-n_mb:]).mean(0) for m in self.modules if m.balance_losses),
+                  torch.zeros(3, device=dev))
+        stats = torch.cat([lm.detach().float().to(dev).view(1), bal.float().to(dev)])
         if self.mesh is not None and self.mesh.pp > 1:
             dist.all_reduce(stats, group=self.mesh.group("pp"))  # lm from the last stage, balance summed
-        return {"loss": stats.sum(), "lm_loss": stats[0], "balance_loss": stats[1]}
+        return {"loss": stats[0] + stats[1], "lm_loss": stats[0], "balance_loss": stats[1],
+                "expert_balance_loss": stats[2], "device_balance_loss": stats[3]}
 
     def _eval_schedule(self, n_microbatches: int, shape: tuple[int, ...]):
         key = (n_microbatches, shape)

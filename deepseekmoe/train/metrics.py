@@ -1,8 +1,9 @@
 """Training metrics: metrics.jsonl, the terminal progress bar, TensorBoard, the loss-curve PNG.
 
 Also the numbers that need the hardware: MFU (achieved model FLOP/s over the device's peak) and
-per-layer expert load, counted on the device without a host sync per step; and the expert- and
-device-level balance losses apart (`BalanceSplit`).
+per-layer expert load, counted on the device without a host sync per step. The expert- and
+device-level balance losses are logged as the model returns them (ModelOutput), i.e. exactly the
+terms that are trained.
 
 metrics.jsonl holds one JSON object per line with a "kind":
   train     step, loss (total objective), lm_loss, balance_loss (+ expert_balance_loss and
@@ -14,15 +15,12 @@ metrics.jsonl holds one JSON object per line with a "kind":
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
 from pathlib import Path
 
 import torch
-
-from deepseekmoe.model.moe.router import device_balance_loss, expert_balance_loss
 
 # Dense bf16 tensor-core peak FLOP/s by device name (substring match, most specific first). The
 # SXM figures; PCIe/NVL parts are lower, so MFU there reads slightly optimistic.
@@ -85,58 +83,6 @@ class ExpertLoad:
             out.append(round(c.max().item() / (total / c.numel()), 3) if total else float("nan"))
             c.zero_()
         return out
-
-
-class BalanceSplit:
-    """Expert- and device-level balance losses apart (the model reports their sum): forward hooks
-    on the routers keep the last affinities, from which both terms are recomputed (no grad).
-
-    Pipeline parallel runs all micro-batches in one schedule step: `snapshot(layers)` (called by
-    each stage after its forward) keeps every micro-batch's routing, and `compute(.., last=n)`
-    averages the last n of them."""
-
-    def __init__(self, model):
-        self.layers = [m for m in model.moe_layers() if m.cfg.device_balance_alpha > 0
-                       and m.cfg.n_device_groups > 1 and m.cfg.router != "hash"]
-        self.last = {}
-        self.kept: dict[int, list] = {id(m): [] for m in self.layers}
-        for m in self.layers:
-            m.gate.register_forward_hook(functools.partial(self._keep, m))
-
-    def _keep(self, moe, _module, _args, routing):
-        if moe.training:
-            self.last[id(moe)] = routing
-
-    def __bool__(self):
-        return bool(self.layers)
-
-    def snapshot(self, layers) -> None:
-        for m in layers:
-            if id(m) in self.kept and id(m) in self.last:
-                self.kept[id(m)].append(self.last[id(m)])
-
-    @staticmethod
-    def _terms(m, r, batch_size: int):
-        c, s = m.cfg, r.scores_TE.detach()
-        exp = (expert_balance_loss(s, r.idx_TK, c.aux_loss_alpha, batch_size if c.seq_aux else None)
-               if c.aux_loss_alpha > 0 else 0.0)
-        return exp, device_balance_loss(s, r.idx_TK, c.device_balance_alpha, c.n_device_groups)
-
-    @torch.no_grad()
-    def compute(self, batch_size: int, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        exp = dev = 0.0
-        for m in self.layers:
-            if last is None:  # one forward per call (gradient accumulation)
-                r = self.last.get(id(m))
-                rs = [r] if r is not None and r.scores_TE is not None else []
-            else:
-                rs = [r for r in self.kept[id(m)][-last:] if r.scores_TE is not None]
-                self.kept[id(m)] = []
-            for r in rs:
-                e, d = self._terms(m, r, batch_size)
-                exp, dev = exp + e / len(rs), dev + d / len(rs)
-        self.last.clear()
-        return torch.as_tensor(exp), torch.as_tensor(dev)
 
 
 class MetricsLogger:

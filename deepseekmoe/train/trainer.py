@@ -40,9 +40,10 @@ import torch
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.checkpoint.files import atomic_write_text
 from deepseekmoe.errors import ConfigError, DataError, UserError
+from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
 from deepseekmoe.parallel.runtime import Runtime
-from deepseekmoe.train.metrics import BalanceSplit, ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
+from deepseekmoe.train.metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
 from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
 from deepseekmoe.train.recipe import TrainConfig, to_toml
 
@@ -237,19 +238,16 @@ class Trainer:
                                            vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
                                            world_size=self.rt.loader_world)
         self.load = ExpertLoad(self.model, self.device, tape=self.pipe is not None)
-        self.split = BalanceSplit(self.model)
         # Whether the run logs expert load / the balance split at all: a property of the model, not
         # of this rank's stages (collectives over the stages must match on every rank).
         m = self.mcfg
         self.load_on = (m.n_routed_experts > 0 and any(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
                         if self.pipe is not None else bool(self.load))
-        self.split_on = (self.load_on and m.device_balance_alpha > 0 and m.n_device_groups > 1
-                         and m.router != "hash") if self.pipe is not None else bool(self.split)
+        self.split_on = self.load_on and device_loss_groups(m, self.rt.mesh.ep if self.rt.distributed else 1) > 0
         if self.pipe is not None:
             self.load_ids = [i for i, _ in self.pipe.moe_layers_by_index()]
             for stage in self.pipe.modules:
-                stage.after_forward += [lambda st: self.load.snapshot(st.moe_layers()),
-                                        lambda st: self.split.snapshot(st.moe_layers())]
+                stage.after_forward.append(lambda st: self.load.snapshot(st.moe_layers()))
         self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -325,7 +323,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
     def _save(self, step: int, extra: dict) -> Path:
         state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
-                 "data_path": str(self.data.path), **extra}
+                 "data_path": str(self.data.path), "model": self.mcfg.to_dict(), **extra}
         tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
         if self.rt.distributed:  # sharded (DCP), same directory names, loadable at any world size
             full = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": step, **state}
@@ -406,10 +404,7 @@ class Trainer:
                     with self._autocast():
                         st = self.pipe.step(x, x)  # the same on every rank of the pipeline
                     step_loss, parts["lm"], parts["bal"] = st["loss"], st["lm_loss"], st["balance_loss"]
-                    if self.split_on:  # each stage's layers' terms, summed over the stages
-                        e, d = self.split.compute(self.micro, last=self.accum)
-                        ed = self.rt.pp_sum(torch.stack([e.to(dev).float(), d.to(dev).float()]))
-                        parts["exp"], parts["devb"] = ed[0], ed[1]
+                    parts["exp"], parts["devb"] = st["expert_balance_loss"], st["device_balance_loss"]
                     if self.load:
                         self.load.update(last=self.accum)
                 for _ in range(self.accum if self.pipe is None else 0):
@@ -422,10 +417,10 @@ class Trainer:
                     parts["lm"] += out.lm_loss.detach().float() / self.accum
                     if out.balance_loss is not None:
                         parts["bal"] += out.balance_loss.detach().float() / self.accum
-                    if self.split:
-                        e, d = self.split.compute(x.shape[0])
-                        parts["exp"] += e.to(dev) / self.accum
-                        parts["devb"] += d.to(dev) / self.accum
+                    if out.expert_balance_loss is not None:
+                        parts["exp"] += out.expert_balance_loss.detach().float() / self.accum
+                    if out.device_balance_loss is not None:
+                        parts["devb"] += out.device_balance_loss.detach().float() / self.accum
                     if self.load:
                         self.load.update()
                 gnorm = self.rt.clip_grad_norm_(params, clip)

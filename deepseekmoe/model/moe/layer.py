@@ -5,8 +5,8 @@
 
 Routed expert weights are stacked (see experts.py); the shared experts are one SwiGLU MLP of
 width n_shared x moe_intermediate_size, exactly the released layout. The layer returns its output
-and the sum of its balance losses (None outside training), so the model can report them apart
-from the LM loss.
+and its router's balance-loss terms (`BalanceLoss`, None outside training), so the model can
+report them apart from the LM loss.
 
 Analysis knobs (paper section 4.5), plain attributes set by `Transformer.set_routing`:
   shared_enabled   False switches the shared experts off (Fig 5 also routes one more expert)
@@ -25,7 +25,7 @@ import torch.nn as nn
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import MLP
 from deepseekmoe.model.moe.experts import resolve_backend
-from deepseekmoe.model.moe.router import Routing, build_router, device_balance_loss, expert_balance_loss
+from deepseekmoe.model.moe.router import Routing, build_router
 
 
 class RoutedExperts(nn.Module):
@@ -73,17 +73,5 @@ class MoE(nn.Module):
         y_TD = self.experts(x_TD, r.idx_TK, r.w_TK)
         if self.shared_experts is not None and self.shared_enabled:
             y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.view(B, L, D), self.balance_loss(r, B)
-
-    def balance_loss(self, r: Routing, batch_size: int) -> torch.Tensor | None:
-        cfg = self.cfg
-        if not self.training or r.scores_TE is None:
-            return None
-        loss = None
-        if cfg.aux_loss_alpha > 0:
-            loss = expert_balance_loss(r.scores_TE, r.idx_TK, cfg.aux_loss_alpha,
-                                       batch_size if cfg.seq_aux else None)
-        if cfg.device_balance_alpha > 0 and cfg.n_device_groups > 1:
-            dev = device_balance_loss(r.scores_TE, r.idx_TK, cfg.device_balance_alpha, cfg.n_device_groups)
-            loss = dev if loss is None else loss + dev
-        return loss
+        balance = self.gate.balance_loss(r, B) if self.training and r.scores_TE is not None else None
+        return y_TD.view(B, L, D), balance

@@ -12,13 +12,21 @@ model without retraining:
 Scores are computed in float32 even under bf16 autocast: routing decisions are discrete and a
 bf16 near-tie flips experts between runs.
 
+Balance losses have one source: `TopKRouter.balance_loss(routing, batch_size)` computes the
+expert- and device-level terms that training optimises and that the metrics log. When the batch
+is split over data-parallel ranks, expert parallel sets `count_reducer` (an all-reduce of the
+expert counts over the ranks whose batches form the global batch) and `n_device_groups` (the
+real expert placement); nothing else computes a balance term.
+
 Shape legend: T tokens, E routed experts, K experts per token, B sequences, G device groups.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +41,30 @@ class Routing:
     idx_TK: torch.Tensor  # int64 expert ids
     w_TK: torch.Tensor  # float32 gate values
     scores_TE: torch.Tensor | None  # float32 softmax affinities (None for hash routing)
+
+
+class BalanceLoss(NamedTuple):
+    """One MoE layer's balance-loss terms (None when a term is off); `total` is what is trained."""
+
+    expert: torch.Tensor | None
+    device: torch.Tensor | None
+    total: torch.Tensor
+
+
+class CountReducer(NamedTuple):
+    """Sums expert counts over the `world` ranks whose batches together form the global batch."""
+
+    all_reduce: Callable[[torch.Tensor], None]  # in place
+    world: int
+
+
+def device_loss_groups(cfg: ModelConfig, ep: int = 1) -> int:
+    """D of the device-level loss: the expert-parallel ranks when experts are split over ep > 1
+    ranks (the real placement), else the configured `n_device_groups`; 0 when the term is off."""
+    if cfg.device_balance_alpha <= 0 or cfg.router == "hash":
+        return 0
+    groups = ep if ep > 1 else cfg.n_device_groups
+    return groups if groups > 1 else 0
 
 
 class TopKRouter(nn.Module):
@@ -50,6 +82,10 @@ class TopKRouter(nn.Module):
         self.normalize = cfg.router == "gshard" or (cfg.router == "topk" and cfg.norm_topk_prob)
         self.mask_top_fraction = 0.0
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.expert_alpha, self.seq_aux = cfg.aux_loss_alpha, cfg.seq_aux
+        self.device_alpha = cfg.device_balance_alpha
+        self.n_device_groups = device_loss_groups(cfg)  # expert parallel sets the real placement
+        self.count_reducer: CountReducer | None = None  # expert / data parallel: global counts
 
     def forward(self, x_TD: torch.Tensor, input_ids_T: torch.Tensor | None = None) -> Routing:
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -73,6 +109,31 @@ class TopKRouter(nn.Module):
         if self.normalize and k > 1:
             w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(idx_TK, w_TK, scores_TE)
+
+    def balance_loss(self, r: Routing, batch_size: int) -> BalanceLoss | None:
+        """The expert-level (alpha_1; per sequence with `seq_aux`) and device-level (alpha_2) terms
+        of this routing, or None when both are off. Gradients flow through the affinities only.
+
+        With `count_reducer`, the batch-level terms use the global batch's counts (summed over the
+        ranks, no gradient) and this rank's affinities: the loss is linear in P, so the mean over
+        ranks of their losses (and gradients) equals one process's on the whole batch. The
+        per-sequence form needs nothing: every sequence lives on one rank."""
+        E = r.scores_TE.shape[-1]
+        use_expert, G = self.expert_alpha > 0, self.n_device_groups
+        if not use_expert and not G:
+            return None
+        f_E = P_E = None
+        if G or (use_expert and not self.seq_aux):
+            f_E = _expert_fraction_E(r.idx_TK, E, self.count_reducer)
+            P_E = r.scores_TE.mean(0)
+        expert = device = None
+        if use_expert:
+            expert = (expert_balance_loss(r.scores_TE, r.idx_TK, self.expert_alpha, batch_size) if self.seq_aux
+                      else self.expert_alpha * (f_E * P_E).sum())
+        if G:
+            device = self.device_alpha * (f_E.view(G, E // G).mean(1) * P_E.view(G, E // G).sum(1)).sum()
+        total = expert if device is None else device if expert is None else expert + device
+        return BalanceLoss(expert, device, total)
 
 
 class HashRouter(nn.Module):
@@ -108,11 +169,15 @@ def build_router(cfg: ModelConfig) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- balance losses
-def _expert_fraction_E(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """f_i = E / (K T) * (number of token slots choosing expert i); no gradient (counts)."""
+def _expert_fraction_E(idx_TK: torch.Tensor, n_experts: int, reducer: CountReducer | None = None) -> torch.Tensor:
+    """f_i = E / (K T) * (number of token slots choosing expert i); no gradient (counts). With a
+    reducer, counts and T are those of the global batch."""
     T, K = idx_TK.shape
     counts_E = torch.zeros(n_experts, dtype=torch.float32, device=idx_TK.device)
     counts_E.scatter_add_(0, idx_TK.reshape(-1), torch.ones(T * K, device=idx_TK.device))
+    if reducer is not None and reducer.world > 1:
+        reducer.all_reduce(counts_E)
+        T = T * reducer.world
     return counts_E * (n_experts / (K * T))
 
 
