@@ -2,7 +2,7 @@
 
     deepseekmoe generate --model deepseek-moe-16b-base --prompt "The capital of France is"
 
-Shared with `deepseekmoe chat` (deepseekmoe/chat.py): the sampling flags and
+Shared with `deepseekmoe chat` (deepseekmoe/inference/chat.py): the sampling flags and
 `load_for_inference`, which picks the device and dtype and finds the tokenizer.
 """
 
@@ -14,16 +14,17 @@ import sys
 import torch
 
 from deepseekmoe.errors import ConfigError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from deepseekmoe.model.dtypes import CLI_NAMES, parse_dtype
 
 
 def add_common_arguments(p, max_new_tokens: int = 128) -> None:
+    from deepseekmoe.model.config import EXPERT_BACKENDS
+
     p.add_argument("--model", required=True,
                    help="checkpoint directory: released Hugging Face format, native, or a training checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    p.add_argument("--dtype", default="auto", choices=list(CLI_NAMES),
                    help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -34,7 +35,7 @@ def add_common_arguments(p, max_new_tokens: int = 128) -> None:
     p.add_argument("--mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"],
                    help="decode step execution: auto = cuda_graph on GPU, eager on CPU")
     p.add_argument("--expert-backend", default=None,
-                   help="routed-expert backend for prefill (auto, grouped, loop, triton, gather)")
+                   help=f"routed-expert backend for prefill ({', '.join(EXPERT_BACKENDS)})")
 
 
 def check_sampling(args) -> None:
@@ -64,7 +65,7 @@ def load_for_inference(args):
         raise ConfigError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    dtype = DTYPES.get(args.dtype)
+    dtype = parse_dtype(args.dtype, "--dtype", CLI_NAMES)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # CPU bf16 matmuls are slow and lose digits
     _, path = hf.find_checkpoint(args.model)
