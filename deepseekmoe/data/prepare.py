@@ -350,25 +350,36 @@ def _encode_all(tok: Tokenizer, dtype: str, train_srcs, val_srcs, frac, seed, fi
                 if d.split == "train" and d.score < best[0]:
                     best[:] = [d.score, (d.start, sp.writer.tokens), d]
 
-    use_pool = workers > 1 and total >= MIN_POOL_BYTES
-    with _pool(workers if use_pool else 1, tok, dtype) as pool:
-        if pool is None:
-            for pieces, ends, info in jobs():
-                consume(_encode_job(pieces, ends, dtype, tok), info)
-        else:
-            pending: deque = deque()
-            for pieces, ends, info in jobs():
-                pending.append((pool.apply_async(_encode_job, (pieces, ends, dtype)), info))
-                while len(pending) > 2 * workers:
-                    r, i = pending.popleft()
-                    consume(r.get(), i)
-            while pending:
-                r, i = pending.popleft()
-                consume(r.get(), i)
+    _run_jobs(jobs(), consume, tok, dtype, workers if workers > 1 and total >= MIN_POOL_BYTES else 1)
     bar.close()
     for s in splits.values():
         s.writer.close()
+    _finish_splits(splits, train_srcs, val_srcs, frac, best, tmp, dtype, shard_tokens)
+    return splits, sources, max_id[0]
 
+
+def _run_jobs(jobs, consume, tok: Tokenizer, dtype: str, workers: int) -> None:
+    """Encode each job (in a worker pool when workers > 1, at most 2 x workers in flight) and hand
+    the results to `consume` in job order."""
+    with _pool(workers, tok, dtype) as pool:
+        if pool is None:
+            for pieces, ends, info in jobs:
+                consume(_encode_job(pieces, ends, dtype, tok), info)
+            return
+        pending: deque = deque()
+        for pieces, ends, info in jobs:
+            pending.append((pool.apply_async(_encode_job, (pieces, ends, dtype)), info))
+            while len(pending) > 2 * workers:
+                r, i = pending.popleft()
+                consume(r.get(), i)
+        while pending:
+            r, i = pending.popleft()
+            consume(r.get(), i)
+
+
+def _finish_splits(splits, train_srcs, val_srcs, frac, best, tmp: Path, dtype: str, shard_tokens: int) -> None:
+    """Refuse empty splits; with a validation fraction that held out nothing, move the lowest-scoring
+    training document to validation."""
     train, val = splits["train"], splits["val"]
     if train.documents + val.documents == 0:
         raise DataError(f"empty corpus: no non-empty document in {_names(train_srcs + val_srcs)}")
@@ -386,4 +397,3 @@ def _encode_all(tok: Tokenizer, dtype: str, train_srcs, val_srcs, frac, seed, fi
     if train.documents == 0:
         raise DataError(f"the training split is empty (validation fraction {frac} took every document); "
                         "lower --val-fraction")
-    return splits, sources, max_id[0]
