@@ -40,8 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepseekmoe import Transformer, hf, presets  # noqa: E402
-from deepseekmoe import io as dio  # noqa: E402
+from deepseekmoe import Transformer, presets  # noqa: E402
+from deepseekmoe.checkpoint import files as dio  # noqa: E402
+from deepseekmoe.checkpoint import hf  # noqa: E402
 from deepseekmoe.inference.generate import Decoder  # noqa: E402
 
 ANCHORS = {"decode_b1": 5.5, "decode_b8": 16.0, "prefill_2k": 4350.0}
