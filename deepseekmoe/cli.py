@@ -34,10 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepSeekMoE in PyTorch: train, evaluate, convert and serve MoE language models.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        p.set_defaults(_lazy=True)
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, description=help_)
     return parser
 
 
@@ -68,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deepseekmoe {name}: interrupted", file=sys.stderr)
             return 130
         return int(rc or 0)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    # No command name: --help and --version exit inside parse_args, an unknown name is an error there.
+    parser.parse_args(argv)
+    parser.print_help()
     return 0
 
 

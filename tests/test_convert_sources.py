@@ -9,7 +9,7 @@ from deepseekmoe.checkpoint import dcp as dcp_ckpt
 from deepseekmoe.checkpoint import hf
 from deepseekmoe.checkpoint.native import save_native
 from deepseekmoe.cli import main
-from deepseekmoe.errors import CheckpointError
+from deepseekmoe.errors import CheckpointError, ConfigError
 from deepseekmoe.model import presets
 from deepseekmoe.train import recipe
 
@@ -60,3 +60,32 @@ def test_distributed_checkpoint_converts_and_loaders_explain(tmp_path, capsys):
     loaded = Transformer.from_pretrained(tmp_path / "hf")
     assert loaded.config.hidden_size == CFG.hidden_size
     assert torch.allclose(_logits(loaded), _logits(model), atol=1e-6)
+
+
+def test_distributed_checkpoint_records_its_model_config(tmp_path):
+    from deepseekmoe.checkpoint.convert import convert
+
+    model = _model(3)
+    # What the trainer writes now: the resolved ModelConfig under "model" (no recipe needed).
+    ckpt = dcp_ckpt.save(tmp_path / "step_0000004", model, extra={"model": CFG.to_dict()})
+    assert main(["convert", str(ckpt), str(tmp_path / "hf")]) == 0
+    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    assert loaded.config == CFG.replace(expert_backend=loaded.config.expert_backend)
+    assert torch.allclose(_logits(loaded), _logits(model), atol=1e-6)
+    bare = dcp_ckpt.save(tmp_path / "step_0000008", model, extra={"step": 8})
+    with pytest.raises(CheckpointError, match="records no model config"):
+        convert(bare, tmp_path / "hf2")
+
+
+@pytest.mark.parametrize("flag, want", [("bf16", "bfloat16"), ("float16", "float16"), ("auto", "float32")])
+def test_convert_dtype_spellings(tmp_path, flag, want):
+    import json
+
+    from deepseekmoe.model.dtypes import parse_dtype
+
+    save_native(tmp_path / "native", CFG, _model(0).state_dict())
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "hf"), "--dtype", flag]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == want
+    assert Transformer.from_pretrained(tmp_path / "hf").lm_head.weight.dtype == getattr(torch, want)
+    with pytest.raises(ConfigError, match=r"--dtype='half': choose one of auto, bf16, fp16, fp32"):
+        parse_dtype("half", "--dtype", ("auto", "bf16", "fp16", "fp32"))

@@ -86,8 +86,9 @@ def test_cache_key_reuse_and_rebuild(tmp_path, monkeypatch):
     stamp = (out / "meta.json").stat().st_mtime_ns
     assert sample.default_dataset(tmp_path / "cache", progress=False) == out
     assert (out / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
-    (out / "train_000.bin").unlink()  # damaged cache: rebuilt
-    assert sample.default_dataset(tmp_path / "cache", progress=False) == out
+    (out / "train_000.bin").unlink()  # damaged cache: rebuilt, and said so
+    with pytest.warns(RuntimeWarning, match="rebuilding the default dataset: .*train_000.bin .* is missing"):
+        assert sample.default_dataset(tmp_path / "cache", progress=False) == out
     assert load_meta(out)["splits"]["val"]["documents"] == 1
     monkeypatch.setenv("DEEPSEEKMOE_CACHE", str(tmp_path / "env"))
     assert sample.cache_root() == tmp_path / "env"

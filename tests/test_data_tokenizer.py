@@ -139,3 +139,28 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(DataError, match="not a Hugging Face `tokenizers` file"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_malformed_companion_files_are_errors_not_skipped(tmp_path):
+    """bos/eos come from a meta.json / tokenizer_config.json beside tokenizer.json: a damaged one
+    is reported (naming the file and the fix), never skipped for a guess by token names."""
+    path = _deepseek_like(tmp_path, n_filler=10)
+    cfg, meta = tmp_path / "tokenizer_config.json", tmp_path / "meta.json"
+    cfg.write_text('{"bos_token": "<｜fim▁hole｜>",')
+    with pytest.raises(DataError, match=r"tokenizer_config.json: unreadable .*fix or remove it"):
+        Tokenizer.from_file(path)
+    cfg.write_text('["<｜fim▁hole｜>"]')
+    with pytest.raises(DataError, match=r"tokenizer_config.json: expected a JSON object, found list"):
+        Tokenizer.from_file(path)
+    cfg.unlink()
+    meta.write_text("{not json")
+    with pytest.raises(DataError, match=r"meta.json: unreadable .*deepseekmoe prepare"):
+        Tokenizer.from_file(path)
+    meta.write_text(json.dumps({"format": "deepseekmoe-tokens", "bos_id": "x", "eos_id": 1}))
+    with pytest.raises(DataError, match=r"meta.json: a prepared dataset's meta.json needs integer bos_id"):
+        Tokenizer.from_file(path)
+    # Another tool's meta.json says nothing about bos/eos: skipped, the token names decide.
+    meta.write_text(json.dumps({"format": "something-else"}))
+    assert Tokenizer.from_file(path).bos_id == 10 + 256
+    meta.write_text(json.dumps({"format": "deepseekmoe-tokens", "bos_id": 3, "eos_id": 4}))
+    assert (Tokenizer.from_file(path).bos_id, Tokenizer.from_file(path).eos_id) == (3, 4)

@@ -16,6 +16,7 @@ import torch
 
 from deepseekmoe import Transformer
 from deepseekmoe.checkpoint import dcp as ckpt
+from deepseekmoe.checkpoint.files import temp_name
 from deepseekmoe.errors import CheckpointError
 from tests.dist_utils import run_ranks
 from tests.test_parallel_ep import tiny_cfg
@@ -143,9 +144,10 @@ def test_dead_rank_fails_fast_and_last_checkpoint_loads(tmp_path):
     assert "a peer rank probably died or timed out" in survivor.stderr
     assert f"last complete checkpoint: {tmp_path}/step1" in survivor.stderr
     # step2 never became a checkpoint; step1 is complete and loads in one process.
-    assert not (tmp_path / "step2").exists() and (tmp_path / "step2.partial").exists()
+    partial = temp_name(tmp_path / "step2", ckpt.PARTIAL_TAG)  # .step2.partial.tmp: a temporary by name
+    assert not (tmp_path / "step2").exists() and partial.exists()
     with pytest.raises(CheckpointError, match="unfinished save"):
-        ckpt.load(tmp_path / "step2.partial", Transformer(tiny_cfg(2)))
+        ckpt.load(partial, Transformer(tiny_cfg(2)))
     # A truncated shard of a complete checkpoint is named, not loaded.
     import shutil
 

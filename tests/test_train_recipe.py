@@ -153,3 +153,21 @@ def test_grad_accum_is_derived():
     cfg = recipe.build("deepseekmoe-2b")
     assert cfg.grad_accum() == 2048 // 16 and cfg.grad_accum(world_size=8) == 2048 // (16 * 8)
     assert math.isclose(cfg.model_config().aux_loss_alpha, 0.01)
+
+
+def test_parse_value_keeps_only_non_literals_as_text():
+    assert recipe.parse_value("3e-4") == 3e-4 and recipe.parse_value("[1, 2]") == [1, 2]
+    assert recipe.parse_value('"x y"') == "x y" and recipe.parse_value("true") is True
+    for bare in ("tiny", "cuda:0", "Once upon", ""):  # not TOML literals: the text itself
+        assert recipe.parse_value(bare) == bare
+
+
+@pytest.mark.parametrize("key, value, msg", [
+    ("system.dtype", "float16", r"system.dtype='float16': choose one of auto, float32, bfloat16"),
+    ("system.dtype", "bf16", r"system.dtype='bf16': choose one of auto, float32, bfloat16"),
+    ("parallel.param_dtype", "auto", r"parallel.param_dtype='auto': choose one of float32, bfloat16"),
+])
+def test_bad_dtypes_name_the_field_and_the_choices(key, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        recipe.build(None, [(key, value)])
+    assert recipe.build(None, [(key, "bfloat16")]) is not None

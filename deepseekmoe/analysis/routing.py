@@ -26,6 +26,7 @@ Shape legend: T tokens, K experts per token, E routed experts, V vocabulary.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -109,7 +110,10 @@ def _token_str(tokenizer, t: int) -> str | None:
         return None
     try:
         return tokenizer.decode([t])
-    except Exception:  # noqa: BLE001 - a label only; never fail the analysis over one
+    except Exception as e:  # noqa: BLE001 - any tokenizer object may be passed; a label only, never fail over one
+        # One message text per error type, so Python's default filter shows it once, not per token.
+        warnings.warn(f"some token labels are left out (null): the tokenizer's decode raised {type(e).__name__}",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from deepseekmoe.errors import CheckpointError, ConfigError
-
-DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+from deepseekmoe.errors import CheckpointError
+from deepseekmoe.model.dtypes import ALL_NAMES, parse_dtype
 
 
 def add_arguments(p) -> None:
     p.add_argument("src", help="native model dir, training checkpoint (single-process or distributed), run "
                    "directory (its newest checkpoint), or a released-format dir")
     p.add_argument("dst", help="output directory (the other format)")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+    p.add_argument("--dtype", default="auto", choices=sorted(ALL_NAMES),
                    help="dtype of the written weights (auto keeps the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="shard limit when writing the released format")
     p.add_argument("--tokenizer", default=None,
@@ -62,18 +60,28 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
 def _export_dcp(path: Path, out: Path) -> Path:
     """The model of a distributed (DCP) training checkpoint as a native model directory."""
     from deepseekmoe.checkpoint.dcp import export_native, verify
-    from deepseekmoe.train import recipe
 
-    state = verify(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path}: its state.json has no training config; not a deepseekmoe checkpoint")
-    return export_native(path, recipe.from_dict(state["config"]).model_config(), out)
+    return export_native(path, _model_config(path, verify(path)), out)
+
+
+def _model_config(path: Path, state: dict):
+    """The ModelConfig a DCP checkpoint's state.json records: the resolved config under "model";
+    checkpoints written before that key hold only the recipe, whose model section is a preset name
+    plus field overrides (TrainConfig.to_dict)."""
+    from deepseekmoe.model import presets
+    from deepseekmoe.model.config import ModelConfig
+
+    if isinstance(state.get("model"), dict):
+        return ModelConfig.from_dict(state["model"])
+    section = dict((state.get("config") or {}).get("model") or {})
+    if "preset" not in section:
+        raise CheckpointError(f"{path}: its state.json records no model config (neither \"model\" nor a "
+                              "recipe's \"config.model\"); not a deepseekmoe training checkpoint")
+    return presets.get(section.pop("preset"), **section)
 
 
 def run(args) -> int:
-    dtype = DTYPES.get(args.dtype)
-    if args.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = parse_dtype(args.dtype, "--dtype")
     wrote = convert(args.src, args.dst, dtype, args.max_shard_size, args.tokenizer, args.overwrite)
     what = "released Hugging Face format" if wrote == "hf" else "native deepseekmoe format"
     print(f"wrote {args.dst} ({what})")

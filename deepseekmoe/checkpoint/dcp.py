@@ -11,10 +11,12 @@ Directory layout (one checkpoint):
     <dir>/.metadata, <dir>/__*_*.distcp     DCP: model + optimizer state, sharded
     <dir>/state.json                        `extra` (step, data position, ...), written by rank 0
 
-Crash safety: all ranks write into `<dir>.partial`; after a barrier (every rank's files are
-fsynced by DCP) rank 0 writes state.json last and renames the folder to `<dir>`, so `<dir>`
-exists only when complete. A rank dying mid-save leaves a `.partial` folder that the next save
-replaces, and the previous checkpoint untouched.
+Crash safety: all ranks write into the temporary `.<dir>.partial.tmp` (files.temp_name: one
+name every rank agrees on); after a barrier (every rank's files are fsynced by DCP) rank 0 writes
+state.json last and renames the folder to `<dir>` (files.replace_directory), so `<dir>` exists
+only when complete. A rank dying mid-save leaves that temporary, which the next save of the same
+step replaces and the next start removes (training.remove_stale_temporaries, in one process too),
+and the previous checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from deepseekmoe.checkpoint.files import atomic_write_text, fsync_dir
+from deepseekmoe.checkpoint.files import atomic_write_text, fsync_dir, is_temporary, replace_directory, temp_name
 from deepseekmoe.errors import CheckpointError
 
 STATE_FILE = "state.json"
+PARTIAL_TAG = "partial"  # the temporary every rank writes into: .<dir>.partial.tmp
 
 
 def _rank() -> int:
@@ -100,7 +103,7 @@ def save(path: str | Path, model, optimizer=None, extra: dict | None = None,
     rank. `model`/`optimizer` may be lists (pipeline stages held by this rank). `files` maps names
     inside the checkpoint to files rank 0 copies in (e.g. the tokenizer)."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    partial = temp_name(path, PARTIAL_TAG)
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -115,15 +118,7 @@ def save(path: str | Path, model, optimizer=None, extra: dict | None = None,
                 shutil.copyfile(src, partial / name)
         atomic_write_text(partial / STATE_FILE, json.dumps(extra or {}, indent=1, sort_keys=True))
         fsync_dir(partial)
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            partial.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            partial.rename(path)
-        fsync_dir(path.parent)
+        replace_directory(partial, path)
     _barrier()
     return path
 
@@ -133,7 +128,7 @@ def verify(path: str | Path) -> dict:
     long enough) and return its state.json; CheckpointError naming the problem otherwise."""
     path = Path(path)
     if not is_dcp_checkpoint(path):
-        hint = " (an unfinished save: a rank died while writing it)" if path.name.endswith(".partial") else ""
+        hint = " (an unfinished save: a rank died while writing it)" if is_temporary(path.name) else ""
         raise CheckpointError(f"{path} is not a complete distributed checkpoint{hint}: expected .metadata "
                               f"and {STATE_FILE}; point --resume at a finished checkpoint directory")
     try:

@@ -35,6 +35,7 @@ import torch
 
 from deepseekmoe.errors import CheckpointError, ConfigError
 from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.model.dtypes import DTYPES, dtype_name
 
 MODEL_TYPE = "deepseek"
 INDEX_FILE = "model.safetensors.index.json"
@@ -62,7 +63,6 @@ _SAME_NAME = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
 # Files beside the weights that travel with a checkpoint (tokenizer, remote code, chat template).
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "configuration_deepseek.py", "modeling_deepseek.py", "tokenization_deepseek_fast.py")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------- config.json
@@ -119,7 +119,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     out["num_experts_per_tok"] = cfg.num_experts_per_tok if moe else None
     if cfg.router == "gshard":  # top-2 with renormalised gates is norm_topk_prob in the release
         out["norm_topk_prob"] = True
-    out["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+    out["torch_dtype"] = dtype_name(dtype or torch.float32)
     out[EXTRAS_KEY] = {k: getattr(cfg, k) for k in _EXTRA_FIELDS}
     return dict(sorted(out.items()))
 
@@ -326,12 +326,13 @@ def _describe(cfg: ModelConfig) -> str:
 
 def checkpoint_dtype(raw: dict, files: dict[str, Path]) -> torch.dtype:
     """The dtype the checkpoint was saved in: config.json's torch_dtype, else its first tensor's."""
-    if raw.get("torch_dtype") in _DTYPES:
-        return _DTYPES[raw["torch_dtype"]]
+    if raw.get("torch_dtype") in DTYPES:
+        return DTYPES[raw["torch_dtype"]]
     if files:
         f = next(iter(files.values()))
         dt = next(iter(_header(f).values()))[1]
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dt, torch.float32)
+        found = _ST_DTYPES.get(dt)
+        return found if found in DTYPES.values() else torch.float32
     return torch.float32
 
 
@@ -470,13 +471,6 @@ def _load_native(cls, path: Path, dtype, device, overrides):
     model = _finish(model, device)
     model.source_dir = str(path)  # the trainer keeps tokenizer.json beside the weights
     return model.eval()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _progress(total_bytes: int, what: str):

@@ -11,8 +11,10 @@ A checkpoint is a directory `<run>/checkpoints/step_NNNNNNN/`:
 
 The directory is assembled under a temporary name and renamed into place only when complete
 (deepseekmoe.checkpoint.files.atomic_directory), so a crash or a full disk during a save leaves the previous
-checkpoints untouched. Loading checks the manifest first: a truncated or altered file raises one
-CheckpointError naming the file, never a deep torch/safetensors traceback.
+checkpoints untouched; old checkpoints are renamed out of the way before they are deleted
+(files.prune), and `remove_stale_temporaries` clears what a killed process left. Loading checks
+the manifest first: a truncated or altered file raises one CheckpointError naming the file, never
+a deep torch/safetensors traceback.
 
 Distributed runs (torchrun) write the same directory names as sharded DCP checkpoints instead
 (deepseekmoe.checkpoint.dcp: .metadata, shards, state.json); `verify` and `load_weights`
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepseekmoe.checkpoint.files import atomic_directory
+from deepseekmoe.checkpoint.files import atomic_directory, prune, remove_temporaries
 from deepseekmoe.checkpoint.native import load_native, save_native
 from deepseekmoe.errors import CheckpointError
 
@@ -55,13 +57,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete half-built checkpoint directories left by a killed process (ours by name)."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(f".{PREFIX}") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                shutil.rmtree(p, ignore_errors=True)
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a killed process left among the checkpoints (ours by name): half-written ones
+    (`.step_N.*.tmp`, a distributed save's `.step_N.partial.tmp` included) and half-deleted ones
+    (`.step_N.old`). Run by rank 0 at the start of every run and resume, before anything is saved.
+    Returns what was removed."""
+    return remove_temporaries(Path(run_dir) / "checkpoints", PREFIX)
 
 
 # ---------------------------------------------------------------------- RNG states as JSON
@@ -109,7 +110,8 @@ def _sha256(path: Path) -> str:
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          state: dict, tokenizer: Path | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` (files.prune: each
+    is renamed out of the listing before it is deleted).
 
     A failure (a full disk included) raises CheckpointError; the earlier checkpoints stay as
     they were and no partial directory is left."""
@@ -132,8 +134,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         why = _write_failure(e, Path(run_dir), _state_bytes(model, optimizer))
         raise CheckpointError(f"could not save checkpoint {target} ({why}); {kept}. Free space (or "
                               f"choose another --out) and continue with --resume {run_dir}") from e
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(list_checkpoints(run_dir)[:-keep])
     return target
 
 

@@ -23,7 +23,6 @@ from deepseekmoe.errors import DataError
 
 FORMAT = "deepseekmoe-tokens"
 VERSION = 1
-SPLITS = ("train", "val")
 
 
 def dtype_for(vocab_size: int) -> str:

@@ -19,6 +19,7 @@ import json
 import lzma
 import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -174,8 +175,9 @@ def default_dataset(cache_dir: str | Path | None = None, progress: bool = True) 
         try:
             load_meta(out)
             return out
-        except DataError:
-            pass  # not built yet, or damaged: (re)build it
+        except DataError as e:  # not built yet, or damaged: (re)build it, saying so when damaged
+            if out.exists():
+                warnings.warn(f"rebuilding the default dataset: {e}", RuntimeWarning, stacklevel=2)
         train, val = sample_files()
         try:
             prepare([train], out, vocab_size=SAMPLE_VOCAB, val_inputs=[val], seed=0, progress=progress)

@@ -4,9 +4,10 @@
 encode -> decode gives back any UTF-8 text exactly, whitespace and newlines included) with two
 special tokens, bos = id 0 and eos = id 1, as the `tiny` preset expects. `Tokenizer.from_file`
 loads any tokenizer.json (for example the released deepseek-moe-16b one) and finds its bos/eos
-from, in order: explicit arguments, a tokenizer_config.json beside it, the meta.json of a prepared
-dataset directory, or the names of its special tokens ("<｜begin▁of▁sentence｜>", "<s>",
-"<|endoftext|>", ...).
+from, in order: explicit arguments, the meta.json of a prepared dataset directory beside it, a
+tokenizer_config.json beside it, or the names of its special tokens ("<｜begin▁of▁sentence｜>",
+"<s>", "<|endoftext|>", ...). A malformed meta.json or tokenizer_config.json is an error, not
+skipped: bos/eos would silently be guessed instead.
 
 Text is always encoded with special-token strings treated as plain text, so a document that
 happens to contain "<|eos|>" cannot inject a document boundary; `allow_special=True` opts in.
@@ -180,23 +181,34 @@ def _token_name(v) -> str | None:
     return None
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file holding one object; DataError naming the file and `fix` when it is unreadable
+    (a tokenizer's companion file silently skipped would leave bos/eos guessed, perhaps wrongly)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); {fix}") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
+    return obj
+
+
 def _specials_beside(path: Path) -> tuple[int | str | None, int | str | None]:
-    """bos/eos named by a tokenizer_config.json or a prepared dataset's meta.json next to `path`."""
+    """bos/eos named by a prepared dataset's meta.json or else a tokenizer_config.json next to
+    `path`; DataError when either file is there but malformed."""
     meta = path.with_name("meta.json")
     if meta.is_file():
-        try:
-            m = json.loads(meta.read_text())
-            if m.get("format") == "deepseekmoe-tokens":
+        m = read_json_object(meta, "prepare the dataset again (`deepseekmoe prepare`) or remove the file")
+        if m.get("format") == "deepseekmoe-tokens":  # another tool's meta.json says nothing about bos/eos
+            try:
                 return int(m["bos_id"]), int(m["eos_id"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{meta}: a prepared dataset's meta.json needs integer bos_id and eos_id "
+                                f"({type(e).__name__}: {e}); prepare the dataset again") from e
     cfg = path.with_name("tokenizer_config.json")
     if cfg.is_file():
-        try:
-            c = json.loads(cfg.read_text())
-            return _token_name(c.get("bos_token")), _token_name(c.get("eos_token"))
-        except (OSError, ValueError):
-            pass
+        c = read_json_object(cfg, "fix or remove it (bos/eos are then found by their token names)")
+        return _token_name(c.get("bos_token")), _token_name(c.get("eos_token"))
     return None, None
 
 

@@ -20,14 +20,14 @@ from deepseekmoe.errors import ConfigError
 
 
 def add_model_arguments(p) -> None:
-    from deepseekmoe.inference.cli import DTYPES
+    from deepseekmoe.model.dtypes import CLI_NAMES
 
     p.add_argument("--model", required=True,
                    help="checkpoint: released Hugging Face format, native model dir, a training checkpoint, "
                         "or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    p.add_argument("--dtype", default="auto", choices=list(CLI_NAMES),
                    help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     p.add_argument("--expert-backend", default=None, help="routed-expert backend (auto, grouped, loop, triton)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")

@@ -200,9 +200,6 @@ def run_tasks(scorer: Scorer, names: list[str], data_dir, limit: int | None = No
 
 
 # ---------------------------------------------------------------------- presentation
-_COLUMNS = [("acc", "acc"), ("acc_norm", "acc_norm"), ("em", "em"), ("ppl", "ppl"), ("chance", "chance")]
-
-
 def _fmt(v) -> str:
     if v is None:
         return "-"

@@ -25,7 +25,6 @@ Shape legend: B sequences, L tokens, D hidden, V vocabulary, N scored positions.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -95,9 +94,10 @@ def default_prefix(model, tokenizer, tokenizer_dir: str | Path | None, choice: s
         choice = "eos"
         cfg = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir else None
         if cfg is not None and cfg.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(cfg.read_text()).get("add_bos_token") is True:
-                    choice = "bos"
+            from deepseekmoe.data.tokenizer import read_json_object
+
+            if read_json_object(cfg, "fix or remove it, or choose --prefix bos|eos").get("add_bos_token") is True:
+                choice = "bos"
     V = model.config.vocab_size
     cands = ([model.config.bos_token_id, getattr(tokenizer, "bos_id", None)] if choice == "bos" else
              [model.config.eos_token_id, getattr(tokenizer, "eos_id", None)])

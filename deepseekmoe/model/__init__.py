@@ -3,6 +3,7 @@ initialisation, and the MoE layer (`model.moe`). Nothing here knows about device
 parallelism is applied after construction (deepseekmoe.parallel).
 
     config.py       ModelConfig (validated dataclass) and the parameter / FLOP accounting
+    dtypes.py       dtype names (float32/bf16/...) -> torch dtypes: every flag and field
     presets.py      every model of the paper by name
     layers.py       RMSNorm, RoPE, attention, the SwiGLU MLP
     transformer.py  Block, Transformer, ModelOutput

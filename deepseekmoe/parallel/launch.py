@@ -35,10 +35,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_rank0() -> bool:
-    return rank() == 0
-
-
 def failure_message(exc: BaseException, what: str, last_checkpoint: str | None) -> str:
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     ckpt = f"last complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 PP_SCHEDULE_ALIASES = {"interleaved": "interleaved1f1b", "interleaved_1f1b": "interleaved1f1b"}
@@ -71,8 +72,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} runs one stage per rank, but "
                               f"pp_stages_per_rank={self.pp_stages_per_rank}; use "
                               "--parallel.pp_schedule=interleaved1f1b or pp_stages_per_rank=1")
-        if self.param_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"parallel.param_dtype={self.param_dtype!r}: choose float32 or bfloat16")
+        parse_dtype(self.param_dtype, "parallel.param_dtype", TRAINING_NAMES)
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s={self.timeout_s}: must be positive seconds")
         if world_size is not None:

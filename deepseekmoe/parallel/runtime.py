@@ -21,7 +21,6 @@ single-device behaviour, so the one-process trainer (and its bit-exact resume) i
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 
 import torch
@@ -180,15 +179,14 @@ class Runtime:
     # ------------------------------------------------------------------ checkpoints and failures
     def save(self, path: Path, model, optimizer, state: dict, keep: int, list_checkpoints,
              files: dict | None = None) -> Path:
-        """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep`."""
+        """DCP checkpoint at `path` (atomic), then rank 0 prunes all but the newest `keep` (the same
+        files.prune as single-process runs; a killed save's temporary goes at the next start)."""
         from deepseekmoe.checkpoint import dcp as dcp_ckpt
+        from deepseekmoe.checkpoint.files import prune
 
         dcp_ckpt.save(path, model, optimizer, state, files)
         if self.is_rank0:
-            for old in list_checkpoints()[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in Path(path).parent.glob("*.partial"):
-                shutil.rmtree(stale, ignore_errors=True)
+            prune(list_checkpoints()[:-keep])
         if self.distributed:
             dist.barrier()
         return Path(path)

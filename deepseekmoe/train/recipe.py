@@ -28,15 +28,13 @@ from pathlib import Path
 from deepseekmoe.errors import ConfigError, suggest
 from deepseekmoe.model import presets
 from deepseekmoe.model.config import ModelConfig
+from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.parallel.mesh import ParallelConfig
 
 try:  # Python >= 3.11
     import tomllib
-except ImportError:  # pragma: no cover - 3.10 needs the backport
-    try:
-        import tomli as tomllib  # type: ignore[no-redef]
-    except ImportError:
-        tomllib = None  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - 3.10: the backport, a dependency there (pyproject.toml)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass
@@ -186,7 +184,7 @@ class TrainConfig:
             raise ConfigError("optim.grad_clip and optim.weight_decay cannot be negative")
         _choice("optim.impl", self.optim.impl, ("auto", "fused", "foreach", "single"))
         _choice("schedule.kind", self.schedule.kind, ("step", "constant"))
-        _choice("system.dtype", self.system.dtype, ("auto", "float32", "bfloat16"))
+        parse_dtype(self.system.dtype, "system.dtype", ("auto", *TRAINING_NAMES))
         dev = self.system.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"system.device={dev!r}: use auto, cpu, cuda or cuda:N")
@@ -288,12 +286,10 @@ def _coerce(key: str, value, typ):
 
 def parse_value(text: str):
     """A command-line value as a TOML literal (`3e-4`, `true`, `[1, 2]`, `"x"`), else the raw string."""
-    if tomllib is not None:
-        try:
-            return tomllib.loads(f"v = {text}")["v"]
-        except Exception:
-            pass
-    return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:  # not a literal: a bare word (`tiny`, `cuda:0`) means itself
+        return text
 
 
 def apply(cfg: TrainConfig, key: str, value, where: str = "the command line") -> None:
@@ -364,8 +360,6 @@ def resolve_recipe(spec: str) -> Path:
 
 def load_recipe(spec: str) -> dict:
     path = resolve_recipe(spec)
-    if tomllib is None:  # pragma: no cover
-        raise ConfigError("reading TOML recipes on Python 3.10 needs `pip install tomli`")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
