@@ -143,3 +143,26 @@ def test_killed_prune_and_killed_distributed_save_are_cleaned_at_resume(tmp_path
     # state.json records the resolved model config (what `convert` reads from a DCP checkpoint).
     state = ckpt_io.verify(root / "step_0000006")
     assert ModelConfig.from_dict(state["model"]) == load_native(root / "step_0000006" / "model")[0]
+
+
+def test_distributed_save_prunes_with_the_same_routine(tmp_path, monkeypatch):
+    """Runtime.save (DCP) prunes like the single-process save: renamed away first, then deleted."""
+    from deepseekmoe.parallel.mesh import ParallelConfig
+    from deepseekmoe.parallel.runtime import Runtime
+
+    rt = Runtime(None, ParallelConfig())  # one process: the same code path rank 0 runs
+    cfg = presets.get("tiny").replace(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=8,
+                                      num_attention_heads=2, first_k_dense_replace=0)
+    model, run = Transformer(cfg), tmp_path / "run"
+    listing = lambda: ckpt_io.list_checkpoints(run)
+    for step in (2, 4):
+        rt.save(ckpt_io.step_dir(run, step), model, None, {"step": step}, 1, listing)
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]
+    _kill_while_deleting(monkeypatch)
+    with pytest.raises(Killed):
+        rt.save(ckpt_io.step_dir(run, 6), model, None, {"step": 6}, 1, listing)
+    monkeypatch.undo()
+    assert listing() == [ckpt_io.step_dir(run, 6)] and dcp_ckpt.verify(ckpt_io.step_dir(run, 6)) == {"step": 6}
+    assert ckpt_io.remove_stale_temporaries(run) == [root / ".step_0000004.old"]
