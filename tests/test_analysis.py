@@ -6,6 +6,7 @@ trained model, and `deepseekmoe analyze` (files, tables, one-line errors).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 
@@ -13,37 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from deepseekmoe import Transformer, cli
+from deepseekmoe import cli
 from deepseekmoe.analysis import lm_loss, redundancy_sweep, routing_statistics, shared_ablation, topk_sweep
 from deepseekmoe.analysis.experiments import n_disabled
 from deepseekmoe.analysis.routing import format_expert_table, format_layer_table
 from deepseekmoe.data import prepare, train_tokenizer
 from deepseekmoe.errors import ConfigError
 from deepseekmoe.eval import Scorer
-from deepseekmoe.model.config import ModelConfig
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang in tall green trees".split()
 CORPUS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(60)) + "." for i in range(24)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a busy
-    # neighbour makes torch's thread pool spin: a training step goes from ~10 ms to ~450 ms.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(vocab=64, **kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
-               num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-               moe_intermediate_size=16, max_position_embeddings=64, initializer_range=0.2, bos_token_id=0,
-               eos_token_id=1)
-    cfg.update(kw)
-    return Transformer(ModelConfig(**cfg)).eval()
+# This module's tiny model has two heads and 64 positions; fields given in a call override these.
+tiny = functools.partial(tiny_model, num_attention_heads=2, max_position_embeddings=64)
 
 
 def _routing_is_default(model):

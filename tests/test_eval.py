@@ -23,21 +23,14 @@ from deepseekmoe.data import prepare, train_tokenizer
 from deepseekmoe.errors import ConfigError, DataError, UserError
 from deepseekmoe.eval import Scorer, eval_prepared, eval_text, harness, run_tasks
 from deepseekmoe.eval.tasks import TASKS, gsm8k_answers, load_race_middle, normalize_answer
-from deepseekmoe.model.config import ModelConfig
+from tests.helpers import tiny_model
 
 WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang in tall green trees "
          "water boils at high heat so cook the rice then eat it with fish or beans").split()
 CORPUS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) + "." for i in range(30)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared 2-core machine a busy neighbour
-    # makes torch's thread pool spin (steps 10-40x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +38,9 @@ def tok():
     return train_tokenizer(CORPUS, 300)
 
 
-def tiny(vocab, **kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
-               moe_intermediate_size=16, max_position_embeddings=1024, initializer_range=0.2, bos_token_id=0,
-               eos_token_id=1)
-    cfg.update(kw)
-    return Transformer(ModelConfig(**cfg)).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny(tok.vocab_size)
+    return tiny_model(tok.vocab_size, num_hidden_layers=2, n_routed_experts=6, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ experts, the way the format documents the model; it shares no code with deepseek
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -24,8 +25,10 @@ from deepseekmoe.checkpoint import hf
 from deepseekmoe.errors import CheckpointError, ConfigError
 from deepseekmoe.model import presets
 from deepseekmoe.model.config import ModelConfig
+from tests.helpers import rel_err, tiny_model
 
-REF = "/work/shared/reference/p1"
+# The shared reference vectors live next to the repository (see its README.md).
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "p1"
 
 
 # ---------------------------------------------------------------------- reference model
@@ -176,13 +179,23 @@ LAYOUTS = {
 
 # ---------------------------------------------------------------------- parity with the release
 @pytest.fixture(scope="module")
-def expected():
-    return torch.load(f"{REF}/expected.pt", weights_only=True)
+def ref_dir() -> Path:
+    """The released-format reference checkpoint p1/; the tests that need it skip when it is absent."""
+    missing = [f for f in ("config.json", "model.safetensors", "expected.pt") if not (REF / f).is_file()]
+    if missing:
+        pytest.skip(f"reference vectors not found: looked for {', '.join(missing)} in {REF} "
+                    "(place the shared reference/ folder in ../shared/ next to the repository to run this)")
+    return REF
+
+
+@pytest.fixture(scope="module")
+def expected(ref_dir):
+    return torch.load(ref_dir / "expected.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
-def test_reference_p1_parity(expected, backend):
-    model = Transformer.from_pretrained(REF, expert_backend=backend)
+def test_reference_p1_parity(ref_dir, expected, backend):
+    model = Transformer.from_pretrained(ref_dir, expert_backend=backend)
     assert not model.training and model.lm_head.weight.dtype == torch.float32
     ids = expected["input_ids"]
     with torch.no_grad():
@@ -196,7 +209,7 @@ def test_reference_p1_parity(expected, backend):
     assert len(expected["gate_grads"]) == len(model.moe_layers()) == 2
     for name, g in expected["gate_grads"].items():
         got = params[name.removeprefix("model.")].grad
-        assert ((got - g).norm() / g.norm()).item() <= 1e-4, name
+        assert rel_err(got, g) <= 1e-4, name
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -225,7 +238,7 @@ def test_other_layouts_match_per_expert_reference(tmp_path, layout):
         for name, t in ref_sd.items():
             if t.requires_grad:
                 got = params[name.removeprefix("model.")].grad
-                assert ((got - t.grad).norm() / t.grad.norm()).item() <= 1e-4, (backend, name)
+                assert rel_err(got, t.grad) <= 1e-4, (backend, name)
 
 
 # ---------------------------------------------------------------------- config.json
@@ -236,14 +249,18 @@ def test_config_roundtrip_and_defaults():
     assert raw["auto_map"]["AutoModelForCausalLM"] == "modeling_deepseek.DeepseekForCausalLM"
     assert raw["torch_dtype"] == "bfloat16" and raw["n_shared_experts"] == 1
     assert hf.config_from_hf(json.loads(json.dumps(raw))) == cfg
-    released = json.loads(open(f"{REF}/config.json").read())
-    assert set(released) - {"deepseekmoe"} <= set(raw)  # writes every field the release writes
     # Missing fields take the released DeepseekConfig defaults; null experts mean a dense model.
     dense = hf.config_from_hf({"model_type": "deepseek"})
     assert (dense.hidden_size, dense.num_hidden_layers, dense.n_routed_experts) == (4096, 30, 0)
     assert dense.num_key_value_heads == 32 and dense.max_position_embeddings == 2048
     gshard = hf.config_to_hf(presets.get("tiny", router="gshard", num_experts_per_tok=2))
     assert gshard["norm_topk_prob"] is True
+
+
+def test_config_writes_every_field_the_release_writes(ref_dir):
+    raw = hf.config_to_hf(presets.get("tiny"), torch.bfloat16)
+    released = json.loads((ref_dir / "config.json").read_text())
+    assert set(released) - {"deepseekmoe"} <= set(raw)
 
 
 @pytest.mark.parametrize("raw, field", [
@@ -264,12 +281,8 @@ def test_hash_router_cannot_be_exported():
 
 
 # ---------------------------------------------------------------------- round trips
-def _tiny_model(**kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, n_routed_experts=5, n_shared_experts=1,
-                      num_experts_per_tok=2, moe_intermediate_size=8, max_position_embeddings=64, **kw)
-    return Transformer(cfg)
+# The round-trip model: 50 tokens, five experts of width 8 (the shapes the assertions below name).
+_tiny_model = functools.partial(tiny_model, 50, n_routed_experts=5, moe_intermediate_size=8, max_position_embeddings=64)
 
 
 def _assert_same(a, b):

@@ -37,6 +37,7 @@ finally:
 from deepseekmoe import kernels  # noqa: E402
 from deepseekmoe.errors import ConfigError  # noqa: E402
 from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 NAMES = ("y", "dx", "dw", "dw13", "dw2")
 needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
@@ -60,10 +61,6 @@ def test_in_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _inputs(T, K, E, D, F, seed=0, idx=None, dtype=torch.float32):
@@ -91,7 +88,7 @@ def _check(T, K, E, D, F, idx=None, seed=0, tol=1e-5, dtype=torch.float32):
     out = _fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx)
     for name, o, r in zip(NAMES, out, ref):
         assert o.dtype == dtype and torch.isfinite(o).all(), name
-        assert _rel(o, r) < tol, f"{name}: triton vs loop rel diff {_rel(o, r):.2e}"
+        assert rel_err(o, r) < tol, f"{name}: triton vs loop rel diff {rel_err(o, r):.2e}"
     return out
 
 
@@ -187,9 +184,9 @@ def test_save_modes_and_down_bwd_paths_agree(monkeypatch):
             outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
     for out in outs[1:]:
         for name, a, b in zip(NAMES, out, outs[0]):
-            assert _rel(a, b) < 1e-6, name
+            assert rel_err(a, b) < 1e-6, name
     for name, a, b in zip(NAMES, outs[0], ref):
-        assert _rel(a, b) < 1e-5, name
+        assert rel_err(a, b) < 1e-5, name
 
 
 @needs_interp
@@ -197,7 +194,7 @@ def test_inference_forward_saves_nothing():
     (x, w, w13, w2, _), idx = _inputs(11, 2, 4, 32, 32, seed=2)
     with torch.no_grad():
         y = mt.experts_triton(x, idx, w, w13, w2)
-    assert _rel(y, experts_loop(x, idx, w, w13, w2)) < 1e-5
+    assert rel_err(y, experts_loop(x, idx, w, w13, w2)) < 1e-5
     perm, counts = mt.routing_metadata(idx, 4)
     _, a_saved, st_saved = mt.moe_experts_fwd(x, w.reshape(-1), perm, counts, w13, w2, 2, 0)
     assert a_saved.numel() == 0 and st_saved.numel() == 0
@@ -229,7 +226,7 @@ def test_dwp_columns_do_not_depend_on_tile_width():
                     dwp, 1, config=cfg)
         assert torch.isfinite(dwp).all()
         sums.append(dwp.sum(1))
-    assert _rel(sums[1], sums[0]) < 1e-6
+    assert rel_err(sums[1], sums[0]) < 1e-6
 
 
 @needs_interp
@@ -239,7 +236,7 @@ def test_compiles_without_graph_breaks():
     out = _fwd_bwd(fn, x, w, w13, w2, dy, idx)
     ref = _fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx)
     for name, a, b in zip(NAMES, out, ref):
-        assert _rel(a, b) < 1e-6, name
+        assert rel_err(a, b) < 1e-6, name
 
 
 def test_backend_resolution_on_cpu(monkeypatch):

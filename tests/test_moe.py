@@ -8,10 +8,7 @@ from deepseekmoe.model.config import ConfigError
 from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend
 from deepseekmoe.model.moe.layer import MoE
 from deepseekmoe.model.moe.router import device_balance_loss, expert_balance_loss
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.helpers import rel_err
 
 
 def _expert_inputs(T, K, E, D, F, seed=0, idx=None):
@@ -36,7 +33,7 @@ def _check_backends_agree(T, K, E, D, F, idx=None, seed=0):
         y.backward(dy)
         outs.append((y.detach(), x.grad.clone(), w.grad.clone(), w13.grad.clone(), w2.grad.clone()))
     for name, a, b in zip(("y", "dx", "dw", "dw13", "dw2"), *outs):
-        assert _rel(b, a) < 1e-5, f"{name}: grouped vs loop rel diff {_rel(b, a)}"
+        assert rel_err(b, a) < 1e-5, f"{name}: grouped vs loop rel diff {rel_err(b, a)}"
     return outs[0]
 
 
@@ -86,7 +83,7 @@ def test_moe_layer_backends_agree_end_to_end():
     (la, ga), (lb, gb) = results
     assert torch.allclose(la, lb, rtol=1e-6)
     for n in ga:
-        assert _rel(gb[n], ga[n]) < 1e-5, n
+        assert rel_err(gb[n], ga[n]) < 1e-5, n
 
 
 # ---------------------------------------------------------------------- balance losses

@@ -19,7 +19,7 @@ from deepseekmoe.checkpoint import dcp as ckpt
 from deepseekmoe.checkpoint.files import temp_name
 from deepseekmoe.errors import CheckpointError
 from tests.dist_utils import run_ranks
-from tests.test_parallel_ep import tiny_cfg
+from tests.helpers import tiny_cfg
 
 STEPS, SAVE_AT, GLOBAL_BATCH, SEQ = 4, 2, 8, 12
 

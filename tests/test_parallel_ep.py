@@ -11,19 +11,10 @@ import torch
 
 from deepseekmoe import ModelConfig, Transformer
 from tests.dist_utils import run_ranks
+from tests.helpers import clean_name, full_tensor, rel_err, tiny_cfg
 
 STEPS = 3
 GLOBAL_BATCH, SEQ = 8, 12
-
-
-def tiny_cfg(ep: int, **kw) -> ModelConfig:
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                num_attention_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                moe_intermediate_size=16, first_k_dense_replace=1, aux_loss_alpha=0.01, seq_aux=False,
-                device_balance_alpha=0.05 if ep > 1 else 0.0, n_device_groups=max(ep, 1),
-                max_position_embeddings=64, expert_backend="grouped")
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def build_model(cfg: ModelConfig, starve_last_of: int) -> Transformer:
@@ -93,17 +84,7 @@ def replay_optimizer(cfg: ModelConfig, steps: list, final: dict):
                 p.grad = clipped[n].clone()
         opt.step()
         for n, p in params.items():
-            yield step, n, _rel(nxt[n] - weights[n], p.detach() - weights[n])
-
-
-def _full(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            yield step, n, rel_err(nxt[n] - weights[n], p.detach() - weights[n])
 
 
 def meta_init_check(ep):
@@ -144,7 +125,7 @@ def dist_worker(rank, world, scenarios, meta_check=False):
         b = GLOBAL_BATCH // W
         out = []
         for ids in batches():
-            weights = {_clean(n): _full(p.detach()).clone() for n, p in model.named_parameters()}
+            weights = {clean_name(n): full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
             local = ids[r * b:(r + 1) * b]
             o = model(local, labels=local)
             o.loss.backward()
@@ -152,23 +133,19 @@ def dist_worker(rank, world, scenarios, meta_check=False):
             dist.all_reduce(stats)
             stats /= W
             received = [m.last_received for m in model.modules() if hasattr(m, "last_received")]
-            grads = {_clean(n): _full(p.grad).clone() for n, p in model.named_parameters()}
+            grads = {clean_name(n): full_tensor(p.grad).clone() for n, p in model.named_parameters()}
             norm = clip_grad_norm_(model.parameters(), 1.0)
-            clipped = {_clean(n): _full(p.grad).clone() for n, p in model.named_parameters()}
+            clipped = {clean_name(n): full_tensor(p.grad).clone() for n, p in model.named_parameters()}
             if rank != 0:  # identical on every rank
                 weights = grads = clipped = None
             out.append((stats[0].item(), stats[1].item(), norm.item(), weights, grads, received, clipped))
             opt.step()
             opt.zero_grad()
-        final = {_clean(n): _full(p.detach()).clone() for n, p in model.named_parameters()}
+        final = {clean_name(n): full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
         results.append((out, mesh.ep_rank, final if rank == 0 else None))
     if meta_check:
         results.append(meta_init_check(world))
     return results
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _close(a: float, b: float, tol: float = 1e-5) -> bool:
@@ -200,10 +177,10 @@ def _check(scenarios, results):
                 if g.abs().max() == 0:
                     assert grads[n].abs().max() == 0, f"{name} step {step}: {n} should have a zero gradient"
                 else:
-                    assert _rel(grads[n], g) < 1e-5, f"{name} step {step}: grad {n} rel diff {_rel(grads[n], g)}"
+                    assert rel_err(grads[n], g) < 1e-5, f"{name} step {step}: grad {n} rel diff {rel_err(grads[n], g)}"
             coef = min(1.0, 1.0 / (norm + 1e-6))  # clip_grad_norm_'s scale for max_norm=1
             for n, g in grads.items():
-                assert _rel(clipped[n], g * coef) < 1e-6, f"{name} step {step}: clipped grad {n}"
+                assert rel_err(clipped[n], g * coef) < 1e-6, f"{name} step {step}: clipped grad {n}"
         for step, n, rel in replay_optimizer(cfg, got, results[0][i][2]):
             assert rel < 1e-5, f"{name} step {step}: AdamW update of {n} rel diff {rel}"
         if ep > 1:

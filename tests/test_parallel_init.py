@@ -11,13 +11,9 @@ import torch
 from deepseekmoe import ModelConfig, Transformer
 from deepseekmoe.model import presets
 from tests.dist_utils import run_ranks
-from tests.test_parallel_ep import tiny_cfg
+from tests.helpers import clean_name, tiny_cfg
 
 SEED = 1234
-
-
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _seeded(cfg: ModelConfig, seed: int = SEED, dtype=torch.float32) -> Transformer:
@@ -59,7 +55,7 @@ def test_seeded_init_is_independent_of_construction_dtype_and_module():
     wrapped.init_weights(seed=SEED)
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
     for name, p in wrapped.named_parameters():
-        assert torch.equal(p, params[_clean(name)]), name
+        assert torch.equal(p, params[clean_name(name)]), name
     # What the values are: N(0, std) matrices (each expert its own stream), unit norms, zero biases.
     std = cfg.initializer_range
     w13 = params["layers.1.mlp.experts.w13"]
@@ -169,7 +165,7 @@ def init_worker(rank, world, layouts, mem_ep):
         for m in modules:
             m.init_weights(seed=SEED)
             for name, p in m.named_parameters():
-                name = _clean(name)
+                name = clean_name(name)
                 names.append(name)
                 full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
                 if not torch.equal(full, ref[name]):

@@ -13,6 +13,7 @@ from deepseekmoe import ModelConfig, Transformer
 from deepseekmoe.model import presets
 from deepseekmoe.parallel.pipeline import AddAuxiliaryLoss, layer_costs, split_layers
 from tests.dist_utils import run_ranks
+from tests.helpers import full_tensor, rel_err
 
 STEPS, BATCH, SEQ, MICRO = 2, 8, 12, 4
 
@@ -76,13 +77,9 @@ def reference_at(weights, ids, dp_size):
 
 def pp_worker(rank, world, scenarios):
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
     from deepseekmoe.parallel import ParallelConfig, build_mesh
     from deepseekmoe.parallel.pipeline import build_pipeline
-
-    def full(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t
 
     results = []
     for schedule, per_rank, dp, ep in scenarios:
@@ -94,22 +91,18 @@ def pp_worker(rank, world, scenarios):
         W, r = mesh.data_parallel_size, mesh.data_parallel_rank
         out = []
         for ids in _batches():
-            weights = {n: full(p.detach()).clone() for m in pipe.modules for n, p in m.named_parameters()}
+            weights = {n: full_tensor(p.detach()).clone() for m in pipe.modules for n, p in m.named_parameters()}
             local = ids[r * BATCH // W:(r + 1) * BATCH // W]
             stats = pipe.step(local, local)
             stats = torch.stack([stats["loss"], stats["lm_loss"], stats["balance_loss"]])
             dist.all_reduce(stats, group=mesh.group("dp_ep"))
-            grads = {n: full(p.grad).clone() for m in pipe.modules for n, p in m.named_parameters()}
+            grads = {n: full_tensor(p.grad).clone() for m in pipe.modules for n, p in m.named_parameters()}
             out.append((stats / W, grads, weights))
             opt.step()
             opt.zero_grad()
-        weights = {n: full(p.detach()).clone() for m in pipe.modules for n, p in m.named_parameters()}
+        weights = {n: full_tensor(p.detach()).clone() for m in pipe.modules for n, p in m.named_parameters()}
         results.append((out, weights, [sorted(m.layers.keys(), key=int) for m in pipe.modules]))
     return results
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def test_pipeline_matches_single_process():
@@ -137,12 +130,12 @@ def test_pipeline_matches_single_process():
                 assert torch.allclose(got, ref[step], rtol=1e-5, atol=0), f"{schedule} trajectory step {step}"
             assert grads.keys() == rgrads.keys(), schedule
             for n, g in rgrads.items():
-                assert _rel(grads[n], g) < 1e-5, f"{schedule} step {step}: grad {n} rel {_rel(grads[n], g)}"
+                assert rel_err(grads[n], g) < 1e-5, f"{schedule} step {step}: grad {n} rel {rel_err(grads[n], g)}"
         final = {}
         for _, w, _ in ranks:
             final.update(w)
         for n, w in ref_w.items():
-            assert _rel(final[n], w) < 1e-4, f"{schedule}: weight {n} after {STEPS} steps: {_rel(final[n], w)}"
+            assert rel_err(final[n], w) < 1e-4, f"{schedule}: weight {n} after {STEPS} steps: {rel_err(final[n], w)}"
     assert ref[0][2] > 0  # the balance losses are really in the objective
 
 
