@@ -65,7 +65,7 @@ def load_for_inference(args):
         raise ConfigError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    dtype = parse_dtype(args.dtype, "--dtype", CLI_NAMES)
+    dtype = parse_dtype(args.dtype, "--dtype")  # any spelling: the lm-eval adapter passes torch names too
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # CPU bf16 matmuls are slow and lose digits
     _, path = hf.find_checkpoint(args.model)
