@@ -19,6 +19,7 @@ TFLOP/s are of activated routed-expert FLOPs: forward 6*T*K*D*F, forward+backwar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,6 +34,8 @@ if "--dry-run" in sys.argv:
 
 from deepseekmoe.kernels import moe_kernels as mk  # noqa: E402
 from deepseekmoe.kernels import moe_triton as mt  # noqa: E402
+from deepseekmoe.kernels.options import KernelOptions  # noqa: E402
+from deepseekmoe.model.moe.dispatch import dispatch  # noqa: E402
 from deepseekmoe.model.moe.experts import experts_grouped, experts_loop  # noqa: E402
 
 # --dry-run (CPU, TRITON_INTERPRET=1, tiny shapes, one call per "timing") checks this script itself.
@@ -86,6 +89,17 @@ def make(T, K, E, D, F, mode, dtype, seed=0):
     return [t.to(dtype) for t in (x, w, w13, w2, g)], idx
 
 
+def triton_with(**options):
+    """experts_triton with explicit KernelOptions (e.g. save="ast"), same signature as the others."""
+    return functools.partial(mt.experts_triton, options=KernelOptions(**options))
+
+
+def sorted_slots(idx, E):
+    """(perm_S int32, counts_E int32) as the kernels read them."""
+    d = dispatch(idx, E, index_dtype=torch.int32)
+    return d.perm_S, d.counts_E
+
+
 def run_fb(fn, x, w, w13, w2, g, idx):
     ins = [t.detach().clone().requires_grad_() for t in (x, w, w13, w2)]
     y = fn(ins[0], idx, ins[1], ins[2], ins[3])
@@ -121,17 +135,15 @@ def check_correct(results):
         ref = run_fb(experts_loop, x, w, w13, w2, g, idx)
         row = {"case": f"T{T} K{K} E{E} D{D} F{F} {mode}"}
         bf = [t.bfloat16() for t in (x, w, w13, w2, g)]
-        for name, fn, ins, mode_ in (("triton_bf16", mt.experts_triton, bf, 1),
-                                     ("triton_ast_bf16", mt.experts_triton, bf, 2),
-                                     ("grouped_bf16", experts_grouped, bf, 1),
-                                     ("triton_fp32", mt.experts_triton, (x, w, w13, w2, g), 1)):
-            mt.SAVE_MODE = mode_
+        for name, fn, ins in (("triton_bf16", mt.experts_triton, bf),
+                              ("triton_ast_bf16", triton_with(save="ast"), bf),
+                              ("grouped_bf16", experts_grouped, bf),
+                              ("triton_fp32", mt.experts_triton, (x, w, w13, w2, g))):
             try:
                 out = run_fb(fn, *ins, idx)
                 row[name] = {n: rel(o, r) for n, o, r in zip(NAMES, out, ref)}
             except Exception as e:
                 row[name] = {"error": repr(e)[:300]}
-        mt.SAVE_MODE = 1
         tb, ta, gb, tf = row["triton_bf16"], row["triton_ast_bf16"], row["grouped_bf16"], row["triton_fp32"]
         ok = all(n in d and d[n] < 1.5e-2 for d in (tb, ta) for n in NAMES)
         ok = ok and all(n in tf and tf[n] < 1e-4 for n in NAMES)
@@ -149,7 +161,7 @@ def check_poison(results):
     T, K, E, D, F = (30, 2, 8, 32, 32) if DRY else (700, 6, 16, 256, 192)
     (x, w, w13, w2, dy), idx = make(T, K, E, D, F, "skewed", torch.bfloat16, seed=7)
     idx = idx % (E - 3)  # the last 3 experts get nothing (repeats within a token are allowed)
-    perm, counts = mt.routing_metadata(idx, E)
+    perm, counts = sorted_slots(idx, E)
     S = T * K
     tpe = mt.tpe_bucket(S, E)
     nan = lambda *s: torch.full(s, float("nan"), device=DEV, dtype=torch.bfloat16)
@@ -235,7 +247,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     w_S = w.reshape(-1)
     S = T * K
     unit = 2 * S * D * F / 1e9  # GFLOP of one [S, D] x [D, F] product
-    perm, counts = mt.routing_metadata(idx, E)
+    perm, counts = sorted_slots(idx, E)
     tpe = mt.tpe_bucket(S, E)
     a, gu, y = [torch.randn(s, device=DEV, dtype=torch.bfloat16) for s in ((S, F), (S, 2 * F), (S, D))]
     dgu, aw, dx = torch.empty_like(gu), torch.empty_like(a), torch.empty_like(y)
@@ -262,7 +274,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
         "down_bwd_gemm": (1, lambda c: mk.rowtile(dy, w2, a, perm, counts, None, K, tpe, n=F, kd=D, a_gather=True,
                                                   b_kmajor=False, out_sorted=True, config=c)),
         "wgrad_w2": (1, lambda c: mk.wgrad(dy, aw, dw2, perm, counts, K, tpe, a_gather=True, config=c)),
-        # the same two products from dy copied to sorted order (the default backward, DY_COPY)
+        # the same two products from dy copied to sorted order (the default backward, dy_copy=True)
         "down_bwd_gemm_sorted": (1, lambda c: mk.rowtile(dy_SD, w2, a, perm, counts, None, K, tpe, n=F, kd=D,
                                                          a_gather=False, b_kmajor=False, out_sorted=True, config=c)),
         "wgrad_w2_sorted": (1, lambda c: mk.wgrad(dy_SD, aw, dw2, perm, counts, K, tpe, a_gather=False,
@@ -329,7 +341,7 @@ def sweep(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F"]):
     # Non-GEMM stages
     dap_b, dw_b = torch.randn_like(a), torch.empty(S, device=DEV)
     other = {
-        "routing_metadata": lambda: mt.routing_metadata(idx, E),
+        "dispatch": lambda: dispatch(idx, E, index_dtype=torch.int32),
         "combine_sum_K": lambda: mk.sum_slots(y, T, K),
         "dwp_scatter": lambda: torch.empty(S, device=DEV).scatter_(0, perm.long(), dwp.sum(1)),
         **{f"swiglu_bwd_rows {b}": (lambda b=b: mk.swiglu_bwd_rows(dap_b, a, gu, perm, w_S, dgu, aw, dw_b, 1,
@@ -402,11 +414,9 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
     fl = 6 * T * K * D * F / 1e9
     rows = {}
     ins = [t.clone().requires_grad_() for t in (x, w, w13, w2)]
-    for name, fn in (("grouped", experts_grouped), ("triton", mt.experts_triton), ("triton_ast", mt.experts_triton),
-                     ("triton_fused", mt.experts_triton), ("triton_dy_gather", mt.experts_triton)):
-        mt.SAVE_MODE = 2 if name == "triton_ast" else 1
-        mt.DOWN_BWD = "fused" if name == "triton_fused" else "split"
-        mt.DY_COPY = name != "triton_dy_gather"
+    for name, fn in (("grouped", experts_grouped), ("triton", mt.experts_triton),
+                     ("triton_ast", triton_with(save="ast")), ("triton_fused", triton_with(down_bwd="fused")),
+                     ("triton_dy_gather", triton_with(dy_copy=False))):
         fwd = lambda fn=fn: fn(ins[0], idx, ins[1], ins[2], ins[3])
         fb = lambda fn=fn: torch.autograd.grad(fn(ins[0], idx, ins[1], ins[2], ins[3]), ins, g)
         fb()
@@ -418,7 +428,6 @@ def end_to_end(results, T=BIG["T"], K=BIG["K"], E=BIG["E"], D=BIG["D"], F=BIG["F
             rows[name]["graph_fb_ms"] = graph_time(fb)
             rows[name]["graph_fb_tflops"] = 3 * fl / rows[name]["graph_fb_ms"]
             results["profile"] = profile(fb)
-    mt.SAVE_MODE, mt.DOWN_BWD, mt.DY_COPY = 1, "split", True
     # Dense SwiGLU with the same activated FLOPs: width K*F on T tokens, cuBLAS through torch.
     W13 = (torch.randn(2 * K * F, D, device=DEV) / D ** 0.5).bfloat16().requires_grad_()
     W2 = (torch.randn(D, K * F, device=DEV) / (K * F) ** 0.5).bfloat16().requires_grad_()

@@ -6,8 +6,8 @@ variants written here that load the weight operand (and the sorted operand where
 through tensor descriptors, one tile per program or persistent (flattened or not), plus a dense
 Triton TMA GEMM of the same size against cuBLAS as the ceiling; when it was first run "current"
 was the pointer-load v3. `--part wgrad` compares the weight-gradient operand modes (gathered rows
-vs a sorted copy) and, given scripts/_ab_old_kernels.py (a copy of an older moe_kernels.py, not
-shipped), old against current kernels on the same machine. `--part occupancy` times the fused
+vs a sorted copy; the old-vs-new kernel A/B, which needed an unshipped copy of older kernels, was
+removed). `--part occupancy` times the fused
 down_bwd and dW2 under configs that let two CTAs share an SM. Every variant is checked against
 the package kernel's output.
 
@@ -31,12 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from deepseekmoe.kernels import moe_kernels as mk  # noqa: E402
 from deepseekmoe.kernels import moe_triton as mt  # noqa: E402
-
-try:  # the previous kernels, for a same-machine A/B (a scratch copy, not part of the package)
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _ab_old_kernels as OLD  # noqa: E402
-except ImportError:
-    OLD = None
+from deepseekmoe.model.moe.dispatch import dispatch  # noqa: E402
 
 DRY = "--dry-run" in sys.argv
 DEV = "cpu" if DRY else "cuda"
@@ -197,9 +192,9 @@ def rel(a, b):
 
 def wgrad_part(ctx, record):
     """dW2 / dW13 variants: current kernel, mask-free main loop (gathered or from a sorted copy),
-    the cost of that copy; old (pointer-only) kernels vs new on the same machine."""
-    T, K, E, D, F, dt, perm, counts, tpe, x, dy, a, dgu, w2, w13, w_S, S = (ctx[k] for k in (
-        "T", "K", "E", "D", "F", "dt", "perm", "counts", "tpe", "x", "dy", "a", "dgu", "w2", "w13", "w_S", "S"))
+    the cost of that copy."""
+    K, dt, perm, counts, tpe, x, dy, a, dgu, w2, w13 = (ctx[k] for k in (
+        "K", "dt", "perm", "counts", "tpe", "x", "dy", "a", "dgu", "w2", "w13"))
     bm, bn, bk = (16, 16, 16) if DRY else (128, 256, 64)
     tok_S = perm.long() // K
     x_perm, dy_perm = x[tok_S], dy[tok_S]
@@ -209,10 +204,6 @@ def wgrad_part(ctx, record):
         ref = torch.empty(out_shape, device=DEV, dtype=dt)
         record(name, "current(autotuned)", units, lambda A=A, Bm=Bm, ref=ref, ag=ag: mk.wgrad(
             A, Bm, ref, perm, counts, K, tpe, a_gather=ag), ref, None)
-        if OLD is not None:
-            o = torch.empty_like(ref)
-            record(name, "old pointer kernels", units, lambda A=A, Bm=Bm, o=o, ag=ag: OLD.wgrad(
-                A, Bm, o, perm, counts, K, tpe, a_gather=ag), o, ref)
         o = torch.empty_like(ref)
         sorted_A = dy_perm if ag else A
         sorted_B = Bm if ag else x_perm
@@ -224,24 +215,6 @@ def wgrad_part(ctx, record):
                                                      num_stages=stages)
                 record(name, f"{label} s{stages}", units, lambda aa=aa, bb=bb, ga=ga, gb=gb, o=o, cfg=cfg: mk.wgrad(
                     aa, bb, o, perm, counts, K, tpe, a_gather=ga, b_gather=gb, config=cfg), o, ref)
-    if OLD is not None:
-        dwp = torch.zeros(S, mk.dwp_cols(F), device=DEV)
-        dgu_o, aw_o = torch.empty_like(dgu), torch.empty_like(a)
-        for save in (1, 2):
-            for label, mod in (("current(autotuned)", mk), ("old pointer kernels", OLD)):
-                record(f"down_bwd_s{save}", label, 1, lambda mod=mod, save=save: mod.down_bwd(
-                    dy, w2, a, dgu if save == 2 else torch.randn_like(dgu), perm, counts, w_S, K, tpe, dgu_o, aw_o,
-                    dwp, save), None, None)
-        y = torch.empty(S, D, device=DEV, dtype=dt)
-        au, gu = torch.empty_like(a), torch.empty_like(dgu)
-        for label, mod in (("current(autotuned)", mk), ("old pointer kernels", OLD)):
-            record("gateup_fwd", label, 2, lambda mod=mod: mod.gateup_fwd(x, w13, perm, counts, K, tpe, au, gu, save=1),
-                   None, None)
-            record("down_fwd", label, 1, lambda mod=mod: mod.rowtile(a, w2, y, perm, counts, w_S, K, tpe, n=D, kd=F,
-                                                                   a_gather=False, b_kmajor=True), None, None)
-            record("gateup_dx", label, 2, lambda mod=mod: mod.rowtile(dgu, w13, y, perm, counts, None, K, tpe, n=D,
-                                                                    kd=2 * F, a_gather=False, b_kmajor=False),
-                   None, None)
 
 
 def occupancy_part(ctx, record):
@@ -283,8 +256,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--part", default="tma", choices=["tma", "wgrad", "occupancy"],
-                    help="tma: the v4 probe; wgrad: wgrad variants and old-vs-new kernels (needs "
-                    "scripts/_ab_old_kernels.py, the previous moe_kernels); occupancy: down_bwd/dW2 configs")
+                    help="tma: the v4 probe; wgrad: wgrad operand variants; occupancy: down_bwd/dW2 configs")
     args = ap.parse_args()
     if not DRY:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -298,7 +270,8 @@ def main():
     w13 = (torch.randn(E, 2 * F, D, device=DEV, generator=gen) / D ** 0.5).to(dt)
     w2 = (torch.randn(E, D, F, device=DEV, generator=gen) / F ** 0.5).to(dt)
     S = T * K
-    perm, counts = mt.routing_metadata(idx, E)
+    d = dispatch(idx, E, index_dtype=torch.int32)
+    perm, counts = d.perm_S, d.counts_E
     tpe = mt.tpe_bucket(S, E)
     a = torch.randn(S, F, device=DEV, generator=gen).to(dt)
     dgu = torch.randn(S, 2 * F, device=DEV, generator=gen).to(dt)

@@ -36,6 +36,8 @@ finally:
 
 from deepseekmoe import kernels  # noqa: E402
 from deepseekmoe.errors import ConfigError  # noqa: E402
+from deepseekmoe.kernels import KernelOptions, kernel_options  # noqa: E402
+from deepseekmoe.model.moe.dispatch import dispatch  # noqa: E402
 from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve_backend  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
@@ -142,7 +144,8 @@ def test_wgrad_operand_modes_agree():
     T, K, E, D, N = 37, 2, 5, 32, 48
     g = torch.Generator().manual_seed(5)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    perm, counts = mt.routing_metadata(idx, E)
+    d = dispatch(idx, E, index_dtype=torch.int32)
+    perm, counts = d.perm_S, d.counts_E
     assert (counts % 16 != 0).any()
     A_SN = torch.randn(T * K, N, generator=g)
     x_TD = torch.randn(T, D, generator=g)
@@ -169,19 +172,17 @@ def test_bf16_runs_and_is_close():
 
 
 @needs_interp
-def test_save_modes_and_down_bwd_paths_agree(monkeypatch):
+def test_save_modes_and_down_bwd_paths_agree():
     """What the forward saves (g|u or a + s|t) and how the down projection's backward runs (split:
     GEMM + elementwise pass, dy gathered in the loops or copied to sorted order once; fused: one
     kernel) change nothing beyond rounding, and all match loop."""
     (x, w, w13, w2, dy), idx = _inputs(17, 3, 6, 32, 32, seed=5)
     ref = _fwd_bwd(experts_loop, x, w, w13, w2, dy, idx)
     outs = []
-    for mode in (1, 2):
+    for save in ("gu", "ast"):
         for path, dy_copy in (("split", True), ("split", False), ("fused", False)):
-            monkeypatch.setattr(mt, "SAVE_MODE", mode)
-            monkeypatch.setattr(mt, "DOWN_BWD", path)
-            monkeypatch.setattr(mt, "DY_COPY", dy_copy)
-            outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
+            with kernel_options(KernelOptions(save=save, down_bwd=path, dy_copy=dy_copy)):
+                outs.append(_fwd_bwd(mt.experts_triton, x, w, w13, w2, dy, idx))
     for out in outs[1:]:
         for name, a, b in zip(NAMES, out, outs[0]):
             assert rel_err(a, b) < 1e-6, name
@@ -190,22 +191,44 @@ def test_save_modes_and_down_bwd_paths_agree(monkeypatch):
 
 
 @needs_interp
+def test_backward_runs_with_the_options_its_forward_was_given(monkeypatch):
+    """The options reach the kernels explicitly (argument or context manager), and a backward run
+    after the context manager has exited still takes the path its forward was given."""
+    calls = []
+    fused = mk.down_bwd
+    monkeypatch.setattr(mk, "down_bwd", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    (x, w, w13, w2, dy), idx = _inputs(9, 2, 4, 32, 32, seed=6)
+    ins = [t.detach().clone().requires_grad_() for t in (x, w, w13, w2)]
+    with kernel_options(KernelOptions(down_bwd="fused")):
+        y = mt.experts_triton(ins[0], idx, ins[1], ins[2], ins[3])
+    y.backward(dy)
+    assert calls == [1]
+    y = mt.experts_triton(ins[0], idx, ins[1], ins[2], ins[3])  # default options: the split path
+    y.backward(dy)
+    assert calls == [1]
+    mt.experts_triton(ins[0], idx, ins[1], ins[2], ins[3], options=KernelOptions(down_bwd="fused")).backward(dy)
+    assert calls == [1, 1]
+
+
+def test_kernel_options_are_validated():
+    for bad, field in ((dict(save="all"), "save"), (dict(down_bwd="merged"), "down_bwd"), (dict(dy_copy=1), "dy_copy")):
+        with pytest.raises(ConfigError, match=f"KernelOptions\\({field}="):
+            KernelOptions(**bad)
+    with pytest.raises(ConfigError, match="expects a KernelOptions"):
+        with kernel_options({"save": "ast"}):
+            pass
+    assert KernelOptions().save_mode == 1 and KernelOptions(save="ast").save_mode == 2
+
+
+@needs_interp
 def test_inference_forward_saves_nothing():
     (x, w, w13, w2, _), idx = _inputs(11, 2, 4, 32, 32, seed=2)
     with torch.no_grad():
         y = mt.experts_triton(x, idx, w, w13, w2)
     assert rel_err(y, experts_loop(x, idx, w, w13, w2)) < 1e-5
-    perm, counts = mt.routing_metadata(idx, 4)
-    _, a_saved, st_saved = mt.moe_experts_fwd(x, w.reshape(-1), perm, counts, w13, w2, 2, 0)
+    d = dispatch(idx, 4, index_dtype=torch.int32)
+    _, a_saved, st_saved = mt.moe_experts_fwd(x, w.reshape(-1), d.perm_S, d.counts_E, w13, w2, 2, 0, "split", True)
     assert a_saved.numel() == 0 and st_saved.numel() == 0
-
-
-@needs_interp
-def test_routing_metadata_is_a_stable_sort_by_expert():
-    idx = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
-    perm, counts = mt.routing_metadata(idx, 5)
-    assert perm.dtype == torch.int32 and counts.tolist() == [2, 2, 3, 1, 0]
-    assert perm.tolist() == [1, 6, 2, 5, 0, 3, 4, 7]  # slots t*K+k grouped by expert, in slot order
 
 
 @needs_interp
@@ -214,7 +237,8 @@ def test_dwp_columns_do_not_depend_on_tile_width():
     # no zero-init and nothing stale between autotune configs. Compare two tile widths on one
     # buffer that starts as NaN.
     (x, w, w13, w2, dy), idx = _inputs(21, 2, 4, 32, 64, seed=7)
-    perm, counts = mt.routing_metadata(idx, 4)
+    d = dispatch(idx, 4, index_dtype=torch.int32)
+    perm, counts = d.perm_S, d.counts_E
     S, F = perm.numel(), 64
     a, st = torch.empty(S, F), torch.empty(S, 2 * F)
     mk.gateup_fwd(x, w13, perm, counts, 2, 16, a, st, save=1)

@@ -20,6 +20,7 @@ from deepseekmoe.errors import ConfigError
 
 
 def add_model_arguments(p) -> None:
+    from deepseekmoe.model.config import EXPERT_BACKENDS
     from deepseekmoe.model.dtypes import CLI_NAMES
 
     p.add_argument("--model", required=True,
@@ -29,7 +30,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=list(CLI_NAMES),
                    help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
-    p.add_argument("--expert-backend", default=None, help="routed-expert backend (auto, grouped, loop, triton)")
+    p.add_argument("--expert-backend", default=None, help=f"routed-expert backend ({', '.join(EXPERT_BACKENDS)})")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
                    help="token each document starts after: auto = bos when the tokenizer_config says "

@@ -1,8 +1,9 @@
 """Triton kernels for the MoE fast path.
 
 Each kernel has a pure-PyTorch twin with the same signature (deepseekmoe.model.moe.experts) and tests
-that they agree. This module only decides whether the Triton backend can run on a device; the
-kernels themselves live in submodules and import triton lazily, so CPU installs never need it.
+that they agree. This module decides whether the Triton backend can run on a device and exports
+its options (KernelOptions, kernel_options: options.py); the kernels themselves live in submodules
+and import triton lazily, so CPU installs never need it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
+
+from deepseekmoe.kernels.options import KernelOptions, current_options, kernel_options
+
+__all__ = ["KernelOptions", "current_options", "experts_triton", "kernel_options", "triton_unavailable_reason"]
 
 
 def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
@@ -29,8 +34,8 @@ def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
     return None
 
 
-def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
-    """Fused Triton expert compute; same signature and result as experts_loop."""
+def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, options: KernelOptions | None = None):
+    """Fused Triton expert compute; same signature and result as experts_loop (options: KernelOptions)."""
     from deepseekmoe.kernels.moe_triton import experts_triton as fn
 
-    return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)
+    return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, options)

@@ -1,9 +1,9 @@
-"""The `triton` expert backend: routing metadata, torch.library custom ops and their autograd.
+"""The `triton` expert backend: torch.library custom ops and their autograd.
 
 experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF) -> y_TD has the signature and result of
 deepseekmoe.model.moe.experts.experts_loop (its reference twin). Data flow:
 
-  forward   perm_S, counts_E = sort of the T*K slots by expert (device only, no host sync)
+  forward   perm_S, counts_E = dispatch(): the T*K slots sorted by expert (int32, no host sync)
             gateup_fwd: a_SF (and g|u saved for backward)   down_fwd: y_slot = w * (a @ W2^T)
             y_TD = sum over the K slots of each token (one reduction, fp32 accumulate)
   backward  down_bwd: dg|du = dA' w t | dA' w s, aw = w*a, dw (via dw_s = <dy_tok, W2_e a_s> =
@@ -14,43 +14,21 @@ Saved for backward: a = silu(g) u [S, F] and s|t = silu(g) | u silu'(g) [S, 2F] 
 dtype (the forward epilogue has g and u in registers; the backward then needs only products),
 plus the routing metadata; grouped keeps the permuted x, g|u, silu(g), a and permuted outputs.
 Both ops are torch.library custom ops with a fake (meta) implementation, so torch.compile keeps
-them in one graph.
+them in one graph. What is saved and how the backward runs are KernelOptions (options.py); the
+forward op takes them as plain arguments, so its backward runs with the options it was given.
 
 Shape legend: T tokens, K experts per token, S = T*K slots, E experts, D hidden, F expert width.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as Fn
 import triton
 
 from deepseekmoe.kernels import moe_kernels as mk
-
-# What the forward saves for backward: 1 = g|u [S, 2F] (backward recomputes silu; least memory),
-# 2 = a [S, F] + s|t [S, 2F] (backward epilogue is products only; 1.5x the memory). The default
-# is set from the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_SAVE=gu|ast overrides it.
-SAVE_MODE = {"gu": 1, "ast": 2}[os.environ.get("DEEPSEEKMOE_MOE_SAVE", "gu")]
-# Backward of the down projection: "split" (a row-tiled GEMM for dA', then one elementwise SwiGLU
-# backward pass) or "fused" (one kernel with the SwiGLU backward in its epilogue). Both are tested;
-# the default follows the measurements in docs/kernels.md; DEEPSEEKMOE_MOE_DOWN_BWD overrides it.
-DOWN_BWD = os.environ.get("DEEPSEEKMOE_MOE_DOWN_BWD", "split")
-# With the split path: gather dy into sorted order once (True) or gather its rows inside dA' and
-# dW2 (False). Set from the measurements in docs/kernels.md.
-DY_COPY = True
-if DOWN_BWD not in ("split", "fused"):
-    raise ValueError(f"DEEPSEEKMOE_MOE_DOWN_BWD={DOWN_BWD!r}: use 'split' or 'fused'")
-
-
-def routing_metadata(idx_TK: torch.Tensor, n_experts: int):
-    """(perm_S int32: slot ids sorted by expert, stable; counts_E int32) with no host sync."""
-    flat_S = idx_TK.reshape(-1)
-    perm_S = torch.argsort(flat_S, stable=True).to(torch.int32)
-    counts_E = torch.zeros(n_experts, dtype=torch.int32, device=idx_TK.device)
-    counts_E.scatter_add_(0, flat_S.to(torch.int64), torch.ones_like(flat_S, dtype=torch.int32))
-    return perm_S, counts_E
+from deepseekmoe.kernels.options import KernelOptions, current_options
+from deepseekmoe.model.moe.dispatch import dispatch
 
 
 def tpe_bucket(n_slots: int, n_experts: int) -> int:
@@ -79,7 +57,8 @@ def forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K: int, save: in
     return y_TD, (a_SF if save == 2 else x_TD.new_empty(0)), (st_S2F if save else x_TD.new_empty(0))
 
 
-def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K: int, configs=None):
+def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K: int,
+                  down_bwd: str = "split", dy_copy: bool = True, configs=None):
     configs = configs or {}
     T, D = x_TD.shape
     E, twoF, _ = w13_E2FD.shape
@@ -91,9 +70,9 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
     aw_SF = x_TD.new_empty(S, F_)
     tok_S = perm_S.long() // K
     # dy in sorted order (one [S, D] gather) feeds dA' and dW2 with both operands through TMA; it is
-    # freed before dW13's buffers appear, so the backward's peak does not grow (DY_COPY below).
-    dy_SD = dy_TD.index_select(0, tok_S) if DY_COPY and DOWN_BWD == "split" else None
-    if DOWN_BWD == "split":
+    # freed before dW13's buffers appear, so the backward's peak does not grow (KernelOptions.dy_copy).
+    dy_SD = dy_TD.index_select(0, tok_S) if dy_copy and down_bwd == "split" else None
+    if down_bwd == "split":
         # dA' = dy_tok @ W2_e as a plain row-tiled GEMM, then one elementwise pass for the SwiGLU
         # backward: faster than the fused kernel, whose epilogue traffic never overlaps its GEMM.
         dap_SF = x_TD.new_empty(S, F_)
@@ -140,13 +119,15 @@ def backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st
 
 @torch.library.custom_op("deepseekmoe::moe_experts_fwd", mutates_args=())
 def moe_experts_fwd(x_TD: torch.Tensor, w_S: torch.Tensor, perm_S: torch.Tensor, counts_E: torch.Tensor,
-                    w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, K: int,
-                    save: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, K: int, save: int, down_bwd: str,
+                    dy_copy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """save: 0 (nothing, inference), 1 or 2 (KernelOptions.save_mode); down_bwd and dy_copy are
+    only read by the backward (KernelOptions)."""
     return forward_impl(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save)
 
 
 @moe_experts_fwd.register_fake
-def _(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save):
+def _(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save, down_bwd, dy_copy):
     S, twoF = perm_S.shape[0], w13_E2FD.shape[1]
     return (x_TD.new_empty(x_TD.shape), x_TD.new_empty((S, twoF // 2) if save == 2 else (0,)),
             x_TD.new_empty((S, twoF) if save else (0,)))
@@ -155,19 +136,20 @@ def _(x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save):
 @torch.library.custom_op("deepseekmoe::moe_experts_bwd", mutates_args=())
 def moe_experts_bwd(dy_TD: torch.Tensor, x_TD: torch.Tensor, w_S: torch.Tensor, perm_S: torch.Tensor,
                     counts_E: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, a_SF: torch.Tensor,
-                    st_S2F: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K)
+                    st_S2F: torch.Tensor, K: int, down_bwd: str,
+                    dy_copy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_impl(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K, down_bwd, dy_copy)
 
 
 @moe_experts_bwd.register_fake
-def _(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K):
+def _(dy_TD, x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F, K, down_bwd, dy_copy):
     return (x_TD.new_empty(x_TD.shape), w_S.new_empty(w_S.shape), w13_E2FD.new_empty(w13_E2FD.shape),
             w2_EDF.new_empty(w2_EDF.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save = inputs
-    ctx.K = K
+    x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, K, save, down_bwd, dy_copy = inputs
+    ctx.K, ctx.down_bwd, ctx.dy_copy = K, down_bwd, dy_copy
     # a and s|t are saved tensors, not results: no zero-filled grads for them (830 MB at 16B/16K).
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
@@ -177,12 +159,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy_TD, _da, _dst):
     x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF, a_SF, st_S2F = ctx.saved_tensors
     if dy_TD is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 10
     if st_S2F.numel() == 0 and perm_S.numel() > 0:
         raise RuntimeError("moe_experts_fwd ran with save=0 (no grad was needed) but backward was called")
     dx, dw, dw13, dw2 = moe_experts_bwd(dy_TD.contiguous(), x_TD, w_S, perm_S, counts_E, w13_E2FD, w2_EDF,
-                                        a_SF, st_S2F, ctx.K)
-    return dx, dw, None, None, dw13, dw2, None, None
+                                        a_SF, st_S2F, ctx.K, ctx.down_bwd, ctx.dy_copy)
+    return dx, dw, None, None, dw13, dw2, None, None, None, None
 
 
 moe_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -205,16 +187,19 @@ def _pad_aligned(x_TD, w13, w2):
     return Fn.pad(x_TD, (0, pd)), w13, Fn.pad(w2, (0, pf, 0, pd))
 
 
-def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
-    """Fused Triton routed experts; same signature and result as experts_loop."""
+def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, options: KernelOptions | None = None):
+    """Fused Triton routed experts; same signature and result as experts_loop. `options`: see
+    KernelOptions (default: current_options(), i.e. the defaults or those of kernel_options())."""
+    opts = options or current_options()
     T, K = idx_TK.shape
     E, _, D = w13_E2FD.shape
     dtype = x_TD.dtype
     x_TD, w13, w2 = _pad_aligned(x_TD.contiguous(), w13_E2FD.to(dtype), w2_EDF.to(dtype))
     w13, w2 = w13.contiguous(), w2.contiguous()
     w_S = w_TK.reshape(-1).contiguous()
-    perm_S, counts_E = routing_metadata(idx_TK, E)
+    d = dispatch(idx_TK, E, index_dtype=torch.int32)
     need = torch.is_grad_enabled() and (x_TD.requires_grad or w_S.requires_grad or w13.requires_grad
                                         or w2.requires_grad)
-    y_TD, _, _ = moe_experts_fwd(x_TD, w_S, perm_S, counts_E, w13, w2, K, SAVE_MODE if need else 0)
+    y_TD, _, _ = moe_experts_fwd(x_TD, w_S, d.perm_S, d.counts_E, w13, w2, K, opts.save_mode if need else 0,
+                                 opts.down_bwd, opts.dy_copy)
     return y_TD[:, :D] if y_TD.shape[1] != D else y_TD

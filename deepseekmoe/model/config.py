@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from deepseekmoe.errors import ConfigError, suggest
 
 ROUTERS = ("topk", "switch", "gshard", "hash")
-EXPERT_BACKENDS = ("auto", "loop", "grouped", "triton")
+EXPERT_BACKENDS = ("auto", "loop", "grouped", "triton", "gather")  # model/moe/experts.py describes each
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ModelConfig:
     router: str = "topk"  # topk (DeepSeekMoE) | switch (top-1) | gshard (top-2, renormalised) | hash
     device_balance_alpha: float = 0.0  # device-level balance factor (alpha_2); 0 disables it
     n_device_groups: int = 1  # D: contiguous expert groups (devices) for the device-level loss
-    expert_backend: str = "auto"  # auto | loop | grouped | triton
+    expert_backend: str = "auto"  # one of EXPERT_BACKENDS
     hash_seed: int = 0  # seed of the Hash Layer's fixed token-id -> expert table
     name: str = field(default="custom", compare=False)
 

@@ -9,11 +9,13 @@ projections of every expert in the released (out, in) orientation, `w2_EDF` the 
 
 Backends:
   loop     the readable reference: one masked matmul chain per expert (host syncs; any shape)
-  grouped  sort token slots by expert, two grouped GEMMs (torch grouped_mm), weighted combine;
-           dropless, no host-device sync, autograd through torch ops
+  grouped  sort token slots by expert (dispatch.py), two grouped GEMMs (torch grouped_mm),
+           weighted combine; dropless, no host-device sync, autograd through torch ops
   triton   fused Hopper kernels (deepseekmoe.kernels); GPU only
   gather   inference for small decode batches: each token slot reads only its expert's weights
-           (bandwidth-bound: bytes of the activated experts, not of all E); no host sync
+           (bandwidth-bound: bytes of the activated experts, not of all E); no host sync. Chosen
+           by generate for compiled decode; a valid config value too, and differentiable, but it
+           copies one expert's weights per slot, so training or prefill with it is for tiny models
   auto     triton when usable, else grouped, else loop
 
 Shape legend: T tokens, K routed experts per token, S = T*K token slots, E experts,
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model.config import EXPERT_BACKENDS
+from deepseekmoe.model.moe.dispatch import combine, dispatch
 
 # torch >= 2.9 spells it F.grouped_mm; 2.8 only has the private torch._grouped_mm.
 _gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -58,28 +62,14 @@ def _pad_last(t: torch.Tensor, mult: int) -> torch.Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
-def sort_slots(idx_TK: torch.Tensor, n_experts: int):
-    """Order the T*K token slots by expert without a host sync.
-
-    Returns (perm_S, offs_E): slot order grouped by expert (stable, so slots of one expert stay in
-    token order) and the int32 end offset of each expert's segment.
-    """
-    flat_S = idx_TK.reshape(-1)
-    perm_S = torch.argsort(flat_S, stable=True)
-    counts_E = torch.zeros(n_experts, dtype=torch.int32, device=idx_TK.device)
-    counts_E.scatter_add_(0, flat_S.to(torch.int64), torch.ones_like(flat_S, dtype=torch.int32))
-    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    return perm_S, offs_E
-
-
 def experts_grouped(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     """Sort slots by expert, gather rows, two grouped GEMMs, unpermute and weight-sum over K."""
-    T, K = idx_TK.shape
     E, twoF, D = w13_E2FD.shape
     F_ = twoF // 2
     dtype = x_TD.dtype
-    perm_S, offs_E = sort_slots(idx_TK, E)
-    x_SD = x_TD[perm_S // K]
+    d = dispatch(idx_TK, E)
+    offs_E = d.offs_E
+    x_SD = x_TD[d.tok_S]
     w13 = w13_E2FD.to(dtype)
     w2 = w2_EDF.to(dtype)
     # grouped_mm wants 16-byte aligned strides; tiny test shapes get zero padding (exact).
@@ -96,12 +86,7 @@ def experts_grouped(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     h_S2F = _gmm(x_SD, w13.transpose(-2, -1), offs=offs_E)
     a_SF = F.silu(h_S2F[:, :F_]) * h_S2F[:, F_:]
     y_SD = _gmm(a_SF, w2.transpose(-2, -1), offs=offs_E)[:, :D]
-    # Unpermute with a gather (deterministic, no atomics), then a K-wide weighted sum.
-    inv_S = torch.empty_like(perm_S)
-    inv_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
-    y_TKD = y_SD[inv_S].view(T, K, D)
-    y_TD = torch.bmm(w_TK.to(dtype).unsqueeze(1), y_TKD).squeeze(1)
-    return y_TD
+    return combine(y_SD, w_TK, d)
 
 
 def experts_gather(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
@@ -158,7 +143,4 @@ def resolve_backend(name: str, device: torch.device) -> ExpertFn:
         if device.type == "cuda" and kernels.triton_unavailable_reason(device) is None:
             return kernels.experts_triton
         return experts_grouped if _grouped_supported() else experts_loop
-    raise ConfigError(f"unknown expert_backend {name!r}; choose loop, grouped, triton, gather or auto")
-
-
-BACKENDS: dict[str, ExpertFn] = {"loop": experts_loop, "grouped": experts_grouped, "gather": experts_gather}
+    raise ConfigError(f"unknown expert_backend {name!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
