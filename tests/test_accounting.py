@@ -69,3 +69,21 @@ def test_flops_scale_with_activated_not_total_experts():
     c = a.replace(num_experts_per_tok=7)
     extra = 6 * 27 * 3 * 2048 * 1408
     assert c.flops_per_token(4096) - a.flops_per_token(4096) == pytest.approx(extra)
+
+
+@pytest.mark.parametrize("name", ["deepseekmoe-16b", "deepseekmoe-145b", "dense-2b", "tiny"])
+def test_layer_flops_sum_to_flops_per_token_and_balance_the_pipeline(name, monkeypatch):
+    from deepseekmoe.model.config import ModelConfig
+    from deepseekmoe.parallel.pipeline import split_layers
+
+    cfg = presets.get(name)
+    for seq in (1, 2048, 4096):
+        layers = sum(cfg.layer_flops(i, seq) for i in range(cfg.num_hidden_layers))
+        assert layers + 6.0 * cfg.hidden_size * cfg.vocab_size == cfg.flops_per_token(seq)  # exact
+    # The pipeline's stage balancing reads the same per-layer costs: make the first block as
+    # expensive as all the others together and it gets a stage of its own.
+    assert split_layers(cfg, 2)[0] != [0]
+    real = ModelConfig.layer_flops
+    monkeypatch.setattr(ModelConfig, "layer_flops",
+                        lambda self, i, s: real(self, i, s) * (10 * self.num_hidden_layers if i == 0 else 1))
+    assert split_layers(cfg, 2)[0] == [0]

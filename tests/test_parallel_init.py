@@ -28,7 +28,6 @@ def _seeded(cfg: ModelConfig, seed: int = SEED, dtype=torch.float32) -> Transfor
 # ---------------------------------------------------------------------------- one process
 def test_seeded_init_is_independent_of_construction_dtype_and_module():
     from deepseekmoe.parallel.fsdp import apply_activation_checkpointing
-    from deepseekmoe.parallel.pipeline import StageModule
 
     cfg = tiny_cfg(1, attention_bias=True)
     ref = Transformer(cfg)  # built on CPU (global-RNG init), then re-initialised from the seed
@@ -41,7 +40,7 @@ def test_seeded_init_is_independent_of_construction_dtype_and_module():
     # A pipeline stage alone (blocks 1-2 + norm + head) and a checkpoint-wrapped model.
     with torch.device("meta"):
         whole = Transformer(cfg)
-    stage = StageModule(whole, [1, 2], first=False, last=True)
+    stage = whole.stage([1, 2], first=False, last=True)
     stage.to_empty(device="cpu")
     stage.init_weights(seed=SEED)
     names = [n for n, _ in stage.named_parameters()]

@@ -262,5 +262,5 @@ def recipe_overrides(*argvs) -> list[tuple[str, str]]:
 def test_compile_on_cpu_fp32_is_refused_up_front(capsys, tmp_path):
     out = tmp_path / "o"
     msg = _fail(capsys, *TINIER, "--system.compile=true", "--system.device=cpu", "--out", str(out))
-    assert "system.compile=true on CPU" in msg and "expert_backend=loop" in msg
+    assert "parallel.compile=true (or system.compile) on CPU" in msg and "expert_backend=loop" in msg
     assert not out.exists()

@@ -92,3 +92,27 @@ def test_expert_load_counts_exactly():
 
 def test_peak_flops_is_none_on_cpu():
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_tensorboard_missing_is_said_once_and_real_failures_surface(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from deepseekmoe.train.metrics import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` raises ImportError
+    (tmp_path / "a").mkdir()
+    log = MetricsLogger(tmp_path / "a", 3, 0, progress=False, tensorboard=True)
+    log.write({"kind": "train", "step": 1, "loss": 1.0})
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard logs are off") == 1 and "pip install tensorboard" in err
+    assert not (tmp_path / "a" / "tensorboard").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
+
+    class Broken:
+        def SummaryWriter(self, logdir):  # noqa: N802 - torch's name
+            raise PermissionError(f"cannot write {logdir}")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", Broken())
+    (tmp_path / "b").mkdir()
+    with pytest.raises(PermissionError, match="cannot write"):
+        MetricsLogger(tmp_path / "b", 3, 0, progress=False, tensorboard=True)

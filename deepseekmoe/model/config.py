@@ -231,12 +231,16 @@ class ModelConfig:
         attention projections count 4 d^2 even with grouped KV heads, and the router, norms and
         input embedding are not counted.
         """
-        d, L = self.hidden_size, self.num_hidden_layers
-        per_layer = 0
-        for i in range(L):
-            if self.is_moe_layer(i):
-                f_active = (self.n_shared_experts + self.num_experts_per_tok) * self.moe_intermediate_size
-            else:
-                f_active = self.intermediate_size
-            per_layer += 4 * d * d + 3 * d * f_active
-        return 6.0 * per_layer + 12.0 * L * d * seq_len + 6.0 * d * self.vocab_size
+        layers = sum(self.layer_flops(i, seq_len) for i in range(self.num_hidden_layers))
+        return layers + 6.0 * self.hidden_size * self.vocab_size
+
+    def layer_flops(self, i: int, seq_len: int) -> float:
+        """Training FLOPs per token of block i: 6 (4 d^2 + 3 d F_active) + 12 d seq (the terms of
+        `flops_per_token`; also the pipeline's stage-balancing cost). Integers below 2^53, so the
+        float sum over layers is exact."""
+        d = self.hidden_size
+        if self.is_moe_layer(i):
+            f_active = (self.n_shared_experts + self.num_experts_per_tok) * self.moe_intermediate_size
+        else:
+            f_active = self.intermediate_size
+        return 6.0 * (4 * d * d + 3 * d * f_active) + 12.0 * d * seq_len

@@ -8,6 +8,12 @@ construction by deepseekmoe.parallel; nothing here knows about devices or ranks.
 The forward returns `ModelOutput`: logits, the LM loss (next-token cross-entropy, labels aligned
 with input_ids and shifted inside, -100 ignored), the summed balance losses of the MoE layers (in
 training), and their sum `loss`, the objective the released code trains.
+
+Pipeline stages are Transformers too (torchtitan's way): `Transformer.stage(layer_ids, first, last)`
+keeps some blocks under their original indices (`layers` is a `Blocks` dict) and sets the embedding
+or the final norm and head to None; its forward is `forward_stage` (a tensor in and out, as torch's
+PipelineStage needs). `forward` and `forward_stage` share one embedding / rope / block loop
+(`_hidden`), so there is one copy of the model's forward.
 """
 
 from __future__ import annotations
@@ -32,6 +38,24 @@ class ModelOutput:
     balance_loss: torch.Tensor | None = None  # all MoE layers' balance terms (training only)
     expert_balance_loss: torch.Tensor | None = None  # its expert-level part (None when off)
     device_balance_loss: torch.Tensor | None = None  # its device-level part (None when off)
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on `x` in forward; in backward the auxiliary loss receives gradient 1 (the released
+    DeepSeek code's device): a pipeline stage attaches its balance losses to its output this way,
+    since only the last stage computes the loss the schedule backpropagates."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_meta = (aux.dtype, aux.device, aux.shape)
+        # A copy, not a view: FSDP2 hooks a stage's output for backward, and warns on (and
+        # cannot protect) a view. One hidden-state copy per micro-batch and stage.
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        dtype, device, shape = ctx.aux_meta
+        return grad_x, torch.ones(shape, dtype=dtype, device=device)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,12 +101,28 @@ class Block(nn.Module):
         return x + y, aux
 
 
+class Blocks(nn.ModuleDict):
+    """The blocks keyed by layer index ("0", "1", ...: parameter names `layers.N.` as with a
+    ModuleList). A pipeline stage keeps its blocks under their original indices, so its parameter
+    names are the whole model's. Like the ModuleList it replaces, iterating yields the blocks in
+    order and an int index is a layer index; keys() / values() / items() are the dict's."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, idx: int | str) -> nn.Module:
+        return super().__getitem__(str(idx))
+
+    def __setitem__(self, idx: int | str, block: nn.Module) -> None:
+        super().__setitem__(str(idx), block)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = Blocks({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -107,16 +147,10 @@ class Transformer(nn.Module):
         [B, 1, L, L_kv] (True = attend), used with padding and KV caches; without it attention is
         causal. `logits_to_keep` > 0 computes logits for the last positions only (generation)."""
         B, L = input_ids.shape
-        cfg = self.config
         if position_ids is None:
             start = 0 if cache_position is None else cache_position[0]
             position_ids = (torch.arange(L, device=input_ids.device) + start).unsqueeze(0).expand(B, L)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        balance = BalanceSums()
-        for layer in self.layers:
-            x, aux = layer(x, cos, sin, input_ids, attention_mask, kv_cache, cache_position)
-            balance.add(aux)
+        x, balance = self._hidden(input_ids, position_ids, attention_mask, kv_cache, cache_position)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -127,6 +161,53 @@ class Transformer(nn.Module):
             out.lm_loss = lm_loss(logits, labels)
             out.loss = out.lm_loss if balance.total is None else out.lm_loss + balance.total
         return out
+
+    def forward_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """A pipeline stage's forward: token ids [B, L] on the first stage, hidden states [B, L, D]
+        after; out go hidden states, or logits on the last stage. The stage's balance losses ride
+        on its output (AddAuxiliaryLoss, before the head), and [total, expert-level, device-level]
+        of this forward stay detached in `last_balance` for logging (None without balance losses)."""
+        B, L = x.shape[:2]
+        h, balance = self._hidden(x, torch.arange(L, device=x.device).unsqueeze(0).expand(B, L))
+        self.last_balance = None
+        if balance.total is not None:
+            zero = torch.zeros((), device=h.device)
+            self.last_balance = torch.stack([t.detach().float() if t is not None else zero for t in
+                                             (balance.total, balance.expert, balance.device)])
+            h = AddAuxiliaryLoss.apply(h, balance.total)
+        if self.lm_head is not None:
+            h = self.lm_head(self.norm(h))
+        return h
+
+    def _hidden(self, x: torch.Tensor, position_ids: torch.Tensor, attention_mask=None, kv_cache=None,
+                cache_position=None) -> tuple[torch.Tensor, BalanceSums]:
+        """Embedding (when this model has it: else `x` are hidden states), rope, the blocks; the
+        hidden states and the blocks' balance terms."""
+        input_ids = x if self.embed_tokens is not None else None  # the Hash router routes by id
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cfg = self.config
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        balance = BalanceSums()
+        for layer in self.layers.values():
+            h, aux = layer(h, cos, sin, input_ids, attention_mask, kv_cache, cache_position)
+            balance.add(aux)
+        return h, balance
+
+    def stage(self, layer_ids: list[int], first: bool, last: bool) -> Transformer:
+        """A pipeline stage of this model (parallel/pipeline.py): a Transformer holding this one's
+        modules for blocks `layer_ids` (under their indices), the embedding only if `first`, the
+        final norm and head only if `last` (else None), so parameter names are the whole model's.
+        Calling it runs `forward_stage`."""
+        stage = Transformer.__new__(Transformer)
+        nn.Module.__init__(stage)
+        stage.config = self.config
+        stage.embed_tokens = self.embed_tokens if first else None
+        stage.layers = Blocks({str(i): self.layers[i] for i in layer_ids})
+        stage.norm = self.norm if last else None
+        stage.lm_head = self.lm_head if last else None
+        stage.last_balance = None
+        stage.forward = stage.forward_stage  # torch's PipelineStage calls the module: a tensor out
+        return stage
 
     # ------------------------------------------------------------------ analysis knobs
     def moe_layers(self):

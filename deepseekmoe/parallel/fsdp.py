@@ -28,23 +28,9 @@ from deepseekmoe.parallel.expert_parallel import ExpertParallelExperts
 from deepseekmoe.parallel.mesh import Mesh
 
 
-def block_container(model: nn.Module) -> nn.Module:
-    """The ModuleList / ModuleDict of Transformer blocks (`layers`) of a model or pipeline stage."""
-    return model.layers
-
-
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = block_container(model)
-    return list(layers.items()) if isinstance(layers, nn.ModuleDict) else [
-        (str(i), b) for i, b in enumerate(layers)]
-
-
-def _set_block(model: nn.Module, key: str, block: nn.Module) -> None:
-    layers = block_container(model)
-    if isinstance(layers, nn.ModuleDict):
-        layers[key] = block
-    else:
-        layers[int(key)] = block
+    """(layer index, block) of a Transformer or pipeline stage (its `layers` are keyed by index)."""
+    return list(model.layers.items())
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -55,7 +41,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     all-to-alls even when its own saved tensors would let it stop earlier (a rank whose experts
     got no tokens saves different tensors, and collectives must match across ranks)."""
     for key, block in _blocks(model):
-        _set_block(model, key, checkpoint_wrapper(block, preserve_rng_state=False, early_stop=False))
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, early_stop=False)
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -33,7 +33,9 @@ PP_SCHEDULE_ALIASES = {"interleaved": "interleaved1f1b", "interleaved_1f1b": "in
 @dataclass
 class ParallelConfig:
     """How one job is laid out over its ranks, and what parallelize() applies (in this order):
-    expert parallel, activation checkpointing, torch.compile, FSDP2."""
+    expert parallel, activation checkpointing, torch.compile, FSDP2. The checkpointing and compile
+    knobs apply to one process too (the trainer parallelizes every model); recipes may also spell
+    them `system.compile` / `system.activation_checkpointing`."""
 
     dp: int = -1  # replicas of one expert placement; -1 = world / (pp * ep)
     ep: int = 1  # expert-parallel ranks (routed experts split evenly over them)

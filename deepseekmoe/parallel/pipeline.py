@@ -1,24 +1,28 @@
 """Pipeline parallelism with torch.distributed.pipelining (GPipe, 1F1B, interleaved 1F1B).
 
-The Transformer is cut into contiguous stages (`StageModule`): the first holds the embedding, the
-last the final norm and output head, and each keeps its blocks under their original indices, so
-parameter names (and DCP checkpoints) are those of the whole model. Each stage is then
-parallelized like a whole model (EP -> activation checkpointing -> compile -> FSDP2 over the
-stage's dp x ep ranks) and handed to a torch pipelining schedule.
+The Transformer is cut into contiguous stages, each a Transformer itself (`Transformer.stage`,
+torchtitan's way): the first holds the embedding, the last the final norm and output head, and
+each keeps its blocks under their original indices, so parameter names (and DCP checkpoints) are
+those of the whole model, and a stage runs the model's own forward (`Transformer.forward_stage`).
+Each stage is then parallelized like a whole model (EP -> activation checkpointing -> compile ->
+FSDP2 over the stage's dp x ep ranks) and handed to a torch pipelining schedule, whose loss is the
+model's `lm_loss`.
 
 Balance losses. Only the last stage computes the loss the schedule backpropagates, yet every
 MoE layer adds a balance loss where it sits. Each stage therefore attaches the sum of its layers'
-balance losses to its output with `AddAuxiliaryLoss` (the released DeepSeek code's device): the
-forward value is the output unchanged; the backward passes the incoming gradient through and
-gives the balance loss a gradient of 1, i.e. exactly d(loss + balance)/d(balance) = 1. The
+balance losses to its output with `AddAuxiliaryLoss` (the released DeepSeek code's device, in
+model/transformer.py): the forward value is the output unchanged; the backward passes the
+incoming gradient through and gives the balance loss a gradient of 1, i.e. exactly
+d(loss + balance)/d(balance) = 1. The
 schedule averages over micro-batches (scale_grads), as it does for the LM loss, so the objective
 is the mean over micro-batches of (LM loss + balance losses). For the per-sequence balance loss
 (seq_aux, 16B) that equals the whole-batch loss; batch-level balance losses (seq_aux off, and the
 device-level loss; 145B) are computed per global micro-batch (their counts still summed over
 the stage's dp x ep ranks), as under gradient accumulation.
 
-Layer split: `split_layers` balances training FLOPs per stage (the core accounting's per-layer
-terms; the output head counts on the last stage), contiguous, every stage at least one block.
+Layer split: `split_layers` balances training FLOPs per stage, `ModelConfig.layer_flops` (the
+accounting's per-layer terms, attention scores included; the output head counts on the last stage,
+the embedding lookup nowhere), contiguous, every stage at least one block.
 
 Validation (`Pipeline.eval_loss`) runs forward-only schedules (GPipe, or looped BFS for several
 stages per rank) over their own PipelineStage objects around the same modules: torch's stages
@@ -28,12 +32,11 @@ shape) gets its own schedule, built once and cached (a short last validation bat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -44,92 +47,9 @@ from torch.distributed.pipelining import (
 
 from deepseekmoe.errors import ConfigError
 from deepseekmoe.model.config import ModelConfig
-from deepseekmoe.model.layers import rope_cos_sin
 from deepseekmoe.model.moe.layer import MoE
-from deepseekmoe.model.transformer import BalanceSums, Transformer
+from deepseekmoe.model.transformer import Transformer, lm_loss
 from deepseekmoe.parallel.mesh import Mesh, ParallelConfig
-
-
-class AddAuxiliaryLoss(torch.autograd.Function):
-    """Identity on `x` in forward; in backward the auxiliary loss receives gradient 1."""
-
-    @staticmethod
-    def forward(ctx, x, aux):
-        ctx.aux_meta = (aux.dtype, aux.device, aux.shape)
-        # A copy, not a view: FSDP2 hooks a stage's output for backward, and warns on (and
-        # cannot protect) a view. One hidden-state copy per micro-batch and stage.
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad_x):
-        dtype, device, shape = ctx.aux_meta
-        return grad_x, torch.ones(shape, dtype=dtype, device=device)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The model's LM loss (labels aligned with the inputs, shifted here; -100 ignored)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-class StageModule(nn.Module):
-    """Blocks `layer_ids` of a Transformer (+ embedding if first, + norm and head if last)."""
-
-    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
-        super().__init__()
-        cfg = model.config
-        if cfg.router == "hash" and not first:
-            raise ConfigError("router='hash' routes by token id, which only the first pipeline stage has; "
-                              "use pp=1 for the Hash Layer baseline")
-        self.config, self.first, self.last = cfg, first, last
-        self.embed_tokens = model.embed_tokens if first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.lm_head = model.lm_head if last else None
-        # per micro-batch of this step (logging): [total, expert-level, device-level] of its layers
-        self.balance_losses: list[torch.Tensor] = []
-        # fn(stage) after each training forward: per-micro-batch metrics (expert load, balance
-        # terms) read the MoE layers' last routing here, before activation checkpointing's
-        # recomputation in a later backward overwrites it.
-        self.after_forward: list = []
-
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
-
-    init_weights = Transformer.init_weights  # names match the whole model's, so its init applies
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: token ids [B, L]; later stages: hidden states [B, L, D]."""
-        input_ids = x if self.first else None
-        h = self.embed_tokens(x) if self.first else x
-        B, L = h.shape[:2]
-        pos = torch.arange(L, device=h.device).unsqueeze(0).expand(B, L)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, h.dtype)
-        balance = BalanceSums()
-        for layer in self.layers.values():
-            h, aux = layer(h, cos, sin, input_ids)
-            balance.add(aux)
-        if balance.total is not None:  # on the hidden state (the head's input on the last stage)
-            zero = torch.zeros((), device=h.device)
-            self.balance_losses.append(torch.stack([t.detach().float() if t is not None else zero for t in
-                                                    (balance.total, balance.expert, balance.device)]))
-            h = AddAuxiliaryLoss.apply(h, balance.total)
-        if self.last:
-            h = self.lm_head(self.norm(h))
-        if self.training:
-            for fn in self.after_forward:
-                fn(self)
-        return h
-
-
-def layer_costs(cfg: ModelConfig, seq_len: int = 4096) -> list[float]:
-    """Training FLOPs per token of each block (the core accounting's per-layer terms)."""
-    d = cfg.hidden_size
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        f = ((cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
-             if cfg.is_moe_layer(i) else cfg.intermediate_size)
-        out.append(6.0 * (4 * d * d + 3 * d * f) + 12.0 * d * seq_len)
-    return out
 
 
 def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[list[int]]:
@@ -138,7 +58,7 @@ def split_layers(cfg: ModelConfig, n_stages: int, seq_len: int = 4096) -> list[l
     L = cfg.num_hidden_layers
     if n_stages > L:
         raise ConfigError(f"{n_stages} pipeline stages for {L} layers: each stage needs at least one layer")
-    costs = layer_costs(cfg, seq_len)
+    costs = [cfg.layer_flops(i, seq_len) for i in range(L)]
     costs[-1] += 6.0 * cfg.hidden_size * cfg.vocab_size  # output head on the last stage
 
     def greedy(cap: float) -> list[list[int]] | None:
@@ -170,21 +90,39 @@ class Pipeline:
     """This rank's share of a pipeline-parallel model and the schedule that runs it."""
 
     schedule: object
-    modules: list[StageModule]  # this rank's stages (1, or pp_stages_per_rank when interleaved)
+    modules: list[Transformer]  # this rank's stages (1, or pp_stages_per_rank when interleaved)
     stages: list[PipelineStage] = field(default_factory=list)
     mesh: Mesh | None = None
     stage_ids: list[int] = field(default_factory=list)  # global index of each of `modules`
     n_stages: int = 1
     split: list[list[int]] = field(default_factory=list)  # block indices of every stage
+    # fn(stage) after each training forward of a stage: per-micro-batch metrics (expert load) read
+    # the MoE layers' last routing here, before activation checkpointing's recomputation in a
+    # later backward overwrites it.
+    after_forward: list = field(default_factory=list)
     _eval_schedules: dict = field(default_factory=dict)
+    # per stage module, per micro-batch of this step: [total, expert-level, device-level] balance
+    _balance: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._balance = [[] for _ in self.modules]
+        for i, m in enumerate(self.modules):
+            m.register_forward_hook(functools.partial(self._after_stage_forward, i))
+
+    def _after_stage_forward(self, i: int, module: Transformer, args, output) -> None:
+        if module.last_balance is not None:
+            self._balance[i].append(module.last_balance)
+        if module.training:
+            for fn in self.after_forward:
+                fn(module)
 
     @property
     def has_first(self) -> bool:
-        return any(m.first for m in self.modules)
+        return any(m.embed_tokens is not None for m in self.modules)
 
     @property
     def has_last(self) -> bool:
-        return any(m.last for m in self.modules)
+        return any(m.lm_head is not None for m in self.modules)
 
     @property
     def n_microbatches(self) -> int:
@@ -221,8 +159,7 @@ class Pipeline:
         Every rank passes the batch (only the first stage reads ids, only the last labels).
         Returns {"loss", "lm_loss", "balance_loss", "expert_balance_loss", "device_balance_loss"}
         (means over micro-batches, the same on every rank of the pipeline)."""
-        for m in self.modules:
-            m.balance_losses = []
+        self._balance = [[] for _ in self.modules]
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first else ()
         target = labels if self.has_last else None
@@ -232,7 +169,7 @@ class Pipeline:
         # The last n_microbatches records: on its first step the schedule runs one extra forward
         # (shape inference, on placeholder inputs after the first stage) before the real ones.
         n_mb = self.n_microbatches
-        bal = sum((torch.stack(m.balance_losses[-n_mb:]).mean(0) for m in self.modules if m.balance_losses),
+        bal = sum((torch.stack(b[-n_mb:]).mean(0) for b in self._balance if b),
                   torch.zeros(3, device=dev))
         stats = torch.cat([lm.detach().float().to(dev).view(1), bal.float().to(dev)])
         if self.mesh is not None and self.mesh.pp > 1:
@@ -328,7 +265,7 @@ def build_pipeline(model: Transformer, mesh: Mesh, cfg: ParallelConfig, split: l
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     modules, stages = [], []
     for s in range(mesh.pp_rank, n_stages, mesh.pp):
-        module = StageModule(model, split[s], first=s == 0, last=s == n_stages - 1)
+        module = model.stage(split[s], first=s == 0, last=s == n_stages - 1)
         if on_meta:
             # Parallelize on meta, then allocate only this rank's shards of the stage on its
             # device, uninitialised: the caller runs init_weights(seed=...) or loads a checkpoint.

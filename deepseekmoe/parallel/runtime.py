@@ -4,7 +4,8 @@ The trainer calls each hook at one place; in a single process every hook is the 
 single-device behaviour, so the one-process trainer (and its bit-exact resume) is untouched.
 
   Runtime.from_env(pcfg)      torchrun env -> process group, DeviceMesh, device (cuda:LOCAL_RANK)
-  .parallelize(model, ...)    EP -> activation checkpointing -> compile -> FSDP2
+  .parallelize(model, device) EP -> activation checkpointing -> compile -> FSDP2 (one process:
+                              checkpointing and compile only); the ParallelConfig is never changed
   .build_pipeline(model, ...) parallel.pp > 1: this rank's stages, each parallelized as above,
                               and the torch.distributed.pipelining schedule (pipeline.py)
   .pp_sum(t) / .pp_gather(x)  sum / gather over the pipeline stages (per-stage metrics)
@@ -21,6 +22,7 @@ single-device behaviour, so the one-process trainer (and its bit-exact resume) i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -28,7 +30,13 @@ import torch.distributed as dist
 
 from deepseekmoe.errors import ConfigError
 from deepseekmoe.parallel.launch import fail_fast
-from deepseekmoe.parallel.mesh import Mesh, ParallelConfig, init_distributed, launched_distributed
+from deepseekmoe.parallel.mesh import (
+    Mesh,
+    ParallelConfig,
+    init_distributed,
+    launched_distributed,
+    single_process_mesh,
+)
 
 
 class Runtime:
@@ -95,30 +103,24 @@ class Runtime:
         return f"{m.world_size} ranks (dp {m.dp} x ep {m.ep}{f' x pp {m.pp}' if m.pp > 1 else ''}, {m.device.type})"
 
     # ------------------------------------------------------------------ model
-    def parallelize(self, model: torch.nn.Module, activation_checkpointing: bool = False,
-                    compile: bool = False) -> torch.nn.Module:
+    def parallelize(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """EP -> activation checkpointing -> compile -> FSDP2 as `self.cfg` says; in a single process
+        (on `device`) checkpointing and compile only."""
         from deepseekmoe.parallel import parallelize
 
-        cfg = self.cfg
-        cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
-        cfg.compile = cfg.compile or compile
-        return parallelize(model, self.mesh, cfg)
+        return parallelize(model, self.mesh if self.distributed else single_process_mesh(device), self.cfg)
 
     @property
     def pp(self) -> int:
         return self.mesh.pp if self.distributed else 1
 
-    def build_pipeline(self, model: torch.nn.Module, n_microbatches: int, seq_len: int,
-                       activation_checkpointing: bool = False, compile: bool = False):
+    def build_pipeline(self, model: torch.nn.Module, n_microbatches: int, seq_len: int):
         """This rank's pipeline stages of `model` (a whole Transformer on any device: only the
         stages kept here move to this rank's device; on `meta`: they are allocated there,
         uninitialised, for init_weights(seed=...)) with `n_microbatches` micro-batches a step."""
         from deepseekmoe.parallel.pipeline import build_pipeline
 
-        cfg = self.cfg
-        cfg.activation_checkpointing = cfg.activation_checkpointing or activation_checkpointing
-        cfg.compile = cfg.compile or compile
-        cfg.pp_microbatches = n_microbatches
+        cfg = dataclasses.replace(self.cfg, pp_microbatches=n_microbatches)  # the job's config stays as given
         return build_pipeline(model, self.mesh, cfg, seq_len=seq_len)
 
     def pp_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Training metrics: metrics.jsonl, the terminal progress bar, TensorBoard, the loss-curve PNG.
 
 Also the numbers that need the hardware: MFU (achieved model FLOP/s over the device's peak) and
-per-layer expert load, counted on the device without a host sync per step. The expert- and
+per-layer expert load, counted on the device without a host sync per step, and `StepMeter`, the
+sums of the step terms between two train records (the host reads them once per record). The expert- and
 device-level balance losses are logged as the model returns them (ModelOutput), i.e. exactly the
 terms that are trained.
 
@@ -18,9 +19,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from deepseekmoe.train.step import StepStats
 
 # Dense bf16 tensor-core peak FLOP/s by device name (substring match, most specific first). The
 # SXM figures; PCIe/NVL parts are lower, so MFU there reads slightly optimistic.
@@ -85,22 +91,80 @@ class ExpertLoad:
         return out
 
 
+class StepMeter:
+    """The step terms summed on the device between two train records, and the tokens/s interval.
+
+    `add` after each applied update, `count_tokens` after every step (skipped ones included),
+    `record` builds the train record's averages and clears the sums, `restart` begins a new
+    tokens/s interval (after a record, and after evaluation or a save, which it leaves out)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "lm", "bal", "gnorm", "exp", "devb")}
+        self.n = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def count_tokens(self, n: int) -> None:
+        self.tokens += n
+
+    def add(self, stats: StepStats, grad_norm: torch.Tensor) -> None:
+        self.sums["loss"] += stats.loss
+        self.sums["gnorm"] += grad_norm.float()
+        for k, t in (("lm", stats.lm), ("bal", stats.balance), ("exp", stats.expert), ("devb", stats.device)):
+            self.sums[k] += t
+        self.n += 1
+
+    def tokens_per_s(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.tokens / dt if dt > 0 else float("nan")
+
+    def record(self, step: int, lr: float, tokens: int, tps: float, balance_split: bool) -> dict:
+        """The train record's leading fields (metrics.jsonl's order); the sums start again."""
+        a, n = self.sums, self.n
+        rec = {"kind": "train", "step": step, "loss": float(a["loss"]) / n, "lm_loss": float(a["lm"]) / n,
+               "balance_loss": float(a["bal"]) / n, "grad_norm": float(a["gnorm"]) / n, "lr": lr,
+               "tokens": tokens, "tokens_per_s": round(tps, 1)}
+        if balance_split:
+            rec["expert_balance_loss"] = float(a["exp"]) / n
+            rec["device_balance_loss"] = float(a["devb"]) / n
+        for t in a.values():
+            t.zero_()
+        self.n = 0
+        return rec
+
+
+def format_train_record(rec: dict, total: int) -> str:
+    """One terminal line for a train record."""
+    s = (f"step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+         f"bal {rec['balance_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {rec['lr']:.2e} | "
+         f"{rec['tokens_per_s'] / 1e3:.1f}K tok/s")
+    if "mfu" in rec:
+        s += f" | MFU {100 * rec['mfu']:.1f}%"
+    if rec.get("expert_load"):
+        s += " | load " + "/".join(f"{x:.2f}" for x in rec["expert_load"])
+    return s
+
+
 class MetricsLogger:
-    """Writes metrics.jsonl (append, flushed per record), TensorBoard events when available, and
-    drives the progress bar."""
+    """Writes metrics.jsonl (append, flushed per record), TensorBoard events (when tensorboard is
+    installed; without it the terminal says so once and metrics.jsonl alone is written), and drives
+    the progress bar."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True,
                  tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError as e:  # not installed: say so once; any other failure is raised
+                print(f"TensorBoard logs are off: {e} (pip install tensorboard, or set --log.tensorboard=false); "
+                      f"metrics go to {self.path}", file=sys.stderr, flush=True)
+            else:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except Exception:  # tensorboard not installed (or broken): logs go to metrics.jsonl only
-                self.tb = None
+        self.file = open(self.path, "a", encoding="utf-8")
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -143,6 +207,23 @@ class MetricsLogger:
             self.tb = None
         if not self.file.closed:
             self.file.close()
+
+
+class SilentLogger:
+    """The metrics logger of ranks other than 0: rank 0 alone writes and prints."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        pass
+
+    @staticmethod
+    def print(line: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -112,10 +112,12 @@ class LogSection:
 
 @dataclass
 class SystemSection:
+    """The device and numerics. torch.compile and activation checkpointing are `parallel.compile`
+    and `parallel.activation_checkpointing` (what parallelize() applies, one process included);
+    `system.compile` / `system.activation_checkpointing` are accepted as their old names (KEY_ALIASES)."""
+
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile each Transformer block
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
     threads: int = 0  # CPU threads for torch (0: torch's default)
 
 
@@ -210,6 +212,10 @@ def _choice(key: str, value, choices) -> None:
 
 # ---------------------------------------------------------------------- keys and types
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Old key -> the key it now sets (recipes, command lines and checkpoints written before the
+# compile / checkpointing knobs moved to [parallel] keep working).
+KEY_ALIASES = {"system.compile": "parallel.compile",
+               "system.activation_checkpointing": "parallel.activation_checkpointing"}
 
 
 def _section_types(cls) -> dict[str, object]:
@@ -294,6 +300,7 @@ def parse_value(text: str):
 
 def apply(cfg: TrainConfig, key: str, value, where: str = "the command line") -> None:
     """Set dotted `key` on `cfg` (in place) after checking the key and the value's type."""
+    key = KEY_ALIASES.get(key, key)
     parts = key.split(".")
     if len(parts) == 1:
         if parts[0] not in ("name", "out"):

@@ -15,7 +15,12 @@
 
 Under torchrun the same loop runs distributed through `deepseekmoe.parallel.runtime.Runtime`
 (expert parallel + FSDP2; with `parallel.pp > 1` a pipeline whose schedule step runs the
-`grad_accum` micro-batches, forward and backward, in place of the micro-batch loop).
+`grad_accum` micro-batches, forward and backward, in place of the micro-batch loop). The forward
+and backward of one step is a `LocalStep` or a `PipelineStep` (train/step.py); everything around
+it (clipping, the finiteness check, the update, metrics, validation, checkpoints) is the same
+code for both. `parallelize()` applies activation checkpointing and compile in every case, one
+process included (`parallel.activation_checkpointing` / `parallel.compile`, also spelled
+`system.*` in recipes).
 
 Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
 and AdamW's state are all in the checkpoint, and on CPU the trainer turns on deterministic
@@ -27,7 +32,6 @@ the last bits vary.
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,9 +47,20 @@ from deepseekmoe.errors import ConfigError, DataError, UserError
 from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
 from deepseekmoe.parallel.runtime import Runtime
-from deepseekmoe.train.metrics import ExpertLoad, MetricsLogger, peak_flops, plot_losses, truncate_metrics
+from deepseekmoe.train.metrics import (
+    ExpertLoad,
+    MetricsLogger,
+    SilentLogger,
+    StepMeter,
+    format_train_record,
+    peak_flops,
+    plot_losses,
+    read_metrics,
+    truncate_metrics,
+)
 from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
 from deepseekmoe.train.recipe import TrainConfig, to_toml
+from deepseekmoe.train.step import LocalStep, PipelineStep, StepStats
 
 
 class DivergedError(UserError):
@@ -84,12 +99,22 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _enable_activation_checkpointing(model: Transformer) -> None:
-    # Instance-level forward wrapper: parameter names (and so checkpoints) stay unchanged.
-    from torch.utils.checkpoint import checkpoint
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (metrics record, validation, checkpoint) runs after optimizer step
+    `step` (1-based) of `total`: every `every` steps (0: never) and always after the last."""
+    return step == total or (every > 0 and step % every == 0)
 
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step (and into checkpoints)."""
+
+    t_start: float
+    step: int = 0
+    tokens: int = 0
+    streak: int = 0  # consecutive non-finite steps
+    last_ckpt: Path | None = None
+    last_eval: tuple = (None, None)  # (val_loss, val_bpb)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -118,6 +143,8 @@ def _open_data(cfg: TrainConfig, vocab_size: int) -> _Data:
 
 
 class Trainer:
+    """One training run: `Trainer(cfg, run_dir, resume).run()` (what `train()` does)."""
+
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None,
                  echo=print):
         self.cfg = cfg
@@ -144,13 +171,13 @@ class Trainer:
         self.amp_dtype = (torch.bfloat16 if (dt == "bfloat16" or (dt == "auto" and self.device.type == "cuda"))
                           else None)
         self.mcfg = cfg.model_config()
-        if (cfg.system.compile and self.device.type == "cpu" and self.amp_dtype is None
+        if (cfg.parallel.compile and self.device.type == "cpu" and self.amp_dtype is None
                 and self.mcfg.n_routed_experts and self.mcfg.expert_backend in ("auto", "grouped")):
             # torch.compile traces grouped_mm with a bf16-only meta function: fp32 CPU runs fail deep
             # inside the compiler at the first step.
-            raise ConfigError("system.compile=true on CPU in float32 cannot trace the grouped expert GEMM "
-                              "(torch's grouped_mm compiles in bf16 only); compile is meant for GPU runs: drop "
-                              "it, or set --model.expert_backend=loop")
+            raise ConfigError("parallel.compile=true (or system.compile) on CPU in float32 cannot trace the grouped "
+                              "expert GEMM (torch's grouped_mm compiles in bf16 only); compile is meant for GPU "
+                              "runs: drop it, or set --model.expert_backend=loop")
         self.data = _open_data(cfg, self.mcfg.vocab_size)
         W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
@@ -192,8 +219,9 @@ class Trainer:
                               "gradient-accumulation micro-batches: set only one of the two, or make them agree")
         check_layout(self.mcfg, pc, self.accum)
 
+
     # ------------------------------------------------------------------ build
-    def _build(self):
+    def _build(self) -> None:
         cfg = self.cfg
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -206,59 +234,73 @@ class Trainer:
         model.set_routing(record=True)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        self.pipe = None
         if self.rt.pp > 1:
-            # This rank's stages only (allocated on its device there), each EP -> act. ckpt ->
-            # compile -> FSDP2 over its dp x ep ranks; one AdamW per stage module (DCP pairs them).
-            self.pipe = self.rt.build_pipeline(model, self.accum, cfg.train.seq_len,
-                                               cfg.system.activation_checkpointing, cfg.system.compile)
-            del model
-            for stage in self.pipe.modules:
-                stage.init_weights(seed=cfg.train.seed)
-            self.model = self.pipe
-            self.optimizer = OptimizerList([build_optimizer(m, cfg.optim, self.device) for m in self.pipe.modules])
-            self.ckpt_model, self.ckpt_optim = self.pipe.modules, self.optimizer.optimizers
+            self._build_pipeline(model)
         else:
-            if self.rt.distributed:  # EP -> activation checkpointing -> compile -> FSDP2
-                model = self.rt.parallelize(model, cfg.system.activation_checkpointing, cfg.system.compile)
-            model.to_empty(device=self.device)  # this rank's shards only, uninitialised
-            model.init_weights(seed=cfg.train.seed)
-            if not self.rt.distributed:
-                if cfg.system.activation_checkpointing:
-                    _enable_activation_checkpointing(model)
-                if cfg.system.compile:
-                    for block in model.layers:
-                        block.compile()
-            self.model = model
-            self.optimizer = build_optimizer(model, cfg.optim, self.device)
-            self.ckpt_model, self.ckpt_optim = model, self.optimizer
+            self._build_local(model)
         self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
         self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
                                            batch_size=self.micro, seed=cfg.data.seed,
                                            vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
                                            world_size=self.rt.loader_world)
-        self.load = ExpertLoad(self.model, self.device, tape=self.pipe is not None)
-        # Whether the run logs expert load / the balance split at all: a property of the model, not
-        # of this rank's stages (collectives over the stages must match on every rank).
-        m = self.mcfg
-        self.load_on = (m.n_routed_experts > 0 and any(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
-                        if self.pipe is not None else bool(self.load))
-        self.split_on = self.load_on and device_loss_groups(m, self.rt.mesh.ep if self.rt.distributed else 1) > 0
-        if self.pipe is not None:
-            self.load_ids = [i for i, _ in self.pipe.moe_layers_by_index()]
-            for stage in self.pipe.modules:
-                stage.after_forward.append(lambda st: self.load.snapshot(st.moe_layers()))
+        # Whether the run logs the expert/device split of the balance loss: a property of the
+        # model, not of this rank's stages (collectives over the stages must match on every rank).
+        self.split_on = self.load_on and device_loss_groups(self.mcfg, self.rt.mesh.ep if self.rt.distributed
+                                                            else 1) > 0
         self.flops_per_token = self.mcfg.flops_per_token(cfg.train.seq_len)
         self.peak = peak_flops(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+    def _build_local(self, model: Transformer) -> None:
+        """One model on this rank: EP -> activation checkpointing -> compile -> FSDP2 (one process:
+        checkpointing and compile only), then this rank's part allocated and initialised."""
+        model = self.rt.parallelize(model, self.device)
+        model.to_empty(device=self.device)  # this rank's shards only, uninitialised
+        model.init_weights(seed=self.cfg.train.seed)
+        self.pipe = None
+        self.model = model
+        self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
+        self.ckpt_model, self.ckpt_optim = model, self.optimizer
+        self.load = ExpertLoad(model, self.device)
+        self.load_on = bool(self.load)
+        self.stepper = LocalStep(model, self.accum, self._autocast, self.load, self.device)
+
+    def _build_pipeline(self, model: Transformer) -> None:
+        """This rank's stages only (allocated on its device there), each EP -> act. ckpt ->
+        compile -> FSDP2 over its dp x ep ranks; one AdamW per stage module (DCP pairs them)."""
+        cfg, m = self.cfg, self.mcfg
+        self.pipe = self.rt.build_pipeline(model, self.accum, cfg.train.seq_len)
+        for stage in self.pipe.modules:
+            stage.init_weights(seed=cfg.train.seed)
+        self.model = self.pipe
+        self.optimizer = OptimizerList([build_optimizer(s, cfg.optim, self.device) for s in self.pipe.modules])
+        self.ckpt_model, self.ckpt_optim = self.pipe.modules, self.optimizer.optimizers
+        self.load = ExpertLoad(self.pipe, self.device, tape=True)
+        # Expert load is logged when the model has MoE layers, whether or not this rank's stages do.
+        self.load_on = m.n_routed_experts > 0 and any(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
+        self.load_ids = [i for i, _ in self.pipe.moe_layers_by_index()]
+        self.pipe.after_forward.append(lambda stage: self.load.snapshot(stage.moe_layers()))
+        self.stepper = PipelineStep(self.pipe, self.accum, self._autocast, self.load, self.device)
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _next_batch(self, step: int) -> torch.Tensor:
+    def _next_batch(self) -> torch.Tensor:
         x = next(self.loader)  # the loader raises DataError on an id beyond the vocabulary
         return x.to(self.device, non_blocking=True)
+
+    def _step_batches(self):
+        """The micro-batches of one optimizer step, read as they are used (the first step's first
+        is the batch checked before the run directory was made)."""
+        for _ in range(self.accum):
+            if self._first is not None:
+                x, self._first = self._first, None
+            else:
+                x = self._next_batch()
+            yield x
 
     def _expert_load(self) -> list[float]:
         """Per MoE layer of the whole model, in order (pipeline: gathered from every stage)."""
@@ -273,28 +315,11 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         cfg = self.cfg
         self.model.eval()
-        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         bs = cfg.eval.batch_size or self.micro
         batches = self.rt.eval_share(_data().iter_eval_batches(  # each rank: bs rows of each batch
             self.data.path, split=cfg.data.val_split, seq_len=cfg.train.seq_len,
             batch_size=bs * self.rt.loader_world, max_batches=cfg.eval.max_batches or None))
-        if self.pipe is not None:
-            for xs in _groups(batches, self.accum):  # the batches of one forward-only schedule step
-                x = torch.cat(xs).to(self.device)
-                with self._autocast():
-                    loss = self.pipe.eval_loss(x, x, len(xs))
-                if loss is not None:  # the last stage's ranks hold the loss; the others add 0
-                    n = x.shape[0] * (x.shape[1] - 1)
-                    total += loss.double() * n
-                    count += n
-        else:
-            for x in batches:
-                x = x.to(self.device)
-                with self._autocast():
-                    out = self.model(x, labels=x)
-                n = x.shape[0] * (x.shape[1] - 1)
-                total += out.lm_loss.double() * n
-                count += n
+        total, count = self.stepper.eval_sums(batches)
         self.model.train()
         total = self.rt.sum(total)
         count = int(self.rt.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device)))
@@ -347,152 +372,130 @@ class Trainer:
             torch.use_deterministic_algorithms(previous)
 
     def _run(self) -> TrainResult:
-        cfg = self.cfg
-        t_start = time.perf_counter()
+        loop = _Loop(t_start=time.perf_counter())
         self._build()
-        # Fail on a bad first batch before the run directory exists (nothing half-written).
-        step = 0
+        self._start(loop)
+        log = self._open_log(loop.step)
+        meter = StepMeter(self.device)
+        try:
+            while loop.step < self.cfg.train.steps:
+                self._train_step(loop, meter, log)
+        finally:
+            log.close()
+        return self._finish(loop)
+
+    def _start(self, loop: _Loop) -> None:
+        """Restore the checkpoint when resuming; read the first batch, so that a bad one fails
+        before the run directory exists (nothing half-written); then make the directory."""
         if self.resume_from is not None:
             ckpt_io.load_weights(self.resume_from, self.ckpt_model, self.ckpt_optim, self.device)
             self.loader.load_state_dict(self.state["data"])
-            step = int(self.state["step"])
-        first = self._next_batch(step)
+            loop.step = int(self.state["step"])
+        self._first = self._next_batch()
         self.rt.barrier()  # every rank has checked its input before rank 0 writes anything
         if self.rt.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temporaries(self.run_dir)
             if self.resume_from is not None:
-                truncate_metrics(self.run_dir / "metrics.jsonl", step)
+                truncate_metrics(self.run_dir / "metrics.jsonl", loop.step)
         if self.resume_from is not None:
             ckpt_io.set_rng_state(self.state["rng"])
         if self.rt.is_rank0:
-            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
-        tokens = int(self.state.get("tokens", 0))
-        streak = int(self.state.get("nonfinite_streak", 0))
-        last_ckpt = self.resume_from
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        loop.tokens = int(self.state.get("tokens", 0))
+        loop.streak = int(self.state.get("nonfinite_streak", 0))
+        loop.last_ckpt = self.resume_from
+
+    def _open_log(self, step: int):
+        """Rank 0's metrics logger (metrics.jsonl, progress bar, TensorBoard), after the opening line."""
+        cfg = self.cfg
         log = (MetricsLogger(self.run_dir, cfg.train.steps, step, progress=cfg.log.progress,
-                             tensorboard=cfg.log.tensorboard) if self.rt.is_rank0 else _Silent())
+                             tensorboard=cfg.log.tensorboard) if self.rt.is_rank0 else SilentLogger())
         if not self.rt.is_rank0:
-            self.echo = _Silent.print
-        self.echo(f"training {self.mcfg.name} ({self.mcfg.num_params() / 1e6:.2f}M params, "
-                  f"{self.mcfg.num_active_params() / 1e6:.2f}M active) on {self.device}"
-                  f"{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x {cfg.train.batch_size} x "
-                  f"{cfg.train.seq_len} tokens (accum {self.accum}), data {self.data.path}, run dir {self.run_dir}"
+            self.echo = SilentLogger.print
+        m = self.mcfg
+        self.echo(f"training {m.name} ({m.num_params() / 1e6:.2f}M params, {m.num_active_params() / 1e6:.2f}M "
+                  f"active) on {self.device}{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x "
+                  f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens (accum {self.accum}), data "
+                  f"{self.data.path}, run dir {self.run_dir}"
                   + (f", resumed at step {step}" if self.resume_from else "")
                   + (f", {self.rt.describe()}" if self.rt.distributed else "")
                   + (f", pipeline {cfg.parallel.pp_schedule} over {self.pipe.n_stages} stages (blocks "
                      + " | ".join(f"{s[0]}-{s[-1]}" for s in self.pipe.split) + f"), {self.accum} micro-batches "
                      f"of {self.micro}" if self.pipe is not None else ""))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        dev = self.device
-        acc = {k: torch.zeros((), device=dev) for k in ("loss", "lm", "bal", "gnorm", "exp", "devb")}
-        n_acc, t_int, tok_int = 0, time.perf_counter(), 0
-        last_eval = (None, None)
-        try:
-            while step < cfg.train.steps:
-                lr = self.schedule.set(self.optimizer, step)
-                step_loss = torch.zeros((), device=dev)
-                parts = {k: torch.zeros((), device=dev) for k in ("lm", "bal", "exp", "devb")}
-                if self.pipe is not None:
-                    # One schedule step runs the accum micro-batches (micro rows each) through
-                    # the stages, forward and backward; gradients are their mean, as below.
-                    xs = [first if first is not None else self._next_batch(step)]
-                    xs += [self._next_batch(step) for _ in range(self.accum - 1)]
-                    first = None
-                    x = torch.cat(xs)
-                    with self._autocast():
-                        st = self.pipe.step(x, x)  # the same on every rank of the pipeline
-                    step_loss, parts["lm"], parts["bal"] = st["loss"], st["lm_loss"], st["balance_loss"]
-                    parts["exp"], parts["devb"] = st["expert_balance_loss"], st["device_balance_loss"]
-                    if self.load:
-                        self.load.update(last=self.accum)
-                for _ in range(self.accum if self.pipe is None else 0):
-                    x = first if first is not None else self._next_batch(step)
-                    first = None
-                    with self._autocast():
-                        out = self.model(x, labels=x)
-                    (out.loss / self.accum).backward()
-                    step_loss += out.loss.detach().float() / self.accum
-                    parts["lm"] += out.lm_loss.detach().float() / self.accum
-                    if out.balance_loss is not None:
-                        parts["bal"] += out.balance_loss.detach().float() / self.accum
-                    if out.expert_balance_loss is not None:
-                        parts["exp"] += out.expert_balance_loss.detach().float() / self.accum
-                    if out.device_balance_loss is not None:
-                        parts["devb"] += out.device_balance_loss.detach().float() / self.accum
-                    if self.load:
-                        self.load.update()
-                gnorm = self.rt.clip_grad_norm_(params, clip)
-                if self.rt.distributed:  # global means, so every rank takes the same finiteness decision
-                    red = self.rt.mean(torch.stack([step_loss, *parts.values()]))
-                    step_loss, parts = red[0], dict(zip(parts, red[1:]))
-                finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per step
-                step += 1
-                ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
-                tokens += ntok
-                tok_int += ntok
-                if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    streak += 1
-                    log.write({"kind": "nonfinite", "step": step, "loss": float(step_loss), "grad_norm": float(gnorm)})
-                    log.print(f"step {step}: non-finite loss/gradient ({float(step_loss)}, grad norm "
-                              f"{float(gnorm)}); update skipped ({streak} in a row)")
-                    if streak >= cfg.train.max_nonfinite_steps:
-                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
-                        raise DivergedError(
-                            f"the loss was NaN/inf for {streak} consecutive steps (up to step {step}); stopped. "
-                            f"{where}; lower --optim.lr or raise --train.max_nonfinite_steps, then --resume")
-                    log.advance(1)
-                    continue
-                streak = 0
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                acc["loss"] += step_loss
-                acc["gnorm"] += gnorm.float()
-                for k in parts:
-                    acc[k] += parts[k]
-                n_acc += 1
-                if step % cfg.log.every == 0 or step == cfg.train.steps:
-                    dt = time.perf_counter() - t_int
-                    tps = tok_int / dt if dt > 0 else float("nan")
-                    rec = {"kind": "train", "step": step, "loss": float(acc["loss"]) / n_acc,
-                           "lm_loss": float(acc["lm"]) / n_acc, "balance_loss": float(acc["bal"]) / n_acc,
-                           "grad_norm": float(acc["gnorm"]) / n_acc, "lr": lr, "tokens": tokens,
-                           "tokens_per_s": round(tps, 1)}
-                    if self.split_on:
-                        rec["expert_balance_loss"] = float(acc["exp"]) / n_acc
-                        rec["device_balance_loss"] = float(acc["devb"]) / n_acc
-                    if self.peak:
-                        rec["mfu"] = round(self.flops_per_token * tps / (self.peak * self.rt.world_size), 4)
-                    if self.load_on:
-                        rec["expert_load"] = self._expert_load()
-                    log.write(rec)
-                    log.print(_format(rec, cfg.train.steps))
-                    for k in acc:
-                        acc[k].zero_()
-                    n_acc, tok_int, t_int = 0, 0, time.perf_counter()
-                log.advance(1, loss=f"{float(step_loss):.3f}", lr=f"{lr:.1e}")
-                final = step == cfg.train.steps
-                if final or (cfg.eval.every and step % cfg.eval.every == 0):
-                    last_eval = self.evaluate()
-                    rec = {"kind": "eval", "step": step, "val_loss": last_eval[0], "val_bpb": last_eval[1]}
-                    log.write(rec)
-                    bpb = f", {last_eval[1]:.3f} bits/byte" if last_eval[1] is not None else ""
-                    log.print(f"step {step}: validation loss {last_eval[0]:.4f}{bpb}")
-                if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    last_ckpt = self._save(step, {"tokens": tokens, "nonfinite_streak": streak,
-                                                  "elapsed_s": time.perf_counter() - t_start})
-                if final or (cfg.eval.every and step % cfg.eval.every == 0) or \
-                        (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    t_int, tok_int = time.perf_counter(), 0  # keep evaluation and saving out of tokens/s
-        finally:
-            log.close()
+        return log
+
+    def _train_step(self, loop: _Loop, meter: StepMeter, log) -> None:
+        """One optimizer step: forward + backward over its micro-batches, clipping, the finiteness
+        check, the update (or its skip), then the metrics record, validation and checkpoint due."""
+        cfg = self.cfg
+        lr = self.schedule.set(self.optimizer, loop.step)
+        stats = self.stepper.run(self._step_batches())
+        gnorm = self.rt.clip_grad_norm_(self.params, self.clip)
+        if self.rt.distributed:  # global means, so every rank takes the same finiteness decision
+            stats = StepStats.from_stacked(self.rt.mean(stats.stacked()))
+        finite = bool(torch.isfinite(stats.loss + gnorm))  # the one host sync per step
+        loop.step += 1
+        ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
+        loop.tokens += ntok
+        meter.count_tokens(ntok)
+        if not finite:
+            self._skip_nonfinite(loop, stats.loss, gnorm, log)
+            log.advance(1)
+            return
+        loop.streak = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        meter.add(stats, gnorm)
+        if due(loop.step, cfg.log.every, cfg.train.steps):
+            self._log_train(loop, meter, lr, log)
+        log.advance(1, loss=f"{float(stats.loss):.3f}", lr=f"{lr:.1e}")
+        evaluate = due(loop.step, cfg.eval.every, cfg.train.steps)
+        save = due(loop.step, cfg.checkpoint.every, cfg.train.steps)
+        if evaluate:
+            loop.last_eval = self.evaluate()
+            log.write({"kind": "eval", "step": loop.step, "val_loss": loop.last_eval[0], "val_bpb": loop.last_eval[1]})
+            bpb = f", {loop.last_eval[1]:.3f} bits/byte" if loop.last_eval[1] is not None else ""
+            log.print(f"step {loop.step}: validation loss {loop.last_eval[0]:.4f}{bpb}")
+        if save:
+            loop.last_ckpt = self._save(loop.step, {"tokens": loop.tokens, "nonfinite_streak": loop.streak,
+                                                    "elapsed_s": time.perf_counter() - loop.t_start})
+        if evaluate or save:
+            meter.restart()  # keep evaluation and saving out of tokens/s
+
+    def _log_train(self, loop: _Loop, meter: StepMeter, lr: float, log) -> None:
+        tps = meter.tokens_per_s()
+        rec = meter.record(loop.step, lr, loop.tokens, tps, self.split_on)
+        if self.peak:
+            rec["mfu"] = round(self.flops_per_token * tps / (self.peak * self.rt.world_size), 4)
+        if self.load_on:
+            rec["expert_load"] = self._expert_load()
+        log.write(rec)
+        log.print(format_train_record(rec, self.cfg.train.steps))
+        meter.restart()
+
+    def _skip_nonfinite(self, loop: _Loop, loss: torch.Tensor, gnorm: torch.Tensor, log) -> None:
+        """A NaN/inf loss or gradient: drop the gradients, log the step; DivergedError after
+        train.max_nonfinite_steps of them in a row (the last good checkpoint stays)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loop.streak += 1
+        log.write({"kind": "nonfinite", "step": loop.step, "loss": float(loss), "grad_norm": float(gnorm)})
+        log.print(f"step {loop.step}: non-finite loss/gradient ({float(loss)}, grad norm {float(gnorm)}); "
+                  f"update skipped ({loop.streak} in a row)")
+        if loop.streak >= self.cfg.train.max_nonfinite_steps:
+            where = f"the last good checkpoint is {loop.last_ckpt}" if loop.last_ckpt else "no checkpoint was saved"
+            raise DivergedError(
+                f"the loss was NaN/inf for {loop.streak} consecutive steps (up to step {loop.step}); stopped. "
+                f"{where}; lower --optim.lr or raise --train.max_nonfinite_steps, then --resume")
+
+    def _finish(self, loop: _Loop) -> TrainResult:
+        """The result, the loss-curve PNG and the generated sample."""
+        cfg = self.cfg
         load = self.load.read_and_reset() if self.load else []
         recent = [r.get("expert_load") for r in _train_records(self.run_dir) if r.get("expert_load")]
-        result = TrainResult(self.run_dir, step, last_eval[0], last_eval[1], last_ckpt,
-                             expert_load=recent[-1] if recent else load, tokens=tokens,
-                             wall_s=time.perf_counter() - t_start)
+        result = TrainResult(self.run_dir, loop.step, loop.last_eval[0], loop.last_eval[1], loop.last_ckpt,
+                             expert_load=recent[-1] if recent else load, tokens=loop.tokens,
+                             wall_s=time.perf_counter() - loop.t_start)
         if cfg.log.plot and self.rt.is_rank0:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
                         title=f"{cfg.name}: {self.mcfg.name} on {self.data.path.name}")
@@ -500,89 +503,24 @@ class Trainer:
         return result
 
 
-def _groups(batches, n: int):
-    """Consecutive batches in lists of up to n of one shape (a short last batch goes alone)."""
-    group: list[torch.Tensor] = []
-    for x in batches:
-        if group and (len(group) == n or x.shape != group[0].shape):
-            yield group
-            group = []
-        group.append(x)
-    if group:
-        yield group
-
-
-class _Silent:
-    """The metrics logger of ranks other than 0: rank 0 alone writes and prints."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def advance(self, n: int = 1, **postfix) -> None:
-        pass
-
-    @staticmethod
-    def print(line: str = "") -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _train_records(run_dir: Path) -> list[dict]:
-    from deepseekmoe.train.metrics import read_metrics
-
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-
-
-def _format(rec: dict, total: int) -> str:
-    s = (f"step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
-         f"bal {rec['balance_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {rec['lr']:.2e} | "
-         f"{rec['tokens_per_s'] / 1e3:.1f}K tok/s")
-    if "mfu" in rec:
-        s += f" | MFU {100 * rec['mfu']:.1f}%"
-    if rec.get("expert_load"):
-        s += " | load " + "/".join(f"{x:.2f}" for x in rec["expert_load"])
-    return s
 
 
 @torch.no_grad()
 def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: int, device: torch.device, seed: int = 0) -> str:
     """The prompt and its sampled continuation (documents follow an eos in the packed stream, so
-    the prompt starts with one). Uses deepseekmoe.inference.generate's KV-cache decoder when present."""
+    the prompt starts with one), from deepseekmoe.inference.generate's KV-cache decoder."""
+    from deepseekmoe.inference.generate import generate_ids
+
     ids = [tok.eos_id] + tok.encode(prompt)
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
     if max_new_tokens < 1:
         return prompt
-    try:
-        from deepseekmoe.inference.generate import generate_ids
-    except ImportError:
-        return _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, device, seed)
     new = generate_ids(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
                        eos_token_id=tok.eos_id, seed=seed)[0]
     return tok.decode(ids[1:] + new)
-
-
-def _generate_by_reforward(model, tok, ids, max_new_tokens, temperature, top_k, device, seed) -> str:
-    """Simple twin of the KV-cache decoder: re-run the model on the growing context."""
-    start = 1
-    g = torch.Generator().manual_seed(seed)
-    ctx = model.config.max_position_embeddings
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-ctx:]], device=device)
-        logits = model(x, logits_to_keep=1).logits[0, -1].float().cpu()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
-        if nxt == tok.eos_id:
-            break
-        ids.append(nxt)
-    return tok.decode(ids[start:])
 
 
 def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print) -> TrainResult:

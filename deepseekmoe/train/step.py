@@ -1,0 +1,126 @@
+"""One optimizer step's forward and backward, behind one interface for the trainer.
+
+  LocalStep     one model (one process, or expert parallel / FSDP2 under torchrun): the step's
+                `grad_accum` micro-batches one after another, each loss / grad_accum backpropagated
+  PipelineStep  parallel.pp > 1: one schedule step runs the same micro-batches through the stages,
+                forward and backward (torch.distributed.pipelining, parallel/pipeline.py)
+
+Both offer `run(batches) -> StepStats` (the micro-batches of one step in; gradients accumulated in
+the parameters; the detached loss terms, means over the micro-batches, out) and `eval_sums(batches)`
+for validation (the sum of the LM loss over the predicted tokens, and their count). Clipping, the
+finiteness check and the optimizer step are the trainer's, the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the pipelining stack costs about a second to import; one-process runs skip it
+    from deepseekmoe.parallel.pipeline import Pipeline
+    from deepseekmoe.train.metrics import ExpertLoad
+
+
+@dataclass
+class StepStats:
+    """The detached loss terms of one optimizer step (means over its micro-batches): the trained
+    objective `loss` = `lm` + `balance`, and the balance loss's expert- and device-level parts
+    (0 when a term is off)."""
+
+    loss: torch.Tensor
+    lm: torch.Tensor
+    balance: torch.Tensor
+    expert: torch.Tensor
+    device: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> StepStats:
+        return cls(*(torch.zeros((), device=device) for _ in range(5)))
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.loss, self.lm, self.balance, self.expert, self.device])
+
+    @classmethod
+    def from_stacked(cls, t: torch.Tensor) -> StepStats:
+        return cls(*t)
+
+    def add(self, out, n: int) -> None:
+        """Add one micro-batch's ModelOutput, weighted 1/n (in place, on the device)."""
+        self.loss += out.loss.detach().float() / n
+        self.lm += out.lm_loss.detach().float() / n
+        for mine, term in ((self.balance, out.balance_loss), (self.expert, out.expert_balance_loss),
+                           (self.device, out.device_balance_loss)):
+            if term is not None:
+                mine += term.detach().float() / n
+
+
+class LocalStep:
+    """Gradient accumulation over the step's micro-batches on one model."""
+
+    def __init__(self, model: torch.nn.Module, accum: int, autocast, load: ExpertLoad, device: torch.device):
+        self.model, self.accum, self.autocast, self.load, self.device = model, accum, autocast, load, device
+
+    def run(self, batches) -> StepStats:
+        stats = StepStats.zeros(self.device)
+        for x in batches:
+            with self.autocast():
+                out = self.model(x, labels=x)
+            (out.loss / self.accum).backward()
+            stats.add(out, self.accum)
+            if self.load:
+                self.load.update()
+        return stats
+
+    def eval_sums(self, batches) -> tuple[torch.Tensor, int]:
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for x in batches:
+            x = x.to(self.device)
+            with self.autocast():
+                out = self.model(x, labels=x)
+            n = x.shape[0] * (x.shape[1] - 1)
+            total += out.lm_loss.double() * n
+            count += n
+        return total, count
+
+
+class PipelineStep:
+    """One schedule step over the step's micro-batches (`accum` of `micro` rows each); the
+    gradients are their mean, as under gradient accumulation."""
+
+    def __init__(self, pipe: Pipeline, accum: int, autocast, load: ExpertLoad, device: torch.device):
+        self.pipe, self.accum, self.autocast, self.load, self.device = pipe, accum, autocast, load, device
+
+    def run(self, batches) -> StepStats:
+        x = torch.cat(list(batches))
+        with self.autocast():
+            st = self.pipe.step(x, x)  # the same on every rank of the pipeline
+        if self.load:
+            self.load.update(last=self.accum)
+        return StepStats(st["loss"], st["lm_loss"], st["balance_loss"], st["expert_balance_loss"],
+                         st["device_balance_loss"])
+
+    def eval_sums(self, batches) -> tuple[torch.Tensor, int]:
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for xs in _groups(batches, self.accum):  # the batches of one forward-only schedule step
+            x = torch.cat(xs).to(self.device)
+            with self.autocast():
+                loss = self.pipe.eval_loss(x, x, len(xs))
+            if loss is not None:  # the last stage's ranks hold the loss; the others add 0
+                n = x.shape[0] * (x.shape[1] - 1)
+                total += loss.double() * n
+                count += n
+        return total, count
+
+
+def _groups(batches, n: int):
+    """Consecutive batches in lists of up to n of one shape (a short last batch goes alone)."""
+    group: list[torch.Tensor] = []
+    for x in batches:
+        if group and (len(group) == n or x.shape != group[0].shape):
+            yield group
+            group = []
+        group.append(x)
+    if group:
+        yield group
