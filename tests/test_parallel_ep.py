@@ -132,7 +132,7 @@ def dist_worker(rank, world, scenarios, meta_check=False):
             stats = torch.stack([o.loss.detach(), o.balance_loss.detach()])
             dist.all_reduce(stats)
             stats /= W
-            received = [m.last_received for m in model.modules() if hasattr(m, "last_received")]
+            received = [m.dispatcher.last_received for m in model.modules() if getattr(m, "dispatcher", None)]
             grads = {clean_name(n): full_tensor(p.grad).clone() for n, p in model.named_parameters()}
             norm = clip_grad_norm_(model.parameters(), 1.0)
             clipped = {clean_name(n): full_tensor(p.grad).clone() for n, p in model.named_parameters()}

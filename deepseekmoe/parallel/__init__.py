@@ -30,7 +30,7 @@ import importlib
 _EXPORTS = {
     "Mesh": "mesh", "ParallelConfig": "mesh", "build_mesh": "mesh", "default_device": "mesh",
     "init_distributed": "mesh", "launched_distributed": "mesh", "single_process_mesh": "mesh",
-    "ExpertParallelExperts": "expert_parallel",
+    "AllToAllDispatcher": "expert_parallel", "shard_experts": "expert_parallel",
     "apply_expert_parallel": "expert_parallel",
     "apply_activation_checkpointing": "fsdp", "apply_compile": "fsdp", "apply_fsdp": "fsdp",
     "clip_grad_norm_": "fsdp", "grad_norm": "fsdp",

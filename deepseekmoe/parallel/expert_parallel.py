@@ -5,19 +5,23 @@ Each ep rank keeps experts [r*El, (r+1)*El) of every MoE layer (El = E / ep), st
 of the full [E, ...] shape sharded on dim 0 over the ``ep`` mesh, so checkpoints (DCP) see the
 global tensor and can reshard to any other layout. The router and the shared experts stay
 replicated (they are ordinary data-parallel weights), so routing, gates and balance losses are
-those of a single device. One MoE forward on rank r:
+those of a single device. The RoutedExperts module itself is not replaced (torchtitan's
+ExpertParallel style): `shard_experts` turns its w13 / w2 into those DTensors and gives it an
+`AllToAllDispatcher`, so one MoE forward on rank r is
 
-    sort own slots by expert  ->  exchange per-expert counts (tiny all-to-all)  ->  ONE host sync
-    for the split sizes  ->  dispatch slot rows (variable all-to-all)  ->  the configured expert
-    backend (loop / grouped / triton) on the received rows with gate 1  ->  combine (the reverse
-    all-to-all)  ->  unsort and take the gate-weighted sum over K, exactly as experts_grouped does.
+    dispatch(): sort own slots by expert  ->  exchange per-expert counts (tiny all-to-all)  ->
+    ONE host sync for the split sizes  ->  send slot rows (variable all-to-all)  ->  the module's
+    expert backend (loop / grouped / triton / gather) on the received rows with gate 1  ->  the
+    reverse all-to-all  ->  combine(): unsort and take the gate-weighted sum over K, the same
+    primitive experts_grouped uses (model/moe/dispatch.py).
 
 Both all-to-alls are autograd functions whose backward is the reverse exchange.
 
 Gradient scaling: each rank's loss is the mean over its own tokens and FSDP averages gradients
 over the ranks that hold a weight. The routed-expert weights on rank (dp i, ep j) already receive
 the gradients of the losses of all ep ranks of replica i (through the combine's backward), so an
-average over dp alone would leave them ep times too large; `_scale_grad` divides by ep in backward.
+average over dp alone would leave them ep times too large; `_ScaleGrad` (applied by the dispatcher
+to the local weights) divides by ep in backward.
 
 Shape legend: T local tokens, K experts per token, S = T*K slots, E routed experts (global),
 El local experts, P ep ranks, R slots received by this rank, D hidden, F expert width.
@@ -34,6 +38,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
 from deepseekmoe.errors import ConfigError
+from deepseekmoe.model.moe.dispatch import combine, dispatch
 from deepseekmoe.model.moe.experts import resolve_backend
 from deepseekmoe.model.moe.layer import MoE, RoutedExperts
 from deepseekmoe.model.moe.router import CountReducer, device_loss_groups
@@ -76,67 +81,71 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
-class ExpertParallelExperts(RoutedExperts):
-    """Drop-in for RoutedExperts holding this rank's E/ep experts; same forward signature."""
+class AllToAllDispatcher:
+    """The token dispatcher of one MoE layer's routed experts under expert parallel.
 
-    def __init__(self, routed: RoutedExperts, ep_mesh):
-        nn.Module.__init__(self)
-        P, r = ep_mesh.size(), ep_mesh.get_local_rank()
-        E = routed.n_experts
-        if E % P:
-            raise ConfigError(f"n_routed_experts={E} cannot be split evenly over parallel.ep={P} ranks; choose an "
-                              f"ep that divides {E}")
-        self.n_experts, self.dim, self.width, self.backend = E, routed.dim, routed.width, routed.backend
-        self.ep_size, self.n_local, self.ep_group = P, E // P, ep_mesh.get_group()
-        self.last_received = -1
-        lo, hi = r * self.n_local, (r + 1) * self.n_local
-        # Each rank keeps only its slice; the DTensor records the global [E, ...] layout.
-        self.w13 = nn.Parameter(DTensor.from_local(routed.w13.detach()[lo:hi].clone(), ep_mesh, [Shard(0)],
-                                                   run_check=False))
-        self.w2 = nn.Parameter(DTensor.from_local(routed.w2.detach()[lo:hi].clone(), ep_mesh, [Shard(0)],
-                                                  run_check=False))
+    Set as `RoutedExperts.dispatcher` by `shard_experts`; the module, its parameters and its
+    backend stay what they are on one device: dispatch -> all-to-all -> the module's backend on
+    this rank's E/ep experts -> reverse all-to-all -> combine (model/moe/dispatch.py). Expert
+    inputs arrive in the autocast dtype (RoutedExperts casts them first), which also halves the
+    bytes moved."""
 
-    def extra_repr(self) -> str:
-        return (f"experts={self.n_experts}, local={self.n_local}, ep={self.ep_size}, dim={self.dim}, "
-                f"width={self.width}, backend={self.backend}")
+    def __init__(self, ep_mesh, n_experts: int):
+        self.ep_size, self.n_local, self.group = ep_mesh.size(), n_experts // ep_mesh.size(), ep_mesh.get_group()
+        self.last_received = -1  # slots this rank's experts got in the last forward (load logging)
 
-    def forward(self, x_TD, idx_TK, w_TK):
-        T, K = idx_TK.shape
-        D, P, El, group = x_TD.shape[1], self.ep_size, self.n_local, self.ep_group
-        dev = x_TD.device
-        if torch.is_autocast_enabled(dev.type):
-            # Move (and compute) expert inputs in the autocast dtype: half the all-to-all bytes.
-            x_TD = x_TD.to(torch.get_autocast_dtype(dev.type))
-        flat_S = idx_TK.reshape(-1)
-        perm_S = torch.argsort(flat_S, stable=True)  # slots grouped by expert = by destination rank
-        counts_E = torch.bincount(flat_S, minlength=self.n_experts)
-        recv_counts_PEl = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts_PEl, counts_E, group=group)  # [src p][my expert]
+    def __call__(self, experts: RoutedExperts, x_TD, idx_TK, w_TK):
+        P, El, group = self.ep_size, self.n_local, self.group
+        d = dispatch(idx_TK, experts.n_experts)  # slots grouped by expert = by destination rank
+        recv_counts_PEl = torch.empty_like(d.counts_E)
+        dist.all_to_all_single(recv_counts_PEl, d.counts_E, group=group)  # [src p][my expert]
         # The only host sync: the split sizes of the two variable all-to-alls.
-        splits = torch.cat([counts_E.view(P, El).sum(1), recv_counts_PEl.view(P, El).sum(1)]).tolist()
+        splits = torch.cat([d.counts_E.view(P, El).sum(1), recv_counts_PEl.view(P, El).sum(1)]).tolist()
         send, recv = splits[:P], splits[P:]
         R = sum(recv)
-        self.last_received = R  # slots this rank's experts got in the last forward (load logging)
+        self.last_received = R
 
-        x_RD = all_to_all(x_TD[perm_S // K], recv, send, group)
-        w13 = _ScaleGrad.apply(self.w13.to_local(), 1.0 / P)
-        w2 = _ScaleGrad.apply(self.w2.to_local(), 1.0 / P)
+        x_RD = all_to_all(x_TD[d.tok_S], recv, send, group)
+        w13 = _ScaleGrad.apply(experts.w13.to_local(), 1.0 / P)
+        w2 = _ScaleGrad.apply(experts.w2.to_local(), 1.0 / P)
         if R == 0:
             # No slot came here. Keep the received rows and the weights in the graph anyway:
             # every rank must run the dispatch's backward all-to-all, and produce (zero) weight
             # gradients for FSDP's reduce-scatter, or the other ranks would wait forever.
             y_RD = x_RD * 0.0 + 0.0 * (w13.sum() + w2.sum()).to(x_RD.dtype)
         else:
-            local_R = torch.arange(El, device=dev).repeat(P)
+            # Received rows come by source rank, then local expert: one slot (gate 1) each.
+            local_R = torch.arange(El, device=x_RD.device).repeat(P)
             idx_R1 = torch.repeat_interleave(local_R, recv_counts_PEl, output_size=R).unsqueeze(1)
-            ones_R1 = torch.ones(R, 1, dtype=torch.float32, device=dev)
-            y_RD = resolve_backend(self.backend, dev)(x_RD, idx_R1, ones_R1, w13, w2)
+            ones_R1 = torch.ones(R, 1, dtype=torch.float32, device=x_RD.device)
+            y_RD = resolve_backend(experts.backend, x_RD.device)(x_RD, idx_R1, ones_R1, w13, w2)
         y_SD = all_to_all(y_RD, send, recv, group)
-        inv_S = torch.empty_like(perm_S)
-        inv_S[perm_S] = torch.arange(perm_S.numel(), device=dev)
-        y_TKD = y_SD[inv_S].view(T, K, D)
-        # Gate-weighted sum over K (a fresh tensor: FSDP warns about modules returning views).
-        return (w_TK.to(y_TKD.dtype).unsqueeze(-1) * y_TKD).sum(1)
+        return combine(y_SD, w_TK, d)
+
+    def __repr__(self) -> str:
+        return f"AllToAllDispatcher(ep={self.ep_size}, local_experts={self.n_local})"
+
+
+def shard_experts(experts: RoutedExperts, ep_mesh) -> None:
+    """Keep this rank's E/ep experts of `experts` (w13, w2 become DTensors of the global [E, ...]
+    shape sharded on dim 0 over `ep_mesh`; names unchanged) and route its slots through an
+    AllToAllDispatcher. Works on `meta` parameters (materialised later by to_empty + init)."""
+    P, r = ep_mesh.size(), ep_mesh.get_local_rank()
+    E = experts.n_experts
+    if E % P:
+        raise ConfigError(f"n_routed_experts={E} cannot be split evenly over parallel.ep={P} ranks; choose an "
+                          f"ep that divides {E}")
+    lo, hi = r * (E // P), (r + 1) * (E // P)
+    for name in ("w13", "w2"):
+        p = getattr(experts, name)
+        local = DTensor.from_local(p.detach()[lo:hi].clone(), ep_mesh, [Shard(0)], run_check=False)
+        experts.register_parameter(name, nn.Parameter(local, requires_grad=p.requires_grad))
+    experts.dispatcher = AllToAllDispatcher(ep_mesh, E)
+
+
+def is_expert_parallel(module: nn.Module) -> bool:
+    """Whether `module` is a RoutedExperts split over ep ranks by shard_experts."""
+    return isinstance(module, RoutedExperts) and isinstance(module.dispatcher, AllToAllDispatcher)
 
 
 def moe_modules(model: nn.Module) -> list[MoE]:
@@ -167,5 +176,5 @@ def apply_expert_parallel(model: nn.Module, mesh: Mesh) -> list[MoE]:
                         "placed on ep=%d ranks; using D=%d (the real placement)",
                         cfg.n_device_groups, mesh.ep, mesh.ep)
         if mesh.ep > 1:
-            moe.experts = ExpertParallelExperts(moe.experts, mesh["ep"])
+            shard_experts(moe.experts, mesh["ep"])
     return moes

@@ -24,7 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from deepseekmoe.parallel.expert_parallel import ExpertParallelExperts
+from deepseekmoe.parallel.expert_parallel import is_expert_parallel
 from deepseekmoe.parallel.mesh import Mesh
 
 
@@ -59,7 +59,7 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, reshard_after_forward: bool = True,
     dp_ep = mesh["dp_ep"]
     for _, block in _blocks(model):
         for m in block.modules():
-            if isinstance(m, ExpertParallelExperts):
+            if is_expert_parallel(m):
                 fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward, mp_policy=mp)
         fully_shard(block, mesh=dp_ep, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     # The root is needed again as soon as backward starts: keep it gathered after forward.

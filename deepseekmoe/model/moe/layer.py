@@ -38,6 +38,9 @@ class RoutedExperts(nn.Module):
         self.backend = cfg.expert_backend
         self.w13 = nn.Parameter(torch.empty(E, 2 * F, D))  # [E, 2F, D]: gate rows, then up rows
         self.w2 = nn.Parameter(torch.empty(E, D, F))  # [E, D, F]
+        # Expert parallel sets a token dispatcher (parallel/expert_parallel.py) that sends each slot
+        # to the rank holding its expert, runs the backend there and combines the results; None: local.
+        self.dispatcher = None
 
     def forward(self, x_TD, idx_TK, w_TK):
         fn = resolve_backend(self.backend, x_TD.device)
@@ -46,6 +49,8 @@ class RoutedExperts(nn.Module):
         # would make them run in fp32: compute the experts in the autocast dtype, as nn.Linear does.
         if torch.is_autocast_enabled(dev) and x_TD.dtype == torch.float32:
             x_TD = x_TD.to(torch.get_autocast_dtype(dev))
+        if self.dispatcher is not None:
+            return self.dispatcher(self, x_TD, idx_TK, w_TK)
         return fn(x_TD, idx_TK, w_TK, self.w13, self.w2)
 
     def extra_repr(self) -> str:
