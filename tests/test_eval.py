@@ -465,15 +465,6 @@ def test_cli_runs_tasks_and_writes_json(checkpoint, tok, bench, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["results"]["piqa"]["n"] == 3
 
 
-
-
-def test_prefix_from_a_malformed_tokenizer_config_is_an_error(model, tok, tmp_path):
-    from deepseekmoe.eval import default_prefix
-
-    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": tru')
-    with pytest.raises(DataError, match=r"tokenizer_config.json: unreadable .*--prefix bos\|eos"):
-        default_prefix(model, tok, tmp_path)
-    assert default_prefix(model, tok, tmp_path, "eos") == tok.eos_id  # an explicit choice never reads it
 def test_scorer_argument_errors(model, tok):
     with pytest.raises(ConfigError, match="batch-size"):
         Scorer(model, tok, 1, batch_size=0)
@@ -491,3 +482,12 @@ def test_prefix_token_follows_the_tokenizer_config(model, tok, tmp_path):
     assert default_prefix(model, tok, tmp_path, "eos") == tok.eos_id
     with pytest.raises(ConfigError, match="--prefix"):
         default_prefix(model, tok, tmp_path, "pad")
+
+
+def test_prefix_from_a_malformed_tokenizer_config_is_an_error(model, tok, tmp_path):
+    from deepseekmoe.eval import default_prefix
+
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": tru')
+    with pytest.raises(DataError, match=r"tokenizer_config.json: unreadable .*--prefix bos\|eos"):
+        default_prefix(model, tok, tmp_path)
+    assert default_prefix(model, tok, tmp_path, "eos") == tok.eos_id  # an explicit choice never reads it
