@@ -52,7 +52,8 @@ def test_ep2_logs_exactly_the_trained_balance_terms(tmp_path):
         g = got[step]
         assert r["expert_balance_loss"] > 0 and r["device_balance_loss"] > 0
         for key in TERMS:
-            assert abs(g[key] - r[key]) <= 1e-5 * abs(r[key]), f"step {step} {key}: ep=2 {g[key]} vs one process {r[key]}"
+            assert abs(g[key] - r[key]) <= 1e-5 * abs(r[key]), \
+                f"step {step} {key}: ep=2 {g[key]} vs one process {r[key]}"
         # what is logged adds up to what is trained
         assert g["expert_balance_loss"] + g["device_balance_loss"] == pytest.approx(g["balance_loss"], rel=1e-6)
         assert g["lm_loss"] + g["balance_loss"] == pytest.approx(g["loss"], rel=1e-6)
