@@ -55,6 +55,7 @@ def parallelize(model, mesh, cfg=None):
     import torch
 
     from deepseekmoe.errors import ConfigError
+    from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
     from deepseekmoe.parallel.expert_parallel import apply_expert_parallel
     from deepseekmoe.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
     from deepseekmoe.parallel.mesh import ParallelConfig
@@ -71,7 +72,8 @@ def parallelize(model, mesh, cfg=None):
     if cfg.compile:
         apply_compile(model)
     if distributed and cfg.fsdp:
-        param_dtype = torch.bfloat16 if cfg.param_dtype == "bfloat16" else None
+        param_dtype = parse_dtype(cfg.param_dtype, "parallel.param_dtype", TRAINING_NAMES)
+        param_dtype = None if param_dtype == torch.float32 else param_dtype  # fp32: no cast
         apply_fsdp(model, mesh, cfg.reshard_after_forward, param_dtype)
     elif distributed and mesh.data_parallel_size > 1:
         raise ConfigError("parallel.fsdp=false with more than one data-parallel rank is not supported: "

@@ -44,6 +44,7 @@ import torch
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.checkpoint.files import atomic_write_text
 from deepseekmoe.errors import ConfigError, DataError, UserError
+from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
 from deepseekmoe.parallel.runtime import Runtime
@@ -167,9 +168,10 @@ class Trainer:
         self.device = self.rt.device or resolve_device(cfg.system.device)
         if cfg.system.threads > 0:
             torch.set_num_threads(cfg.system.threads)
-        dt = cfg.system.dtype
-        self.amp_dtype = (torch.bfloat16 if (dt == "bfloat16" or (dt == "auto" and self.device.type == "cuda"))
-                          else None)
+        dt = parse_dtype(cfg.system.dtype, "system.dtype", ("auto", *TRAINING_NAMES))
+        if dt is None:  # auto: bf16 autocast on GPUs, fp32 elsewhere
+            dt = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.amp_dtype = None if dt == torch.float32 else dt
         self.mcfg = cfg.model_config()
         if (cfg.parallel.compile and self.device.type == "cpu" and self.amp_dtype is None
                 and self.mcfg.n_routed_experts and self.mcfg.expert_backend in ("auto", "grouped")):
