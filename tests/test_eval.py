@@ -22,6 +22,7 @@ from deepseekmoe import Transformer, cli
 from deepseekmoe.data import prepare, train_tokenizer
 from deepseekmoe.errors import ConfigError, DataError, UserError
 from deepseekmoe.eval import Scorer, eval_prepared, eval_text, harness, run_tasks
+from deepseekmoe.eval.scoring import mc_predictions
 from deepseekmoe.eval.tasks import TASKS, gsm8k_answers, load_race_middle, normalize_answer
 from tests.helpers import tiny_model
 
@@ -162,14 +163,17 @@ def bench(tmp_path_factory):
 
 
 def _expected_mc(model, tok, docs):
-    """docs: (contexts, continuations, gold) -> (preds, preds_norm, lls) by plain forwards."""
-    preds, preds_n, lls = [], [], []
+    """docs: (contexts, continuations, gold) -> (preds, preds_norm, preds_bytes, lls) by plain forwards;
+    the norms divide by the choice without the continuation's leading space, as lm-eval does."""
+    preds, preds_n, preds_b, lls = [], [], [], []
     for ctxs, conts, _ in docs:
         ll = [ref_pair(model, tok, c, x)[0] for c, x in zip(ctxs, conts)]
         preds.append(int(np.argmax(ll)))
-        preds_n.append(int(np.argmax([v / len(x.encode()) for v, x in zip(ll, conts)])))
+        assert all(x.startswith(" ") for x in conts)
+        preds_n.append(int(np.argmax([v / len(x[1:]) for v, x in zip(ll, conts)])))
+        preds_b.append(int(np.argmax([v / len(x[1:].encode()) for v, x in zip(ll, conts)])))
         lls.append(ll)
-    return preds, preds_n, lls
+    return preds, preds_n, preds_b, lls
 
 
 def test_multiple_choice_tasks_choose_the_argmax_of_direct_loglikelihoods(model, tok, scorer, bench):
@@ -189,7 +193,7 @@ def test_multiple_choice_tasks_choose_the_argmax_of_direct_loglikelihoods(model,
     }
     res = run_tasks(scorer, list(expect), root, log_samples=True)
     for name, docs in expect.items():
-        preds, preds_n, lls = _expected_mc(model, tok, docs)
+        preds, preds_n, preds_b, lls = _expected_mc(model, tok, docs)
         r = res[name]
         assert [s["pred"] for s in r["samples"]] == preds, name
         for s, ll in zip(r["samples"], lls):
@@ -201,6 +205,18 @@ def test_multiple_choice_tasks_choose_the_argmax_of_direct_loglikelihoods(model,
             assert "acc_norm" not in r
         else:
             assert r["acc_norm"] == pytest.approx(np.mean([p == g for p, g in zip(preds_n, golds)]))
+            assert r["acc_bytes"] == pytest.approx(np.mean([p == g for p, g in zip(preds_b, golds)]))
+
+
+def test_mc_predictions_divide_by_the_choice_as_lm_eval():
+    # " a" / " bcd": per character of the choice -2/1 < -5/3, so acc_norm picks 1 where acc picks 0
+    # (with the leading space counted it would be -2/2 > -5/4, picking 0).
+    assert mc_predictions([-2.0, -5.0], [" a", " bcd"]) == (0, 1, 1)
+    # " é" is 1 character but 2 bytes: per character -3/1 < -4/2 (1), per byte -3/2 > -4/2 (0).
+    assert mc_predictions([-3.0, -4.0], [" é", " bc"]) == (0, 1, 0)
+    # A continuation without the delimiter is measured whole; ties go to the first choice.
+    assert mc_predictions([-3.0, -2.0], ["ab", " c"]) == (1, 0, 0)  # -3/2 > -2/1 (-3/1 would not be)
+    assert mc_predictions([-2.0, -2.0], [" ab", " cd"]) == (0, 0, 0)
 
 
 def test_mmlu_five_shot_prompt_and_letter_scoring(model, tok, scorer, bench):
@@ -215,7 +231,7 @@ def test_mmlu_five_shot_prompt_and_letter_scoring(model, tok, scorer, bench):
     assert docs[3].contexts[0].startswith("The following are multiple choice questions (with answers) about "
                                           "zoology basics.\n\ndev zoology_basics item 0")
     assert [d.continuations for d in docs[:1]] == [[" A", " B", " C", " D"]] and [d.gold for d in docs] == [0, 1, 2] * 2
-    preds, _, _ = _expected_mc(model, tok, [(d.contexts, d.continuations, d.gold) for d in docs])
+    preds, *_ = _expected_mc(model, tok, [(d.contexts, d.continuations, d.gold) for d in docs])
     assert [s["pred"] for s in res["samples"]] == preds
     assert res["acc_macro"] == pytest.approx(np.mean([g["acc"] for g in res["groups"].values()]))
     # A limit takes documents round-robin over subjects.

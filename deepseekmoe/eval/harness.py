@@ -5,9 +5,10 @@
 
 Metrics, as lm-eval reports them:
   multiple choice   acc: the choice with the largest summed log-likelihood of its continuation;
-                    acc_norm: the largest log-likelihood per UTF-8 byte of the continuation (the
-                    leading space included); acc_stderr = sqrt(acc (1 - acc) / (n - 1)); chance =
-                    the mean of 1 / number of choices. MMLU also reports the macro average over
+                    acc_norm: the largest log-likelihood per character of the choice (lm-eval's:
+                    the leading space not counted), acc_bytes the same per UTF-8 byte (scoring.py's
+                    mc_predictions); acc_stderr = sqrt(acc (1 - acc) / (n - 1)); chance = the mean
+                    of 1 / number of choices. MMLU also reports the macro average over
                     subjects (acc_macro); WinoGrande and MMLU have no acc_norm (the scored
                     continuations are the same string, or single letters).
   LAMBADA           acc: every token of the last word is the greedy choice; ppl = exp(-mean over
@@ -25,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from deepseekmoe.errors import DataError, UserError, suggest
-from deepseekmoe.eval.scoring import Scorer
+from deepseekmoe.eval.scoring import Scorer, mc_predictions
 from deepseekmoe.eval.tasks import (
     ALIASES,
     CODE_TASKS_MESSAGE,
@@ -102,16 +103,16 @@ def score_mc(scorer: Scorer, docs: list[MCDoc], name: str, norm: bool = True, sa
     pairs = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations)]
     lls = scorer.loglikelihood(pairs, desc=name)
     k = 0
-    hits, hits_norm, chance = [], [], 0.0
+    hits, hits_norm, hits_bytes, chance = [], [], [], 0.0
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, d in enumerate(docs):
         n = len(d.continuations)
         ll = [a for a, _ in lls[k:k + n]]
         k += n
-        pred = max(range(n), key=lambda j: ll[j])
-        pred_n = max(range(n), key=lambda j: ll[j] / max(1, len(d.continuations[j].encode("utf-8"))))
+        pred, pred_n, pred_b = mc_predictions(ll, d.continuations)
         hits.append(int(pred == d.gold))
         hits_norm.append(int(pred_n == d.gold))
+        hits_bytes.append(int(pred_b == d.gold))
         chance += 1.0 / n
         if d.group:
             by_group[d.group].append(hits[-1])
@@ -123,6 +124,7 @@ def score_mc(scorer: Scorer, docs: list[MCDoc], name: str, norm: bool = True, sa
     if norm:
         out["acc_norm"] = sum(hits_norm) / N
         out["acc_norm_stderr"] = _stderr(out["acc_norm"], N)
+        out["acc_bytes"] = sum(hits_bytes) / N
     out["chance"] = chance / N
     if by_group:
         out["acc_macro"] = sum(sum(v) / len(v) for v in by_group.values()) / len(by_group)

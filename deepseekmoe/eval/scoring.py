@@ -8,6 +8,9 @@ Every evaluation in this package reduces to three primitives on a `Scorer`:
                               the routing experiments of deepseekmoe.analysis)
   generate(prompts, ...)      greedy completions through deepseekmoe.inference.generate's KV-cache decoder
 
+and `mc_predictions` turns one multiple-choice document's log-likelihoods into lm-eval's three
+predictions (acc, acc_norm, acc_bytes).
+
 Two choices keep these exact and cheap:
 - Right padding. Attention is causal and routing is per token (no capacity, nothing dropped), so
   pad tokens after a sequence cannot change its logits; no mask or position shift is needed.
@@ -284,6 +287,26 @@ class Scorer:
                     out[i] = t
                 bar.update(len(batch))
         return out
+
+
+def choice_text(continuation: str) -> str:
+    """The choice string lm-eval measures: the continuation without its target delimiter.
+
+    lm-eval scores `" " + choice` (its default `target_delimiter`) but divides by `len(choice)`;
+    every multiple-choice task here builds its continuations the same way."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
+
+
+def mc_predictions(lls: Sequence[float], continuations: Sequence[str]) -> tuple[int, int, int]:
+    """(pred, pred_norm, pred_bytes) of one document, as lm-eval's `multiple_choice` computes them:
+    the argmax of the summed log-likelihoods (acc), of log-likelihood / characters of the choice
+    (acc_norm) and of log-likelihood / UTF-8 bytes of the choice (acc_bytes). Ties go to the first
+    choice, as with np.argmax. An empty choice counts as length 1 (lm-eval would divide by zero)."""
+    chars = [max(1, len(choice_text(c))) for c in continuations]
+    nbytes = [max(1, len(choice_text(c).encode("utf-8"))) for c in continuations]
+    idx = range(len(lls))
+    return (max(idx, key=lambda j: lls[j]), max(idx, key=lambda j: lls[j] / chars[j]),
+            max(idx, key=lambda j: lls[j] / nbytes[j]))
 
 
 def perplexity(nll: float, n: int) -> float:
