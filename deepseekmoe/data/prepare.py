@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,14 @@ DEFAULT_VOCAB = 16384
 DEFAULT_VAL_FRACTION = 0.01
 SHARD_TOKENS = 1 << 27                 # 128M tokens: 256 MiB uint16 shards
 TOKENIZER_SAMPLE_BYTES = 256 << 20     # BPE training reads at most this much text
-PIECE_CHARS = 8 << 20                  # longer documents are encoded in pieces (memory, parallelism)
+PIECE_CHARS = 1 << 20                  # longer documents are encoded in pieces (memory, parallelism)
+MAX_VOCAB = 1 << 21                    # a trained BPE's upper bound, far above any released model's
 JOB_CHARS = 1 << 20                    # text per worker task
 MIN_POOL_BYTES = 1 << 20               # smaller corpora are encoded in-process (pool start-up costs more)
+
+
+_LINE_START = re.compile(r"\n(?=\S)")
+_WORD_START = re.compile(r"(?<=\S) (?=\S)")
 
 
 def default_workers() -> int:
@@ -56,25 +62,28 @@ def val_score(data: bytes, seed: int) -> float:
 
 
 def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut a long text at line starts (a newline followed by a non-space character).
+    """Cut a long text into pieces of about `max_chars` to 2 x `max_chars` characters.
 
-    For GPT-2-style byte-level pre-tokenisation (ours) a pre-token never spans such a point, so
-    encoding the pieces gives exactly the ids of encoding the whole text.
+    The tokenizer holds ~150 bytes of state per character while it encodes (or trains on) one
+    string, so a 60 MB single-line document must not reach it whole. A cut falls at a line start
+    (a newline followed by a non-space character), else before a single space between two words:
+    for GPT-2-style byte-level pre-tokenisation (ours) no pre-token spans either point, so encoding
+    the pieces gives exactly the ids of encoding the whole text. Only a stretch of 2 x `max_chars`
+    without either (no space or newline at all) is cut hard, which may split one pre-token there.
     """
-    if len(text) <= max_chars:
-        return [text]
     pieces, start = [], 0
     while len(text) - start > max_chars:
-        cut = start + max_chars
-        while True:
-            cut = text.find("\n", cut)
-            if cut < 0 or cut + 1 >= len(text) or not text[cut + 1].isspace():
-                break
-            cut += 1
-        if cut < 0 or cut + 1 >= len(text):
-            break
-        pieces.append(text[start:cut + 1])
-        start = cut + 1
+        lo, hi = start + max_chars, min(len(text), start + 2 * max_chars)
+        line = _LINE_START.search(text, lo, hi)
+        word = None if line else _WORD_START.search(text, lo, hi)
+        if line or word:
+            cut = line.end() if line else word.start()
+        elif hi == len(text):
+            break  # the rest fits in one piece
+        else:
+            cut = lo
+        pieces.append(text[start:cut])
+        start = cut
     pieces.append(text[start:])
     return pieces
 
@@ -225,13 +234,20 @@ def prepare(inputs, out_dir, tokenizer=None, vocab_size: int | None = None,
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DataError(f"workers={workers}: need at least 1")
+    both = {s.path.resolve() for s in train_srcs} & {s.path.resolve() for s in val_srcs}
+    if both:
+        raise DataError(f"--val {min(both)} is also a training input; validation text must be held out: name "
+                        "other files with --val, or leave --val out to hold out a fraction of the documents")
     out = Path(out_dir)
     _check_out(out, train_srcs + val_srcs)
 
     if tokenizer is None:
         vocab = DEFAULT_VOCAB if vocab_size is None else int(vocab_size)
-        docs = (d.text for s in train_srcs for d in read_documents(s, field)
-                if frac == 0 or val_score(d.data, seed) >= frac)
+        if vocab > MAX_VOCAB:  # the BPE trainer would abort the process trying to reserve it
+            raise DataError(f"--vocab-size {vocab}: too large; a trained BPE has at most {MAX_VOCAB} entries "
+                            f"(released models use about 100,000; the default is {DEFAULT_VOCAB})")
+        docs = (piece for s in train_srcs for d in read_documents(s, field)
+                if frac == 0 or val_score(d.data, seed) >= frac for piece in split_pieces(d.text))
         try:
             tok = train_tokenizer(docs, vocab, max_bytes=tokenizer_sample_bytes, progress=progress)
         except DataError as e:
