@@ -267,8 +267,11 @@ class Scorer:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
-                 desc: str = "generate") -> list[str]:
-        """Greedy completions, cut before the first stop string; prompts cut from the left to fit."""
+                 desc: str = "generate", temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> list[str]:
+        """Completions (greedy at temperature 0), cut before the first stop string; prompts cut from
+        the left to fit. Sampling draws the batch starting at prompt a with seed + a, so repeated
+        prompts in different batches get different samples."""
         from deepseekmoe.inference.generate import generate
 
         room = self.max_length - max_new_tokens
@@ -282,7 +285,8 @@ class Scorer:
             for a in range(0, len(order), self.batch_size):
                 batch = order[a:a + self.batch_size]
                 texts = generate(self.model, self.tok, [""] * len(batch), max_new_tokens=max_new_tokens,
-                                 stop=list(stop), prompt_ids=[ids[i] for i in batch], mode=self.gen_mode)
+                                 stop=list(stop), prompt_ids=[ids[i] for i in batch], mode=self.gen_mode,
+                                 temperature=temperature, top_p=top_p, seed=None if seed is None else seed + a)
                 for i, t in zip(batch, texts):
                     out[i] = t
                 bar.update(len(batch))
