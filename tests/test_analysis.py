@@ -232,3 +232,18 @@ def test_analyze_cli_errors_are_one_line(setup, tmp_path, capsys):
     tiny(280, n_routed_experts=0, num_experts_per_tok=0).save_pretrained(dense, tokenizer_dir=d / "tok")
     assert cli.main(["analyze", "--model", str(dense), "--data", str(data)]) == 2
     assert "no MoE layers" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_bad_out_and_a_seq_len_beyond_the_context(setup, tmp_path, capsys):
+    d, data = setup
+    (tmp_path / "file").write_text("user data")
+    base = ["analyze", "--model", str(d / "hf"), "--data", str(data), "--experiments", "routing", "--limit", "2"]
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert cli.main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write {out} (" in err and "file is a file, not a folder" in err, err
+    assert (tmp_path / "file").read_text() == "user data"
+    assert cli.main([*base, "--seq-len", "100000", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seq-len 100000: beyond this model's context of 64 tokens" in err, err
+    assert not (tmp_path / "o").exists()

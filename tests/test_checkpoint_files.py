@@ -104,7 +104,7 @@ def test_replacing_a_directory_keeps_one_whole_copy(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", replace)
-    with pytest.raises(OSError), files.atomic_directory(target) as tmp:
+    with pytest.raises(files.WriteError, match="Input/output error"), files.atomic_directory(target) as tmp:
         (tmp / "newer").write_text("newer")
     monkeypatch.undo()
     assert sorted(p.name for p in target.iterdir()) == ["new"]

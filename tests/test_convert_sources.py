@@ -1,6 +1,8 @@
 """What `convert`, `generate` and `eval` accept as a model: run directories (newest checkpoint) and
 sharded checkpoints of distributed runs, besides native and released-format directories."""
 
+import errno
+
 import pytest
 import torch
 
@@ -89,3 +91,48 @@ def test_convert_dtype_spellings(tmp_path, flag, want):
     assert Transformer.from_pretrained(tmp_path / "hf").lm_head.weight.dtype == getattr(torch, want)
     with pytest.raises(ConfigError, match=r"--dtype='half': choose one of auto, bf16, fp16, fp32"):
         parse_dtype("half", "--dtype", ("auto", "bf16", "fp16", "fp32"))
+
+
+def test_released_to_native_keeps_the_tokenizer_and_can_generate(tmp_path, capsys):
+    from deepseekmoe.data import train_tokenizer
+
+    cfg = CFG.replace(vocab_size=300)
+    torch.manual_seed(4)
+    model = Transformer(cfg).eval()
+    train_tokenizer(["the cat sat on the mat, a dog ran far away " * 40], 300, tmp_path / "tok" / "tokenizer.json")
+    model.save_pretrained(tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "native").iterdir()}
+    assert (tmp_path / "native" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "native"), "--prompt", "the cat", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "error" not in out.err  # a continuation, decoded by the copied tokenizer
+
+
+def test_unwritable_or_wrong_destination_is_one_line_before_the_load(tmp_path, capsys, monkeypatch):
+    from deepseekmoe.checkpoint import files
+
+    save_native(tmp_path / "native", CFG, _model(0).state_dict())
+    (tmp_path / "file").write_text("user data")
+
+    def no_load(*a, **k):
+        raise AssertionError("the source was loaded before the destination was checked")
+
+    monkeypatch.setattr(Transformer, "from_pretrained", no_load)
+    for argv, needle in (([str(tmp_path / "file" / "out")], "file is a file, not a folder"),
+                         ([str(tmp_path / "file"), "--overwrite"], "file is a file, not a folder")):
+        assert main(["convert", str(tmp_path / "native"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "deepseekmoe convert: error: cannot write" in err and needle in err, err
+    assert (tmp_path / "file").read_text() == "user data"
+    monkeypatch.undo()
+
+    def denied(*a, **k):  # tests run as root, which a read-only mode does not stop: the refusal is injected
+        raise PermissionError(errno.EACCES, "Permission denied", str(k["dir"]))
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", denied)
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {tmp_path / 'hf'} (Permission denied; " in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "native"]

@@ -164,3 +164,37 @@ def test_malformed_companion_files_are_errors_not_skipped(tmp_path):
     assert Tokenizer.from_file(path).bos_id == 10 + 256
     meta.write_text(json.dumps({"format": "deepseekmoe-tokens", "bos_id": 3, "eos_id": 4}))
     assert (Tokenizer.from_file(path).bos_id, Tokenizer.from_file(path).eos_id) == (3, 4)
+
+
+def test_tokenizer_train_refuses_a_bad_out_before_training(tmp_path, capsys, monkeypatch):
+    from deepseekmoe import cli
+    from deepseekmoe.data import tokenizer as tokenizer_mod
+
+    (tmp_path / "in.txt").write_text(CORPUS[0])
+    (tmp_path / "file").write_text("user data")
+    (tmp_path / "dir").mkdir()
+
+    def no_training():
+        raise AssertionError("the BPE was trained before the output was checked")
+
+    monkeypatch.setattr(tokenizer_mod, "new_bpe", no_training)
+    for out, needle in ((tmp_path / "dir", "dir is a directory"),
+                        (tmp_path / "file" / "tokenizer.json", "file is a file, not a folder")):
+        rc = cli.main(["tokenizer", "train", str(tmp_path / "in.txt"), "--vocab-size", "300", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and f"cannot write {out} (" in err and needle in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "in.txt"]
+    assert (tmp_path / "file").read_text() == "user data" and not any((tmp_path / "dir").iterdir())
+
+
+def test_tokenizer_show_takes_a_run_directory(tok, tmp_path, capsys):
+    from deepseekmoe import cli
+
+    model_dir = tmp_path / "run" / "checkpoints" / "step_0000004" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({"format": "deepseekmoe", "model": {}}))
+    tok.save(model_dir / "tokenizer.json")
+    for spec in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_0000004"):
+        assert cli.main(["tokenizer", "show", str(spec), "--text", "hello"]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert "vocab_size=400" in out and "round trip exact: True" in out

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="raw text/jsonl/parquet files or directories instead of --data")
     p.add_argument("--limit", type=int, default=64,
                    help="windows of the prepared split (spread evenly), or text documents, to use")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's maximum)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window, up to the model's max_position_embeddings (default: that maximum)")
     p.add_argument("--fractions", default=None,
                    help="Fig 4 ratios of disabled top routed experts, e.g. 0,0.0625,0.125 (default 0..4/16 by 1/16)")
     p.add_argument("--top-k-values", default=None, help="Fig 6 numbers of routed experts, e.g. 1,2,3,4 "
@@ -88,7 +89,7 @@ def run(args) -> int:
     from deepseekmoe.analysis import experiments as X
     from deepseekmoe.analysis.plots import plot_experiment, plot_load
     from deepseekmoe.analysis.routing import check_routed, format_expert_table, format_layer_table, routing_statistics
-    from deepseekmoe.checkpoint.files import atomic_write_text
+    from deepseekmoe.checkpoint.files import atomic_write_text, check_output
     from deepseekmoe.eval import lm
     from deepseekmoe.eval.cli import make_scorer, open_model
 
@@ -100,16 +101,22 @@ def run(args) -> int:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")
     if args.seq_len is not None and args.seq_len < 2:
         raise ConfigError(f"--seq-len {args.seq_len}: need at least 2 tokens")
+    out = Path(args.out or f"runs/analyze-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output(out, directory=True)  # before the model is loaded and run: a file in the way, a read-only folder
     data = None if args.text else lm.resolve_dataset(args.data)
     model, tok, tok_dir, mode = open_model(args)
     check_routed(model)
+    limit = model.config.max_position_embeddings
+    if args.seq_len is not None and args.seq_len > limit:
+        raise ConfigError(f"--seq-len {args.seq_len}: beyond this model's context of {limit} tokens "
+                          f"(max_position_embeddings); use --seq-len {limit} or less")
     moe_ids = [i for i, blk in enumerate(model.layers) if blk.is_moe]
     if "routing" in chosen and args.layer is not None and args.layer not in moe_ids:
         raise ConfigError(f"--layer {args.layer}: not an MoE layer of this model (MoE layers: "
                           f"{', '.join(map(str, moe_ids))})")
     args.max_length = None
     scorer = make_scorer(args, model, tok, tok_dir, mode)
-    seq_len = min(args.seq_len or scorer.max_length, scorer.max_length)
+    seq_len = args.seq_len or scorer.max_length
     to_bpb = None
     if data is not None:
         from deepseekmoe.data import bits_per_byte, check_vocab
@@ -127,7 +134,6 @@ def run(args) -> int:
         # Bits per byte needs the loss summed over all the documents' tokens: scale by tokens / bytes.
         n_tok = sum(int((v[:, :-1] & v[:, 1:]).sum()) for _, v in batches)
         to_bpb = lambda loss: loss * n_tok / n_bytes / 0.6931471805599453  # noqa: E731
-    out = Path(args.out or f"runs/analyze-{time.strftime('%Y%m%d-%H%M%S')}")
     header = {"model": str(args.model), "config": model.config.name, "source": source, "windows": sum(
         b[0].shape[0] for b in batches), "seq_len": seq_len, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     written = []

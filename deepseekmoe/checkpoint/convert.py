@@ -5,7 +5,8 @@ The direction is read off SRC: a native model directory (config.json with
 released-format directory; a released-format directory (config.json with `model_type:
 "deepseek"`) becomes a native one. A sharded checkpoint of a distributed run (DCP) and a run
 directory (its newest checkpoint) count as native sources. Both sides are written atomically, so
-an interrupted conversion leaves DST as it was.
+an interrupted conversion leaves DST as it was, and carry the tokenizer files (hf.TOKENIZER_FILES),
+so the result can `generate`. An unwritable DST is refused before the source is read.
 """
 
 from __future__ import annotations
@@ -33,27 +34,33 @@ def add_arguments(p) -> None:
 
 def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", tokenizer=None,
             overwrite: bool = False) -> str:
-    """Convert `src` into the other format at `dst`; return the direction ('hf' or 'native' written)."""
+    """Convert `src` into the other format at `dst`; return the direction ('hf' or 'native' written).
+    The tokenizer files (of `tokenizer`, else of the source) are copied along either way."""
     from deepseekmoe.checkpoint import hf, native
+    from deepseekmoe.checkpoint.files import check_output
     from deepseekmoe.model.transformer import Transformer
 
     dst = Path(dst)
-    if dst.exists() and not overwrite:
+    if dst.is_dir() and not overwrite:
         raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    check_output(dst, directory=True)  # before the (long) load: a file in the way, a read-only folder
     if Path(src).resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: the output must differ from the input")
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise CheckpointError(f"--tokenizer {tokenizer}: no tokenizer.json there")
     kind, path = hf.find_checkpoint(src)
     if kind == "dcp":
         with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
             exported = _export_dcp(path, Path(tmp) / "model")
-            return convert(exported, dst, dtype, max_shard_size, tokenizer, overwrite)
+            saved = path if (path / "tokenizer.json").is_file() else None  # the run's, copied in by dcp.save
+            return convert(exported, dst, dtype, max_shard_size, tokenizer or saved, overwrite)
     model = Transformer.from_pretrained(path, dtype=dtype)
     if kind == "native":
-        if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
-            raise CheckpointError(f"--tokenizer {tokenizer}: no tokenizer.json there")
         model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer_dir=tokenizer)
         return "hf"
-    native.save_native(dst, model.config, model.state_dict())
+    src_dir = Path(tokenizer or path)
+    native.save_native(dst, model.config, model.state_dict(),
+                       companions=[src_dir / f for f in hf.TOKENIZER_FILES if (src_dir / f).is_file()])
     return "native"
 
 
@@ -61,10 +68,10 @@ def _export_dcp(path: Path, out: Path) -> Path:
     """The model of a distributed (DCP) training checkpoint as a native model directory."""
     from deepseekmoe.checkpoint.dcp import export_native, verify
 
-    return export_native(path, _model_config(path, verify(path)), out)
+    return export_native(path, dcp_model_config(path, verify(path)), out)
 
 
-def _model_config(path: Path, state: dict):
+def dcp_model_config(path: Path, state: dict):
     """The ModelConfig a DCP checkpoint's state.json records: the resolved config under "model";
     checkpoints written before that key hold only the recipe, whose model section is a preset name
     plus field overrides (TrainConfig.to_dict)."""

@@ -60,9 +60,11 @@ _SAME_NAME = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
               "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux", "max_position_embeddings",
               "initializer_range", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "attention_bias",
               "bos_token_id", "eos_token_id")
-# Files beside the weights that travel with a checkpoint (tokenizer, remote code, chat template).
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "configuration_deepseek.py", "modeling_deepseek.py", "tokenization_deepseek_fast.py")
+# Files beside the weights that travel with a checkpoint: the tokenizer (and chat template, in
+# tokenizer_config.json), which every format keeps, and the released format's remote code.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+COMPANION_FILES = (*TOKENIZER_FILES, "configuration_deepseek.py", "modeling_deepseek.py",
+                   "tokenization_deepseek_fast.py")
 
 
 # ---------------------------------------------------------------------- config.json

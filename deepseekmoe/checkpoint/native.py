@@ -3,11 +3,14 @@ exchange), written atomically (deepseekmoe.checkpoint.files):
 
     config.json        {"format": "deepseekmoe", "model": ModelConfig.to_dict()}
     model.safetensors  the Transformer's state_dict under this project's parameter names
+    tokenizer.json     (and the other hf.TOKENIZER_FILES) when the model has a tokenizer
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,8 +22,10 @@ NATIVE_FORMAT = "deepseekmoe"
 
 
 # ---------------------------------------------------------------------- native model directory
-def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extra: dict | None = None) -> None:
-    """Write config.json + model.safetensors atomically (a finished directory or nothing)."""
+def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extra: dict | None = None,
+                companions: Iterable[Path] = ()) -> None:
+    """Write config.json + model.safetensors atomically (a finished directory or nothing), with the
+    `companions` files (the tokenizer) copied in beside them."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -29,6 +34,8 @@ def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extr
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in companions:
+            shutil.copyfile(f, tmp / Path(f).name)
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,8 @@ build_sample('../shared/data/pretrain/gutenberg')"`).
 
 `default_dataset()` trains a 4096-entry byte-level BPE (the `tiny` preset's vocab_size, bos = 0,
 eos = 1) on the training books and prepares the token dataset once, in a cache directory keyed by
-the sample's hash, the vocab size and the dataset format version.
+the sample's hash, the vocab size and the dataset format version; the temporaries a killed build
+left there are deleted at the next build.
 """
 
 from __future__ import annotations
@@ -166,12 +167,15 @@ def default_dataset(cache_dir: str | Path | None = None, progress: bool = True) 
 
     Cache: `cache_dir`, else $DEEPSEEKMOE_CACHE, else $XDG_CACHE_HOME/deepseekmoe (~/.cache/...).
     """
+    from deepseekmoe.checkpoint.files import remove_temporaries
     from deepseekmoe.data.dataset import load_meta
     from deepseekmoe.data.prepare import prepare
 
     root = cache_root(cache_dir) / "data"
     out = root / f"gutenberg-sample-{sample_key()}"
     with _lock(root / ".lock"):
+        # Under the lock no other process writes here, so what a killed build left is stale.
+        remove_temporaries(root, "gutenberg-sample-")
         try:
             load_meta(out)
             return out

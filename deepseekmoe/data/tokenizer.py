@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from deepseekmoe.checkpoint.files import atomic_write_text
+from deepseekmoe.checkpoint.files import atomic_write_text, check_output
 from deepseekmoe.errors import DataError
 
 DEFAULT_BOS = "<|bos|>"
@@ -244,6 +244,8 @@ def train_tokenizer(texts_or_files, vocab_size: int, out_path: str | os.PathLike
     if vocab_size < min_size:
         raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {min_size} "
                         "(256 bytes + bos + eos)")
+    if out_path is not None:  # refuse an unwritable output now, not after the training
+        check_output(out_path, directory=False)
     texts = _texts(texts_or_files, field, max_bytes)
     first = next(texts, None)
     if first is None:

@@ -2,6 +2,8 @@
 
     deepseekmoe tokenizer train INPUT... --vocab-size N --out tokenizer.json
     deepseekmoe tokenizer show PATH [--text "some text"]
+
+PATH may be any model directory the other commands take (a run directory: its newest checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--field", default="text", help="jsonl field / parquet column (default text)")
     t.add_argument("--sample-mb", type=float, default=256, help="read at most this much text (default 256)")
     s = sub.add_parser("show", help="vocabulary size, bos/eos, and how a text is split")
-    s.add_argument("path", help="tokenizer.json, or a directory with one (a model or a prepared dataset)")
+    s.add_argument("path", help="tokenizer.json, or a directory with one (a model, a run directory or a "
+                   "prepared dataset)")
     s.add_argument("--text", default="Hello world!\n  DeepSeekMoE splits experts finely.",
                    help="text to encode and decode")
     s.add_argument("--bos", help="bos token (default: detected)")
@@ -36,7 +39,7 @@ def run(args) -> int:
                               max_bytes=int(args.sample_mb * 2**20), progress=True)
         print(f"wrote {args.out}: {tok!r}")
         return 0
-    tok = Tokenizer.from_file(args.path, args.bos, args.eos)
+    tok = Tokenizer.from_file(_tokenizer_location(args.path), args.bos, args.eos)
     ids = tok.encode(args.text)
     back = tok.decode(ids)
     print(repr(tok))
@@ -44,3 +47,20 @@ def run(args) -> int:
     print("pieces:", [tok.backend.id_to_token(i) for i in ids[:32]])
     print("round trip exact:", back == args.text)
     return 0
+
+
+def _tokenizer_location(spec: str):
+    """`spec`, or for a model directory without a tokenizer.json at its top (a run directory, a
+    training checkpoint) the folder of the model it stands for, as every model command reads it."""
+    from pathlib import Path
+
+    from deepseekmoe.checkpoint import hf
+    from deepseekmoe.errors import CheckpointError
+
+    path = Path(spec)
+    if not path.is_dir() or (path / "tokenizer.json").is_file():
+        return path
+    try:
+        return hf.find_checkpoint(path)[1]
+    except CheckpointError:  # not a model directory either: the tokenizer's own "not found" says it
+        return path

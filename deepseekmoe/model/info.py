@@ -16,7 +16,7 @@ from deepseekmoe.model.config import ModelConfig
 
 def add_arguments(p) -> None:
     p.add_argument("model", nargs="?", default="tiny",
-                   help="preset name (see --list), a config JSON of ours, or a checkpoint's config.json / dir")
+                   help="preset name (see --list), a config JSON, or a model, checkpoint or run directory")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for FLOPs (default: the paper's, 2048 or 4096, else 4096)")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
@@ -26,22 +26,33 @@ def add_arguments(p) -> None:
 
 
 def load_config(spec: str) -> ModelConfig:
-    """A preset name, our JSON config, or a released-format config.json (file or directory)."""
+    """A preset name, a config JSON (ours, a native model's or a released-format one), or any model
+    directory other commands take: released or native, a training checkpoint, a run directory."""
     path = Path(spec)
     if not path.exists():
         return presets.get(spec)
     if path.is_dir():
-        path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"{spec}: directory has no config.json")
+        from deepseekmoe.checkpoint import hf
+
+        kind, found = hf.find_checkpoint(path)
+        if kind == "dcp":
+            from deepseekmoe.checkpoint.convert import dcp_model_config
+            from deepseekmoe.checkpoint.dcp import verify
+
+            return dcp_model_config(found, verify(found))
+        path = found / "config.json"
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a readable JSON config ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a model config (a JSON object is expected)")
     if raw.get("model_type") is not None:
         from deepseekmoe.checkpoint import hf
 
         return hf.config_from_hf(raw)
+    if isinstance(raw.get("model"), dict) and "format" in raw:  # a native model directory's config.json
+        return ModelConfig.from_dict(raw["model"])
     return ModelConfig.from_dict(raw)
 
 
@@ -66,9 +77,11 @@ def run(args) -> int:
         return 0
     if args.paper:
         return _paper_table(args.json)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len {args.seq_len}: must be a positive number of tokens (e.g. --seq-len 4096)")
     cfg = load_config(args.model)
     ref = presets.PAPER.get(cfg.name)
-    seq = args.seq_len or (ref.seq_len if ref else 4096)
+    seq = args.seq_len if args.seq_len is not None else (ref.seq_len if ref else 4096)
     s = summary(cfg, seq)
     if args.json:
         print(json.dumps(s, indent=2))

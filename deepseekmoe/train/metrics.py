@@ -16,14 +16,18 @@ metrics.jsonl holds one JSON object per line with a "kind":
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from deepseekmoe.checkpoint.files import atomic_write_bytes, atomic_write_text, write_error
 
 if TYPE_CHECKING:
     from deepseekmoe.train.step import StepStats
@@ -164,7 +168,10 @@ class MetricsLogger:
                       f"metrics go to {self.path}", file=sys.stderr, flush=True)
             else:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:  # unbuffered: a record is on disk (or refused) when write returns, nothing waits in a buffer
+            self.file = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            raise write_error(e, self.path, self._fix) from e
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -172,9 +179,24 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, leave=True)
 
+    @property
+    def _fix(self) -> str:
+        return f"free space (or fix the path) and continue with --resume {self.path.parent}"
+
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, allow_nan=True) + "\n")
-        self.file.flush()
+        """Append one record, whole or not at all: a failed write (a full disk) is cut back to the
+        previous end of the file and raised as WriteError naming the resume command."""
+        line = (json.dumps(record, allow_nan=True) + "\n").encode("utf-8")
+        fd = self.file.fileno()
+        end = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(line):  # an unbuffered write may take part of the line
+                done += self.file.write(line[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):  # the error to report is the one being raised
+                os.ftruncate(fd, end)
+            raise write_error(e, self.path, self._fix) from e
         if self.tb is not None:
             step = record.get("step", 0)
             prefix = {"train": "train", "eval": "val", "nonfinite": "train"}.get(record.get("kind"), "misc")
@@ -243,8 +265,6 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep records up to `last_step` (resuming from that checkpoint re-creates the rest)."""
-    from deepseekmoe.checkpoint.files import atomic_write_text
-
     path = Path(path)
     if not path.exists():
         return
@@ -277,8 +297,6 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     ax.legend()
     fig.tight_layout()
     import io
-
-    from deepseekmoe.checkpoint.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
