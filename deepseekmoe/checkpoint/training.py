@@ -24,7 +24,6 @@ recognise them and load them at any world size, one process included.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
 import random
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepseekmoe.checkpoint.files import atomic_directory, prune, remove_temporaries
+from deepseekmoe.checkpoint.files import atomic_directory, prune, remove_temporaries, write_failure
 from deepseekmoe.checkpoint.native import load_native, save_native
 from deepseekmoe.errors import CheckpointError
 
@@ -131,7 +130,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     except Exception as e:  # OSError, and the RuntimeError / SafetensorError that wrap write failures
         earlier = [p.name for p in list_checkpoints(run_dir)]
         kept = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
-        why = _write_failure(e, Path(run_dir), _state_bytes(model, optimizer))
+        why = write_failure(e, run_dir, _state_bytes(model, optimizer))
         raise CheckpointError(f"could not save checkpoint {target} ({why}); {kept}. Free space (or "
                               f"choose another --out) and continue with --resume {run_dir}") from e
     prune(list_checkpoints(run_dir)[:-keep])
@@ -143,23 +142,6 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> in
     for st in optimizer.state.values():
         n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
     return n
-
-
-def _write_failure(e: Exception, run_dir: Path, need: int) -> str:
-    """Why a save failed, in words. torch.save and safetensors report a full disk as a generic
-    RuntimeError / SafetensorError, so the free space is checked too (the partial checkpoint has
-    already been removed, so it is compared with the checkpoint's size)."""
-    text = str(e)
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
-        return "the disk is full"
-    try:
-        free = shutil.disk_usage(run_dir if run_dir.exists() else run_dir.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 1.1 * need:
-        return f"not enough disk space: it needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
-    first = (text.strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # ---------------------------------------------------------------------- find and verify
