@@ -5,6 +5,7 @@ losses are skipped, logged, and stop the run after `train.max_nonfinite_steps`."
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.cli import main
@@ -124,31 +126,115 @@ def test_resume_from_nothing(capsys, tmp_path):
     assert "not both" in msg
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "delete"])
+def _flip(p: Path, where: float = 0.5) -> None:
+    b = bytearray(p.read_bytes())
+    b[int(len(b) * where)] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _rewrite(ck: Path, rel: str, data: bytes) -> None:
+    """Replace a file and update the manifest to match: damage only the loader can see."""
+    (ck / rel).write_bytes(data)
+    man = json.loads((ck / "manifest.json").read_text())
+    man["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ck / "manifest.json").write_text(json.dumps(man))
+
+
+def _state(ck: Path, **changes) -> bytes:
+    st = json.loads((ck / "state.json").read_text())
+    st.update(changes)
+    return json.dumps({k: v for k, v in st.items() if v is not None}).encode()
+
+
+# Each damage to the newest checkpoint (step 4) and the words the one-line refusal must hold.
+CORRUPTIONS = {
+    "flipped weights": (lambda ck: _flip(ck / "model" / "model.safetensors"),
+                        "model/model.safetensors does not match its checksum"),
+    "flipped optimizer": (lambda ck: _flip(ck / "optimizer.pt", 0.9), "optimizer.pt does not match its checksum"),
+    "flipped state.json": (lambda ck: _flip(ck / "state.json", 0.1), "state.json does not match its checksum"),
+    "truncated optimizer": (lambda ck: (ck / "optimizer.pt").write_bytes((ck / "optimizer.pt").read_bytes()[:1000]),
+                            "optimizer.pt has 1000 bytes"),
+    "empty weights": (lambda ck: (ck / "model" / "model.safetensors").write_bytes(b""),
+                      "model/model.safetensors has 0 bytes"),
+    "deleted state.json": (lambda ck: (ck / "state.json").unlink(), "state.json is missing"),
+    "deleted weights": (lambda ck: (ck / "model" / "model.safetensors").unlink(),
+                        "model/model.safetensors is missing"),
+    "deleted manifest": (lambda ck: (ck / "manifest.json").unlink(), "incomplete (no manifest.json)"),
+    "manifest not JSON": (lambda ck: (ck / "manifest.json").write_text("{not json"), "unreadable manifest.json"),
+    "manifest without files": (lambda ck: (ck / "manifest.json").write_text('{"format": "deepseekmoe-train"}'),
+                               "unreadable manifest.json"),
+    "manifest files a list": (lambda ck: (ck / "manifest.json").write_text('{"files": ["state.json"]}'),
+                              "unreadable manifest.json"),
+    "manifest entry without size": (lambda ck: (ck / "manifest.json").write_text(
+        '{"files": {"state.json": {"sha256": "0"}}}'), "unreadable manifest.json"),
+    "state.json not JSON": (lambda ck: _rewrite(ck, "state.json", b"{torn"), "unreadable state.json"),
+    "state.json binary": (lambda ck: _rewrite(ck, "state.json", b"\xff\xfe\x00"), "unreadable state.json"),
+    "wrong format": (lambda ck: _rewrite(ck, "state.json", _state(ck, format="other-trainer")),
+                     "is not a deepseekmoe training checkpoint (format='other-trainer')"),
+    "state.json without a step": (lambda ck: _rewrite(ck, "state.json", _state(ck, step=None)),
+                                  "state.json is damaged (no step)"),
+    "state.json a list": (lambda ck: _rewrite(ck, "state.json", b"[1, 2]"),
+                          "is not a deepseekmoe training checkpoint (format='list')"),
+    "model config.json not JSON": (lambda ck: _rewrite(ck, "model/config.json", b"{"), "corrupted JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
 def test_corrupted_checkpoint_on_resume(capsys, trained, tmp_path, damage):
     run = _copy_run(trained, tmp_path)
     ck = run / "checkpoints" / "step_0000004"
     before = (run / "metrics.jsonl").read_bytes()
-    if damage == "flip":
-        p = ck / "model" / "model.safetensors"
-        b = bytearray(p.read_bytes())
-        b[len(b) // 2] ^= 0xFF
-        p.write_bytes(bytes(b))
-        want = "model/model.safetensors does not match its checksum"
-    elif damage == "truncate":
-        p = ck / "optimizer.pt"
-        p.write_bytes(p.read_bytes()[:1000])
-        want = "optimizer.pt has 1000 bytes"
-    elif damage == "manifest":
-        (ck / "manifest.json").write_text("{not json")
-        want = "unreadable manifest.json"
-    else:
-        (ck / "state.json").unlink()
-        want = "state.json is missing"
+    spoil, want = CORRUPTIONS[damage]
+    spoil(ck)
     msg = _fail(capsys, "--resume", str(run))
     assert "step_0000004" in msg and want in msg
-    assert "step_0000002" in msg  # names the earlier checkpoint to resume from instead
+    if damage != "model config.json not JSON":  # found by the manifest: the earlier checkpoint is named
+        assert "step_0000002" in msg
     assert (run / "metrics.jsonl").read_bytes() == before  # nothing touched
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory):
+    """A run whose checkpoint step 2 is a sharded (DCP) one, as torchrun writes them."""
+    from deepseekmoe.parallel.mesh import ParallelConfig
+    from deepseekmoe.parallel.runtime import Runtime
+
+    run = tmp_path_factory.mktemp("dcp") / "r"
+    cfg = recipe.build(None, recipe_overrides(TINIER))
+    state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": 2, "config": cfg.to_dict(),
+             "data": {}, "rng": ckpt_io.rng_state()}
+    Runtime(None, ParallelConfig()).save(ckpt_io.step_dir(run, 2), Transformer(cfg.model_config()), None, state,
+                                         1, lambda: ckpt_io.list_checkpoints(run))
+    return run
+
+
+def _shard(ck: Path) -> Path:
+    return next(p for p in sorted(ck.iterdir()) if p.suffix == ".distcp")
+
+
+DCP_CORRUPTIONS = {
+    "dcp truncated .metadata": (lambda ck: (ck / ".metadata").write_bytes((ck / ".metadata").read_bytes()[:50]),
+                                "unreadable .metadata"),
+    "dcp garbage .metadata": (lambda ck: (ck / ".metadata").write_bytes(b"not a pickle"), "unreadable .metadata"),
+    "dcp deleted shard": (lambda ck: _shard(ck).unlink(), "is missing"),
+    "dcp truncated shard": (lambda ck: _shard(ck).write_bytes(b"x"), "is truncated: shard"),
+    "dcp deleted state.json": (lambda ck: (ck / "state.json").unlink(), "is not a complete distributed checkpoint"),
+    "dcp wrong format": (lambda ck: (ck / "state.json").write_text('{"format": "x", "step": 2}'),
+                         "not a deepseekmoe training checkpoint (format='x')"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DCP_CORRUPTIONS))
+def test_corrupted_distributed_checkpoint_on_resume(capsys, dcp_run, tmp_path, damage):
+    run = tmp_path / "copy"
+    shutil.copytree(dcp_run, run)
+    ck = run / "checkpoints" / "step_0000002"
+    spoil, want = DCP_CORRUPTIONS[damage]
+    spoil(ck)
+    msg = _fail(capsys, "--resume", str(ck))
+    assert "step_0000002" in msg and want in msg
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # nothing written
 
 
 def test_full_disk_during_save_keeps_previous_checkpoint(capsys, tmp_path, monkeypatch):
@@ -245,10 +331,13 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(monkeypatch, tmp_path)
     cfg = recipe.build(None, recipe_overrides(TINIER, ["--train.steps=10", "--train.max_nonfinite_steps=3"]))
     _nan_after(monkeypatch, {0, 5})  # every step from the 5th on
     out = tmp_path / "o"
-    with pytest.raises(DivergedError, match=r"3 consecutive steps \(up to step 7\).*step_0000004"):
+    with pytest.raises(DivergedError, match=r"3 consecutive steps \(up to step 7\).*step_0000006.*--resume"):
         Trainer(cfg, run_dir=out, echo=lambda s: None).run()
-    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000002", "step_0000004"]
-    assert ckpt_io.verify(out / "checkpoints" / "step_0000004")["step"] == 4
+    # The skipped step 6 still saved its checkpoint: the weights of step 4, unchanged by the skips.
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000004", "step_0000006"]
+    assert ckpt_io.verify(out / "checkpoints" / "step_0000006")["nonfinite_streak"] == 2
+    w4, w6 = (load_file(out / "checkpoints" / f"step_000000{s}" / "model" / "model.safetensors") for s in (4, 6))
+    assert w4.keys() == w6.keys() and all(torch.equal(w4[k], w6[k]) for k in w4)
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs if r["kind"] == "nonfinite"] == [5, 6, 7]
 

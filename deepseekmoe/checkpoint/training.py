@@ -108,9 +108,10 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict, tokenizer: Path | None = None, keep: int = 2) -> Path:
+         state: dict, tokenizer: Path | None = None, keep: int = 2, protect: Path | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` (files.prune: each
-    is renamed out of the listing before it is deleted).
+    is renamed out of the listing before it is deleted) and `protect` (the trainer's last good
+    checkpoint while the loss diverges).
 
     A failure (a full disk included) raises CheckpointError; the earlier checkpoints stay as
     they were and no partial directory is left."""
@@ -133,7 +134,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         why = write_failure(e, run_dir, _state_bytes(model, optimizer))
         raise CheckpointError(f"could not save checkpoint {target} ({why}); {kept}. Free space (or "
                               f"choose another --out) and continue with --resume {run_dir}") from e
-    prune(list_checkpoints(run_dir)[:-keep])
+    prune([p for p in list_checkpoints(run_dir) if protect is None or p.name != Path(protect).name][:-keep])
     return target
 
 
@@ -150,8 +151,8 @@ def resolve(spec: str | Path) -> Path:
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"--resume {spec}: no such checkpoint or run directory")
-    if (path / "manifest.json").exists() or (path / "state.json").exists():
-        return path
+    if any((path / name).exists() for name in ("manifest.json", "state.json", ".metadata")):
+        return path  # a checkpoint (native or DCP), complete or not: verify says which
     found = list_checkpoints(path)
     if found:
         return found[-1]
@@ -165,20 +166,18 @@ def verify(ckpt: Path) -> dict:
     if (ckpt / ".metadata").exists():  # a sharded checkpoint of a distributed run (DCP)
         from deepseekmoe.checkpoint.dcp import verify as verify_dcp
 
-        state = verify_dcp(ckpt)
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{ckpt} is not a deepseekmoe training checkpoint (format="
-                                  f"{state.get('format')!r})")
-        return state
+        return _check_state(ckpt, verify_dcp(ckpt))
     others = [p.name for p in list_checkpoints(ckpt.parent.parent) if p != ckpt] if ckpt.parent.name == \
         "checkpoints" else []
     hint = f"; earlier checkpoints you can resume from: {', '.join(others)}" if others else ""
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
         files = manifest["files"]
+        for rel, info in files.items():  # the shape every entry is read with below
+            _ = str(rel), int(info["size"]), str(info["sha256"])
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete (no manifest.json){hint}") from e
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupted (unreadable manifest.json){hint}") from e
     for rel, info in files.items():
         p = ckpt / rel
@@ -192,11 +191,23 @@ def verify(ckpt: Path) -> dict:
             raise CheckpointError(f"checkpoint {ckpt} is corrupted: {rel} does not match its checksum{hint}")
     try:
         state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable state.json ({e}){hint}") from e
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} is not a deepseekmoe training checkpoint (format="
-                              f"{state.get('format')!r})")
+    return _check_state(ckpt, state, hint)
+
+
+# What a resume reads from state.json (the rest is optional: counters default to 0).
+REQUIRED = ("step", "config", "data", "rng")
+
+
+def _check_state(ckpt: Path, state, hint: str = "") -> dict:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{ckpt} is not a deepseekmoe training checkpoint (format={fmt!r}){hint}")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing or not isinstance(state["step"], int) or not isinstance(state["config"], dict):
+        what = f"no {', '.join(missing)}" if missing else "a wrongly typed step or config"
+        raise CheckpointError(f"checkpoint {ckpt}: state.json is damaged ({what}){hint}")
     return state
 
 

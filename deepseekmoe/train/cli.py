@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default=None,
                    help="a TOML recipe (path, or a name in configs/ such as deepseekmoe-2b); default: the tiny job")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue a run exactly: a run or checkpoint directory; alone, the newest run "
+                   help="continue a run exactly: a run or checkpoint directory (a run that stopped before its "
+                        "first checkpoint restarts from step 0 with its config.toml); alone, the newest run "
                         "(of --out if given, else runs/<name>-*)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
@@ -84,7 +85,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _latest_run(name: str) -> Path:
     runs = sorted(Path("runs").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime) if Path("runs").is_dir() else []
-    runs = [r for r in runs if (r / "checkpoints").is_dir()]
+    runs = [r for r in runs if (r / "checkpoints").is_dir() or (r / "config.toml").is_file()]
     if not runs:
         raise ConfigError(f"--resume: no run of {name!r} under runs/; pass the run directory: --resume DIR")
     return runs[-1]
@@ -92,10 +93,11 @@ def _latest_run(name: str) -> Path:
 
 def run(args) -> int:
     from deepseekmoe.checkpoint import training as ckpt_io
+    from deepseekmoe.train.recovery import Interrupted, restartable
     from deepseekmoe.train.trainer import train
 
     overrides = getattr(args, "overrides", [])
-    resume = None
+    resume, restart = None, None
     if args.resume is not None:
         if args.recipe:
             raise ConfigError("give a recipe or --resume, not both: a resumed run keeps its own config "
@@ -105,9 +107,13 @@ def run(args) -> int:
             spec = Path(args.out) if args.out else _latest_run(name)
         else:
             spec = Path(args.resume)
-        resume = ckpt_io.resolve(spec)
-        state = ckpt_io.verify(resume)
-        cfg = recipe_mod.build(base=state["config"], overrides=overrides)
+        if restartable(spec):  # stopped before its first checkpoint: from step 0, with its own config
+            restart = spec
+            cfg = recipe_mod.build(str(spec / "config.toml"), overrides)
+        else:
+            resume = ckpt_io.resolve(spec)
+            state = ckpt_io.verify(resume)
+            cfg = recipe_mod.build(base=state["config"], overrides=overrides)
     else:
         cfg = recipe_mod.build(args.recipe, overrides)
     if args.out:
@@ -116,8 +122,12 @@ def run(args) -> int:
         print(recipe_mod.to_toml(cfg), end="")
         return 0
     t0 = time.perf_counter()
-    res = train(cfg, run_dir=Path(args.out) if args.out else None, resume=resume,
-                echo=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        res = train(cfg, run_dir=Path(args.out) if args.out else restart, resume=resume,
+                    echo=lambda s: print(s, file=sys.stderr, flush=True), restart=restart is not None)
+    except Interrupted as e:  # SIGINT / SIGTERM: checkpoint saved; exit as the signal would (130 / 143)
+        print(f"deepseekmoe train: {e}", file=sys.stderr)
+        return e.exit_code
     wall = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for the job
         return 0

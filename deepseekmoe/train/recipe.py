@@ -87,6 +87,10 @@ class TrainSection:
     seq_len: int = 256
     seed: int = 0  # model initialisation and every RNG
     max_nonfinite_steps: int = 5  # stop after this many consecutive NaN/inf steps (each is skipped)
+    # Stop when the logged loss stays above divergence_factor x its running minimum for
+    # divergence_steps logged steps (0 = off); the shipped runs stay below 1.05 x.
+    divergence_factor: float = 3.0
+    divergence_steps: int = 5
 
 
 @dataclass
@@ -172,6 +176,7 @@ class TrainConfig:
                            ("eval.every", self.eval.every, 0), ("eval.max_batches", self.eval.max_batches, 0),
                            ("checkpoint.every", self.checkpoint.every, 0), ("checkpoint.keep", self.checkpoint.keep, 1),
                            ("log.every", self.log.every, 1), ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
+                           ("train.divergence_steps", t.divergence_steps, 1),
                            ("sample.max_new_tokens", self.sample.max_new_tokens, 0)]:
             if v < lo:
                 raise ConfigError(f"{key}={v}: must be >= {lo}")
@@ -180,6 +185,9 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size="
                               f"{self.micro_batch_size} x {world_size} device(s); choose a micro-batch size "
                               "that divides the batch")
+        if t.divergence_factor != 0 and not t.divergence_factor > 1:
+            raise ConfigError(f"train.divergence_factor={t.divergence_factor}: must be > 1 (a multiple of the "
+                              "running minimum loss), or 0 to turn the divergence check off")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr}: the learning rate must be positive")
         if self.optim.grad_clip < 0 or self.optim.weight_decay < 0:

@@ -24,9 +24,15 @@ process included (`parallel.activation_checkpointing` / `parallel.compile`, also
 
 Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
 and AdamW's state are all in the checkpoint, and on CPU the trainer turns on deterministic
-kernels, so a run killed at any point and resumed reproduces the uninterrupted run's losses and
-final weights bit for bit (tests/test_train_resume.py). On GPU, atomics in the MoE backward make
-the last bits vary.
+kernels, so a run killed at any point and resumed with the same thread count reproduces the
+uninterrupted run's losses and final weights bit for bit (tests/test_train_resume.py,
+tests/test_train_recovery.py; the checkpoint records the thread count and a resume with another
+one says it is not bit-exact). On GPU, atomics in the MoE backward make the last bits vary.
+
+Every way a run stops leaves a way forward (train/recovery.py): a NaN/inf streak or a diverging
+loss stops with the last good checkpoint named; SIGINT / SIGTERM save a checkpoint at the end of
+the step and print the resume command; a run directory with a config but no checkpoint yet (a run
+that stopped before its first save) restarts from step 0 with `--resume` (`restart=True`).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.checkpoint.files import atomic_write_text
-from deepseekmoe.errors import ConfigError, DataError, UserError
+from deepseekmoe.errors import ConfigError, DataError
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
@@ -61,11 +67,8 @@ from deepseekmoe.train.metrics import (
 )
 from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
 from deepseekmoe.train.recipe import TrainConfig, to_toml
+from deepseekmoe.train.recovery import DivergedError, Divergence, Interrupted, StopSignals, check_new_run_dir
 from deepseekmoe.train.step import LocalStep, PipelineStep, StepStats
-
-
-class DivergedError(UserError):
-    """The loss (or gradient) stayed NaN/inf for `train.max_nonfinite_steps` steps in a row."""
 
 
 @dataclass
@@ -116,6 +119,7 @@ class _Loop:
     streak: int = 0  # consecutive non-finite steps
     last_ckpt: Path | None = None
     last_eval: tuple = (None, None)  # (val_loss, val_bpb)
+    div: Divergence | None = None
 
 
 # ---------------------------------------------------------------------------- setup
@@ -139,6 +143,11 @@ def _open_data(cfg: TrainConfig, vocab_size: int) -> _Data:
     if cfg.data.val_split not in splits:
         raise DataError(f"{path}: no split {cfg.data.val_split!r} for validation (has: {', '.join(splits)}); "
                         "set --data.val_split")
+    val_tokens = splits[cfg.data.val_split].get("tokens")
+    if val_tokens is not None and val_tokens < cfg.train.seq_len:  # the final validation needs one window
+        raise DataError(f"{path}: the {cfg.data.val_split!r} split has {val_tokens} tokens, fewer than "
+                        f"train.seq_len={cfg.train.seq_len}; use a shorter --train.seq_len or prepare a larger "
+                        "validation split")
     data.check_vocab(meta, vocab_size)  # token ids beyond the model's vocabulary
     return _Data(path, meta, cfg.data.val_split)
 
@@ -147,10 +156,11 @@ class Trainer:
     """One training run: `Trainer(cfg, run_dir, resume).run()` (what `train()` does)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None,
-                 echo=print):
+                 echo=print, restart: bool = False):
         self.cfg = cfg
         self.echo = echo
         self.state: dict = {}
+        self.restart = restart and resume is None
         if resume is not None:
             self.resume_from = ckpt_io.resolve(resume)
             self.state = ckpt_io.verify(self.resume_from)
@@ -158,9 +168,8 @@ class Trainer:
         else:
             self.resume_from = None
             self.run_dir = Path(run_dir) if run_dir else (Path(cfg.out) if cfg.out else default_run_dir(cfg))
-            if ckpt_io.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists():
-                raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume "
-                                  f"{self.run_dir}, or choose another --out")
+            if not self.restart:
+                check_new_run_dir(self.run_dir)
         cfg.validate()
         # Under torchrun: process group, mesh, this rank's device (else a no-op single process).
         self.rt = Runtime.from_env(cfg.parallel, "cpu" if cfg.system.device == "cpu" else None)
@@ -348,43 +357,71 @@ class Trainer:
             self.model.train()
 
     # ------------------------------------------------------------------ checkpoint
-    def _save(self, step: int, extra: dict) -> Path:
+    def _save(self, loop: _Loop) -> Path:
+        """Checkpoint the state after `loop.step`; while the loss is diverging, the last checkpoint
+        saved before it rose is kept out of pruning."""
+        step, protect = loop.step, loop.div.protected()
         state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
-                 "data_path": str(self.data.path), "model": self.mcfg.to_dict(), **extra}
+                 "data_path": str(self.data.path), "model": self.mcfg.to_dict(), "tokens": loop.tokens,
+                 "nonfinite_streak": loop.streak, "divergence": loop.div.state_dict(),
+                 "threads": torch.get_num_threads(), "elapsed_s": time.perf_counter() - loop.t_start}
         tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
         if self.rt.distributed:  # sharded (DCP), same directory names, loadable at any world size
             full = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": step, **state}
-            return self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.ckpt_model, self.ckpt_optim, full,
-                                self.cfg.checkpoint.keep, lambda: ckpt_io.list_checkpoints(self.run_dir),
-                                files={"tokenizer.json": tokenizer})
-        return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state,
-                            tokenizer=tokenizer, keep=self.cfg.checkpoint.keep)
+            listing = lambda: [p for p in ckpt_io.list_checkpoints(self.run_dir) if protect is None  # noqa: E731
+                               or p.name != protect.name]
+            path = self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.ckpt_model, self.ckpt_optim, full,
+                                self.cfg.checkpoint.keep, listing, files={"tokenizer.json": tokenizer})
+        else:
+            path = ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state, tokenizer=tokenizer,
+                                keep=self.cfg.checkpoint.keep, protect=protect)
+        loop.last_ckpt = path
+        loop.div.saved(path)
+        return path
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
-        # CPU: deterministic kernels make runs (and so resumed runs) bit-identical at any thread
-        # count; without them the multi-threaded index_put backward of the expert permutation
-        # accumulates in a varying order. No measurable cost on CPU; GPUs keep the fast kernels.
+        # CPU: deterministic kernels make two runs with the same thread count bit-identical (and so
+        # a resumed run identical to an uninterrupted one); without them the multi-threaded
+        # index_put backward of the expert permutation accumulates in a varying order. Different
+        # thread counts still differ in the last bits (other kernels split their sums by thread),
+        # hence the warning at a resume with another count. No measurable cost on CPU; GPUs keep
+        # the fast kernels. SIGINT / SIGTERM stop the run at the end of a step (one process).
         previous = torch.are_deterministic_algorithms_enabled()
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         try:
-            return self._run()
+            with StopSignals(on=not self.rt.distributed) as self.stop:
+                return self._run()
         finally:
             torch.use_deterministic_algorithms(previous)
 
     def _run(self) -> TrainResult:
-        loop = _Loop(t_start=time.perf_counter())
+        t = self.cfg.train
+        loop = _Loop(t_start=time.perf_counter(), div=Divergence(t.divergence_factor, t.divergence_steps))
         self._build()
         self._start(loop)
         log = self._open_log(loop.step)
         meter = StepMeter(self.device)
         try:
-            while loop.step < self.cfg.train.steps:
+            self._stop_if_signalled(loop)
+            while loop.step < t.steps:
                 self._train_step(loop, meter, log)
+                self._stop_if_signalled(loop)
         finally:
             log.close()
         return self._finish(loop)
+
+    def _stop_if_signalled(self, loop: _Loop) -> None:
+        """After SIGINT / SIGTERM: a checkpoint of this step (unless one was just saved), then
+        Interrupted carrying the resume command."""
+        if not self.stop.received:
+            return
+        if loop.last_ckpt is None or loop.last_ckpt.name != ckpt_io.step_dir(self.run_dir, loop.step).name:
+            self._save(loop)
+        raise Interrupted(self.stop.received, f"{self.stop.name()} received: stopped after step {loop.step} of "
+                          f"{self.cfg.train.steps}, checkpoint {loop.last_ckpt} saved; continue with: "
+                          f"deepseekmoe train --resume {self.run_dir}")
 
     def _start(self, loop: _Loop) -> None:
         """Restore the checkpoint when resuming; read the first batch, so that a bad one fails
@@ -398,15 +435,26 @@ class Trainer:
         if self.rt.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temporaries(self.run_dir)
-            if self.resume_from is not None:
+            if self.resume_from is not None or self.restart:  # the log reads as one run
                 truncate_metrics(self.run_dir / "metrics.jsonl", loop.step)
         if self.resume_from is not None:
             ckpt_io.set_rng_state(self.state["rng"])
+            self._warn_thread_change()
         if self.rt.is_rank0:
             atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         loop.tokens = int(self.state.get("tokens", 0))
         loop.streak = int(self.state.get("nonfinite_streak", 0))
+        if "divergence" in self.state:
+            loop.div.load_state_dict(self.state["divergence"])
         loop.last_ckpt = self.resume_from
+
+    def _warn_thread_change(self) -> None:
+        """CPU kernels split their sums by thread: another thread count is not bit-exact."""
+        saved, now = self.state.get("threads"), torch.get_num_threads()
+        if self.device.type == "cpu" and saved is not None and saved != now:
+            self.echo(f"warning: {self.resume_from} was written by a run with {saved} CPU thread(s), this one has "
+                      f"{now}: it continues correctly but not bit-identically to an uninterrupted run (set "
+                      f"--system.threads={saved} for that)")
 
     def _open_log(self, step: int):
         """Rank 0's metrics logger (metrics.jsonl, progress bar, TensorBoard), after the opening line."""
@@ -421,6 +469,7 @@ class Trainer:
                   f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens (accum {self.accum}), data "
                   f"{self.data.path}, run dir {self.run_dir}"
                   + (f", resumed at step {step}" if self.resume_from else "")
+                  + (", restarted from step 0 (it had no checkpoint)" if self.restart else "")
                   + (f", {self.rt.describe()}" if self.rt.distributed else "")
                   + (f", pipeline {cfg.parallel.pp_schedule} over {self.pipe.n_stages} stages (blocks "
                      + " | ".join(f"{s[0]}-{s[-1]}" for s in self.pipe.split) + f"), {self.accum} micro-batches "
@@ -441,17 +490,17 @@ class Trainer:
         ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
         loop.tokens += ntok
         meter.count_tokens(ntok)
-        if not finite:
+        if finite:
+            loop.streak = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            meter.add(stats, gnorm)
+            if due(loop.step, cfg.log.every, cfg.train.steps):
+                self._log_train(loop, meter, lr, log)
+            log.advance(1, loss=f"{float(stats.loss):.3f}", lr=f"{lr:.1e}")
+        else:  # the weights are unchanged, so the validation and checkpoint due are still made
             self._skip_nonfinite(loop, stats.loss, gnorm, log)
             log.advance(1)
-            return
-        loop.streak = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        meter.add(stats, gnorm)
-        if due(loop.step, cfg.log.every, cfg.train.steps):
-            self._log_train(loop, meter, lr, log)
-        log.advance(1, loss=f"{float(stats.loss):.3f}", lr=f"{lr:.1e}")
         evaluate = due(loop.step, cfg.eval.every, cfg.train.steps)
         save = due(loop.step, cfg.checkpoint.every, cfg.train.steps)
         if evaluate:
@@ -460,8 +509,7 @@ class Trainer:
             bpb = f", {loop.last_eval[1]:.3f} bits/byte" if loop.last_eval[1] is not None else ""
             log.print(f"step {loop.step}: validation loss {loop.last_eval[0]:.4f}{bpb}")
         if save:
-            loop.last_ckpt = self._save(loop.step, {"tokens": loop.tokens, "nonfinite_streak": loop.streak,
-                                                    "elapsed_s": time.perf_counter() - loop.t_start})
+            self._save(loop)
         if evaluate or save:
             meter.restart()  # keep evaluation and saving out of tokens/s
 
@@ -475,6 +523,9 @@ class Trainer:
         log.write(rec)
         log.print(format_train_record(rec, self.cfg.train.steps))
         meter.restart()
+        if loop.div.update(loop.step, rec["loss"]):
+            raise DivergedError(loop.div.message(loop.step, rec["loss"], self.cfg.optim.lr, self.run_dir,
+                                                 fresh=not ckpt_io.list_checkpoints(self.run_dir)))
 
     def _skip_nonfinite(self, loop: _Loop, loss: torch.Tensor, gnorm: torch.Tensor, log) -> None:
         """A NaN/inf loss or gradient: drop the gradients, log the step; DivergedError after
@@ -485,10 +536,13 @@ class Trainer:
         log.print(f"step {loop.step}: non-finite loss/gradient ({float(loss)}, grad norm {float(gnorm)}); "
                   f"update skipped ({loop.streak} in a row)")
         if loop.streak >= self.cfg.train.max_nonfinite_steps:
-            where = f"the last good checkpoint is {loop.last_ckpt}" if loop.last_ckpt else "no checkpoint was saved"
+            # Skipped steps leave the weights as they were: the newest checkpoint is a good one.
+            where = (f"the last good checkpoint is {loop.last_ckpt}; lower --optim.lr or raise "
+                     f"--train.max_nonfinite_steps, then --resume {self.run_dir}" if loop.last_ckpt else
+                     "no checkpoint was saved yet; lower --optim.lr or raise --train.max_nonfinite_steps, then "
+                     f"--resume {self.run_dir} (restarts from step 0)")
             raise DivergedError(
-                f"the loss was NaN/inf for {loop.streak} consecutive steps (up to step {loop.step}); stopped. "
-                f"{where}; lower --optim.lr or raise --train.max_nonfinite_steps, then --resume")
+                f"the loss was NaN/inf for {loop.streak} consecutive steps (up to step {loop.step}); stopped. {where}")
 
     def _finish(self, loop: _Loop) -> TrainResult:
         """The result, the loss-curve PNG and the generated sample."""
@@ -525,8 +579,9 @@ def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, tem
     return tok.decode(ids[1:] + new)
 
 
-def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print) -> TrainResult:
-    trainer = Trainer(cfg, run_dir, resume, echo)
+def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print,
+          restart: bool = False) -> TrainResult:
+    trainer = Trainer(cfg, run_dir, resume, echo, restart)
     # Distributed: a peer that dies ends this rank at once with one message (no hang).
     with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None)):
         result = trainer.run()

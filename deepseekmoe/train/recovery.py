@@ -1,0 +1,159 @@
+"""How a training run stops when it has to, leaving a way forward.
+
+  Divergence    a finite loss that keeps growing: a logged training loss above
+                `train.divergence_factor` x its running minimum for `train.divergence_steps`
+                consecutive logged steps stops the run (DivergedError) naming the last checkpoint
+                saved before the loss went up, which the trainer keeps out of pruning meanwhile
+  StopSignals   SIGINT / SIGTERM (one process): the trainer finishes the current step, saves a
+                checkpoint and raises Interrupted, whose message is the exact resume command; the
+                command exits 128 + the signal number (130 / 143), as a shell reports the signal.
+                A second signal acts as it would without the trainer (kill at once: the atomic
+                checkpoint writes never leave a torn checkpoint behind).
+  restartable   a run directory with a config.toml but no checkpoint (stopped before its first
+                save): `train --resume DIR` restarts it from step 0 with that config
+  check_new_run_dir  a new run goes into a new or empty folder, never over a run or among
+                unrelated files
+
+Both are state the checkpoint carries (Divergence.state_dict) or nothing at all (signals), so a
+resumed run detects exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepseekmoe.checkpoint import training as ckpt_io
+from deepseekmoe.errors import ConfigError, UserError
+
+# What a run directory holds (a new run refuses a folder holding anything else).
+RUN_FILES = {"config.toml", "metrics.jsonl", "checkpoints", "loss.png", "tensorboard"}
+
+
+class DivergedError(UserError):
+    """The loss was NaN/inf for `train.max_nonfinite_steps` steps in a row, or stayed above
+    `train.divergence_factor` x its running minimum for `train.divergence_steps` logged steps."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint has been saved and the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class Divergence:
+    """The running minimum of the logged training loss and the current streak above factor x it."""
+
+    factor: float  # 0: off
+    steps: int
+    best: float = float("inf")
+    streak: int = 0
+    since: int = 0  # first step of the current streak
+    good: str | None = None  # the newest checkpoint saved outside a streak (kept from pruning)
+
+    def update(self, step: int, loss: float) -> bool:
+        """Account one logged loss; True when the run has diverged."""
+        if self.factor <= 0:
+            return False
+        if loss > self.factor * self.best:
+            if self.streak == 0:
+                self.since = step
+            self.streak += 1
+        else:
+            self.streak = 0
+        self.best = min(self.best, loss)
+        return self.streak >= self.steps
+
+    def saved(self, ckpt: Path) -> None:
+        """A checkpoint was written: it is the good one unless the loss is up."""
+        if self.streak == 0:
+            self.good = str(ckpt)
+
+    def protected(self) -> Path | None:
+        """The checkpoint pruning must keep: the good one, while the loss is up."""
+        return Path(self.good) if self.streak and self.good else None
+
+    def message(self, step: int, loss: float, lr: float, run_dir: Path, fresh: bool) -> str:
+        """The stop message; `fresh`: the run directory holds no checkpoint at all."""
+        fix = f"lower --optim.lr (now {lr:g}) or raise --train.divergence_factor (0 = off)"
+        if self.good:
+            where = f"the last good checkpoint (before the loss rose) is {self.good}; {fix}, then --resume {self.good}"
+        elif fresh:
+            where = f"no checkpoint was saved; {fix}, then --resume {run_dir} (restarts from step 0)"
+        else:
+            where = (f"every checkpoint was saved after the loss rose; {fix} and start again with another "
+                     f"--out (or delete {run_dir})")
+        return (f"the training loss diverged: {loss:.4g} at step {step}, above {self.factor:g} x its running "
+                f"minimum {self.best:.4g} for {self.streak} consecutive logged steps (since step {self.since}); "
+                f"stopped. {where}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "streak": self.streak, "since": self.since, "good": self.good}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.streak = float(d["best"]), int(d["streak"])
+        self.since, self.good = int(d["since"]), d["good"]
+
+
+class StopSignals:
+    """`with StopSignals(on) as stop:` ... `stop.received` is the first SIGINT/SIGTERM's number (or
+    None). Installed only in the main thread of a single process (`on`): under torchrun every rank
+    would have to agree on the step to stop at, so distributed runs keep the default handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on: bool = True):
+        self.on = on and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        for s, h in self._previous.items():  # a second signal: the default behaviour, at once
+            signal.signal(s, h)
+
+    def __enter__(self) -> StopSignals:
+        if self.on:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+
+def restartable(run_dir: Path) -> bool:
+    """A run directory that holds a run's config but no checkpoint (it stopped before its first
+    save): `--resume` restarts it from step 0 with that config."""
+    run_dir = Path(run_dir)
+    return (run_dir / "config.toml").is_file() and not ckpt_io.list_checkpoints(run_dir)
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run goes into a new or empty directory, never over a run or among unrelated files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory; choose another --out")
+    if restartable(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run that has no checkpoint yet; restart it from step 0 "
+                          f"with --resume {run_dir}, or choose another --out")
+    if ckpt_io.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+                          "another --out")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES) if run_dir.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ConfigError(f"--out {run_dir} holds files that are not a training run ({shown}); choose a new or "
+                          "empty directory")
