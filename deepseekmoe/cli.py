@@ -28,6 +28,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help only when X says something (not None / False) and
+    the help does not already state its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseekmoe",
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         name = argv[0]
         module = importlib.import_module(COMMANDS[name][0])
         sub = argparse.ArgumentParser(prog=f"deepseekmoe {name}", description=COMMANDS[name][1],
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      formatter_class=HelpFormatter)
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
         args.command = name

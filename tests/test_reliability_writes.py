@@ -212,3 +212,16 @@ def test_info_takes_model_run_and_native_directories_and_refuses_bad_seq_len(tmp
         assert err.count("\n") == 1 and f"--seq-len {bad}: must be a positive number" in err, err
     assert main(["info", "tiny", "--seq-len", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seq_len"] == 64
+
+
+def test_train_out_under_a_file_is_one_line_before_the_build(tmp_path, capsys):
+    from tests.test_train_errors import TINIER
+
+    (tmp_path / "file").write_text("user data")
+    rc = main(["train", *TINIER, "--out", str(tmp_path / "file" / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"cannot write {tmp_path / 'file' / 'run'} (" in lines[0], err
+    assert "file is a file, not a folder" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "user data"

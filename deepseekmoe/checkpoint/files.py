@@ -127,7 +127,7 @@ def check_output(path: str | Path, directory: bool) -> None:
     if path.exists() and path.is_dir() != directory:
         why = f"{path} is a file, not a folder" if directory else f"{path} is a directory"
         raise WriteError(f"cannot write {path} ({why}): choose another output path", why)
-    folder = _blocking_file(path)
+    folder = path if path.is_dir() else _blocking_file(path)  # where the new names are made
     if not folder.is_dir():
         raise write_error(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)), path)
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -33,6 +33,9 @@ def load_meta(data_dir: str | Path) -> dict:
     """Read and check meta.json and the shard files it names; DataError on anything amiss."""
     d = Path(data_dir)
     hint = f"create one with `deepseekmoe prepare INPUT... --out {d}`"
+    if d.is_file():  # a corpus given where its prepared dataset belongs: never suggest writing over it
+        raise DataError(f"{d}: a file, not a prepared dataset directory; tokenize it first with "
+                        f"`deepseekmoe prepare {d} --out {d.parent / (d.stem + '-tokens')}` and pass that directory")
     if not d.is_dir():
         raise DataError(f"{d}: no such dataset directory; {hint}")
     p = d / "meta.json"

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from deepseekmoe.inference.cli import add_common_arguments, load_for_inference, sampling_kwargs
+from deepseekmoe.errors import ConfigError, DataError
+from deepseekmoe.inference.cli import (
+    add_common_arguments,
+    decode_utf8,
+    load_for_inference,
+    sampling_kwargs,
+    stdin_bytes,
+    utf8_text,
+)
 
 
 def add_arguments(p) -> None:
@@ -20,20 +28,35 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from deepseekmoe.inference.generate import _special_ids, chat_ids, generate
 
+    if args.system is not None:
+        utf8_text(args.system, "--system")
     model, tok, mode = load_for_inference(args)
     bos, eos = _special_ids(model, tok)
     kw = sampling_kwargs(args, mode)
     limit = model.config.max_position_embeddings - args.max_new_tokens
+    if limit < 2:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in the "
+                          f"model's context of {model.config.max_position_embeddings} tokens; pass a smaller "
+                          "--max-new-tokens")
     interactive = sys.stdin.isatty()
     history: list[dict] = []
+    lineno = 0
     if interactive:
         print("deepseekmoe chat: /reset clears the conversation, /exit quits", file=sys.stderr)
     while True:
         if interactive:
             print("User: ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = stdin_bytes(line=True)
+        if not raw:
             break
+        lineno += 1
+        try:
+            line = decode_utf8(raw, f"stdin line {lineno}")
+        except DataError as e:
+            if not interactive:  # a piped conversation cannot be typed again
+                raise
+            print(f"({e}; type the message again)", file=sys.stderr)
+            continue
         msg = line.rstrip("\n")
         if msg.strip() in ("/exit", "/quit"):
             break

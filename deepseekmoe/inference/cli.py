@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from deepseekmoe.errors import ConfigError
+from deepseekmoe.errors import ConfigError, DataError
 from deepseekmoe.model.dtypes import CLI_NAMES, parse_dtype
 
 
@@ -26,7 +26,8 @@ def add_common_arguments(p, max_new_tokens: int = 128) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=list(CLI_NAMES),
                    help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="most tokens to generate per reply (prompt + these must fit the model's context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -47,6 +48,36 @@ def check_sampling(args) -> None:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+
+
+def utf8_text(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; bytes that were not UTF-8 (argv and stdin decode them as lone
+    surrogates under surrogateescape) raise one DataError naming where they are."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character \\u{ch:04x}"
+        raise DataError(f"{where}: not valid UTF-8 text ({what} at character {e.start}); give UTF-8 text "
+                        "(e.g. convert it with `iconv -t utf-8`)") from None
+    return text
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Bytes read from stdin as text; DataError naming the offset of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "give UTF-8 text (e.g. convert it with `iconv -t utf-8`)") from None
+
+
+def stdin_bytes(line: bool = False) -> bytes:
+    """All of stdin (or its next line) as bytes; a replaced sys.stdin without a buffer is read as text."""
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is not None:
+        return buf.readline() if line else buf.read()
+    return (sys.stdin.readline() if line else sys.stdin.read()).encode("utf-8", "surrogateescape")
 
 
 def load_for_inference(args):
@@ -100,7 +131,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from deepseekmoe.inference.generate import generate
 
-    prompts = args.prompt or [sys.stdin.read()]
+    prompts = [utf8_text(p, "--prompt") for p in args.prompt] or [decode_utf8(stdin_bytes(), "the prompt on stdin")]
     if any(not p for p in prompts):
         raise ConfigError("empty prompt: give some text with --prompt or on stdin")
     model, tok, mode = load_for_inference(args)

@@ -255,6 +255,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     cfg = model.config
+    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the model's vocabulary (vocab_size={cfg.vocab_size}): "
+                          "the tokenizer does not belong to this model; use the model's own (--tokenizer DIR)")
     B, L = len(prompts), max(len(p) for p in prompts)
     if L + max_new_tokens > cfg.max_position_embeddings:
         raise ConfigError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "

@@ -177,7 +177,8 @@ class TrainConfig:
                            ("checkpoint.every", self.checkpoint.every, 0), ("checkpoint.keep", self.checkpoint.keep, 1),
                            ("log.every", self.log.every, 1), ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
                            ("train.divergence_steps", t.divergence_steps, 1),
-                           ("sample.max_new_tokens", self.sample.max_new_tokens, 0)]:
+                           ("sample.max_new_tokens", self.sample.max_new_tokens, 0),
+                           ("system.threads", self.system.threads, 0)]:
             if v < lo:
                 raise ConfigError(f"{key}={v}: must be >= {lo}")
         per_step = self.micro_batch_size * world_size
@@ -365,6 +366,11 @@ def resolve_recipe(spec: str) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.toml"))
+        what = f"pass one of its recipes ({', '.join(inside[:5])})" if inside else "pass the path of a .toml recipe"
+        raise ConfigError(f"recipe {spec!r} is a directory, not a recipe file; {what}, or continue a run "
+                          f"there with `deepseekmoe train --resume {spec}`")
     if path.suffix == "" and (recipes_dir() / f"{spec}.toml").is_file():
         return recipes_dir() / f"{spec}.toml"
     shipped = sorted(p.stem for p in recipes_dir().glob("*.toml")) if recipes_dir().is_dir() else []

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from deepseekmoe.checkpoint import training as ckpt_io
-from deepseekmoe.checkpoint.files import atomic_write_text
+from deepseekmoe.checkpoint.files import atomic_write_text, check_output
 from deepseekmoe.errors import ConfigError, DataError
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.model.moe.router import device_loss_groups
@@ -174,6 +174,8 @@ class Trainer:
         # Under torchrun: process group, mesh, this rank's device (else a no-op single process).
         self.rt = Runtime.from_env(cfg.parallel, "cpu" if cfg.system.device == "cpu" else None)
         self.run_dir = self.rt.broadcast(self.run_dir)  # rank 0's timestamped default name
+        if self.rt.is_rank0:  # a file in the way of --out, a folder it cannot write: said now
+            check_output(self.run_dir, directory=True)
         self.device = self.rt.device or resolve_device(cfg.system.device)
         if cfg.system.threads > 0:
             torch.set_num_threads(cfg.system.threads)

@@ -1,0 +1,250 @@
+"""Malformed input to every command: one line `deepseekmoe CMD: error: ...` naming the value and the
+fix, exit status 2, no traceback, nothing half-written.
+
+CASES is the one list of the cases: `test_bad_input` runs each through `deepseekmoe.cli.main` in
+this process on tiny fixtures, and docs/reliability.md holds the table rendered from it (checked by
+`test_doc_table_is_the_case_list`; `python tests/test_reliability_inputs.py` rewrites it).
+In a command line, an upper-case word in braces is a fixture (described in FIXTURES) and
+{OUT} a fresh path the command must not create.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from deepseekmoe.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+BEGIN, END = "<!-- cases: begin (generated from tests/test_reliability_inputs.py) -->", "<!-- cases: end -->"
+TEXT = [f"Document number {i}.\nSome text here, and more text there.\n" for i in range(8)]
+
+FIXTURES = {
+    "MODEL": "a tiny saved model (released format, vocab 300, with its tokenizer.json)",
+    "SMALL": "a tiny saved model of vocab 64, without a tokenizer",
+    "TOK": "a directory holding the tokenizer.json of MODEL (vocab 300)",
+    "DATA": "a prepared dataset (prepare CORPUS --tokenizer TOK)",
+    "CORPUS": "corpus.txt, a few lines of UTF-8 text",
+    "CORPUS2": "another UTF-8 text file (DATA's second input)",
+    "LATIN1": "latin1.txt, text that is not UTF-8",
+    "EMPTY": "an empty .txt file",
+    "EMPTYDIR": "an empty directory",
+    "BINARY": "a file of random bytes named .safetensors / .json / .toml where the command expects one",
+    "TRUNC": "a copy of MODEL whose model.safetensors is cut in half",
+    "BADTYPE": "a copy of MODEL whose config.json says hidden_size \"big\"",
+    "LLAMA": "a directory whose config.json says model_type \"llama\"",
+    "STUFF": "a directory holding an unrelated user file",
+    "RECIPES": "a directory holding a.toml (a recipe)",
+    "BADTOML": "a .toml recipe that is not valid TOML",
+    "FILE": "an existing plain file",
+}
+
+
+class Case(NamedTuple):
+    argv: str                 # the command line after `deepseekmoe`, shell-quoted, fixtures in braces
+    message: str              # what the one error line must contain
+    stdin: bytes | None = None
+
+
+# {XFF} is the byte 0xff on the command line (Python hands it over as the surrogate escape \udcff).
+CASES = [
+    # info
+    Case("info deepseekmoe-16 --seq-len 128", "unknown preset 'deepseekmoe-16' (did you mean 'deepseekmoe-16b'?)"),
+    Case("info {BADTYPE}", "hidden_size='big': must be a positive integer"),
+    Case("info {LLAMA}", "model_type='llama' is not supported"),
+    Case("info --seq-len -5", "--seq-len -5: must be a positive number of tokens"),
+    Case("info {EMPTYDIR}", "emptydir: no config.json (expected a released deepseek-moe checkpoint"),
+    # prepare
+    Case("prepare {CORPUS}/missing.txt --out {OUT}", "missing.txt: no such file or directory"),
+    Case("prepare {EMPTYDIR} --out {OUT}", "no supported files in this directory (it is empty)"),
+    Case("prepare {EMPTY} --out {OUT} --val-fraction 0", "empty corpus: no non-empty document"),
+    Case("prepare {LATIN1} --out {OUT}", "not valid UTF-8 at byte offset 3"),
+    Case("prepare {BINARY}.json --out {OUT}", "unsupported file type"),
+    Case("prepare {CORPUS} --out {OUT} --vocab-size 10000000000", "--vocab-size 10000000000: too large"),
+    Case("prepare {CORPUS} --out {OUT} --vocab-size 10", "vocab size 10 is too small"),
+    Case("prepare {CORPUS} --val {CORPUS} --out {OUT}", "is also a training input"),
+    Case("prepare {CORPUS} --out {OUT} --val-fraction 1.5", "validation fraction 1.5 must be in [0, 1)"),
+    Case("prepare {CORPUS} --out {OUT} --workers 0", "workers=0: need at least 1"),
+    Case("prepare {CORPUS} --out {OUT} --shard-tokens 0", "shard size 0 must be a positive number"),
+    Case("prepare {CORPUS} --out {FILE}", "exists and is not a directory"),
+    Case("prepare {CORPUS} --out {STUFF}", "exists and is not a prepared dataset; choose a new directory"),
+    Case("prepare {CORPUS} --out {FILE}/sub", "file is a file, not a folder"),
+    Case("prepare {CORPUS} --out {OUT} --tokenizer {CORPUS}/nope.json", "nope.json: tokenizer file not found"),
+    Case("prepare {CORPUS} --out {OUT} --bos '<s>'", "--bos/--eos name the special tokens of a given --tokenizer"),
+    Case("prepare {CORPUS} --out {OUT} --tokenizer {TOK} --vocab-size 100", "beyond the vocab size 100"),
+    # tokenizer
+    Case("tokenizer show {EMPTYDIR}", "tokenizer.json: tokenizer file not found"),
+    Case("tokenizer show {BINARY}.json", "binary.json: not a Hugging Face `tokenizers` file"),
+    # train
+    Case("train tiyn", "recipe 'tiyn' not found (did you mean 'tiny'?)"),
+    Case("train {RECIPES}", "is a directory, not a recipe file; pass one of its recipes (a.toml)"),
+    Case("train {BADTOML}", "invalid TOML"),
+    Case("train --data.path={CORPUS}", "a file, not a prepared dataset directory; tokenize it first with"),
+    Case("train --data.path={EMPTYDIR}", "not a prepared dataset (no meta.json)"),
+    Case("train --system.threads=-1", "system.threads=-1: must be >= 0"),
+    Case("train --train.steps=0", "train.steps=0: must be >= 1"),
+    Case("train --train.stepz=3", "unknown key 'train.stepz' in the command line (did you mean 'train.steps'?)"),
+    Case("train --train.steps=many", "train.steps='many': expected an integer"),
+    Case("train --model.preset=tinyy", "unknown preset 'tinyy' (did you mean 'tiny'?)"),
+    Case("train --optim.lr=-1", "optim.lr=-1.0: the learning rate must be positive"),
+    Case("train {BINARY}.toml", "binary.toml: not UTF-8 text"),
+    Case("train --data.path={DATA} --train.seq_len=100000",
+         "train.seq_len=100000 exceeds the model's max_position_embeddings"),
+    Case("train --resume {EMPTYDIR}", "emptydir: no checkpoint in this directory"),
+    # generate
+    Case("generate --model {CORPUS}/missing --prompt hi", "missing: no such checkpoint directory"),
+    Case("generate --model {TRUNC} --prompt hi", "model.safetensors: truncated or corrupted safetensors file"),
+    Case("generate --model {BADTYPE} --prompt hi", "hidden_size='big': must be a positive integer"),
+    Case("generate --model {LLAMA} --prompt hi", "model_type='llama' is not supported"),
+    Case("generate --model {MODEL} --prompt caf{XFF}", "--prompt: not valid UTF-8 text (byte 0xff at character 3)"),
+    Case("generate --model {MODEL}", "the prompt on stdin: not valid UTF-8 text (byte 0xff at offset 3)",
+         stdin=b"caf\xff\n"),
+    Case("generate --model {MODEL}", "empty prompt", stdin=b""),
+    Case("generate --model {SMALL} --tokenizer {TOK} --prompt hello", "outside the model's vocabulary (vocab_size=64)"),
+    Case("generate --model {SMALL} --prompt hello", "no tokenizer.json; pass --tokenizer DIR"),
+    Case("generate --model {MODEL} --prompt hi --max-new-tokens 0", "--max-new-tokens 0: must be at least 1"),
+    Case("generate --model {MODEL} --prompt hi --max-new-tokens 1000", "exceeds the model's max_position_embeddings"),
+    Case("generate --model {MODEL} --prompt hi --temperature -1", "--temperature -1.0: must be >= 0"),
+    Case("generate --model {MODEL} --prompt hi --top-p 2", "--top-p 2.0: must be in (0, 1]"),
+    Case("generate --model {MODEL} --prompt hi --top-k -3", "--top-k -3: must be >= 0"),
+    Case("generate --model {MODEL} --prompt hi --expert-backend fast",
+         "expert_backend='fast': must be one of auto, loop, grouped, triton, gather"),
+    Case("generate --model {MODEL} --prompt hi --device tpu:0", "--device 'tpu:0'"),
+    # chat
+    Case("chat --model {MODEL} --max-new-tokens 8", "stdin line 2: not valid UTF-8 text (byte 0xff at offset 3)",
+         stdin=b"hi\ncaf\xff\n"),
+    Case("chat --model {MODEL}", "--max-new-tokens 512 leaves no room for the conversation", stdin=b"hi\n"),
+    Case("chat --model {MODEL} --system caf{XFF}", "--system: not valid UTF-8 text"),
+    Case("chat --model {LLAMA}", "model_type='llama' is not supported", stdin=b"hi\n"),
+    # convert
+    Case("convert {CORPUS}/missing {OUT}", "missing: no such checkpoint directory"),
+    Case("convert {TRUNC} {OUT}", "model.safetensors: truncated or corrupted safetensors file"),
+    Case("convert {LLAMA} {OUT}", "model_type='llama' is not supported"),
+    Case("convert {MODEL} {MODEL}", "{MODEL} exists; pass --overwrite to replace it"),
+    # eval / analyze
+    Case("eval --model {CORPUS}/missing", "missing: no such checkpoint directory"),
+    Case("eval --model {TRUNC}", "model.safetensors: truncated or corrupted safetensors file"),
+    Case("eval --model {MODEL} --lm-data {DATA} --lm-split nope", "nope"),
+    Case("eval --model {MODEL} --tasks hellaswag", "--data-dir"),
+    Case("analyze --model {LLAMA}", "model_type='llama' is not supported"),
+    Case("analyze --model {MODEL} --data {EMPTYDIR}", "not a prepared dataset (no meta.json)"),
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The fixtures named in FIXTURES, built once (a second or so)."""
+    import torch
+
+    from deepseekmoe.data import prepare, train_tokenizer
+    from tests.helpers import tiny_model
+
+    d = tmp_path_factory.mktemp("reliability")
+    (d / "tok").mkdir()
+    train_tokenizer(TEXT * 4, 300, d / "tok" / "tokenizer.json")
+    with torch.device("cpu"):
+        tiny_model(vocab=300).save_pretrained(d / "model", tokenizer_dir=d / "tok")
+        tiny_model(vocab=64).save_pretrained(d / "small")
+    (d / "corpus.txt").write_text("".join(TEXT))
+    (d / "corpus2.txt").write_text("".join(TEXT[:3]))
+    prepare([d / "corpus.txt", d / "corpus2.txt"], d / "data", tokenizer=d / "tok", val_fraction=0.3, workers=1,
+            progress=False)
+    (d / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin1"))
+    (d / "empty.txt").write_text("")
+    (d / "emptydir").mkdir()
+    for ext in ("json", "safetensors", "toml"):
+        (d / f"binary.{ext}").write_bytes(bytes(range(256)) * 4)
+    for name, edit in (("trunc", None), ("badtype", {"hidden_size": "big"})):
+        (d / name).mkdir()
+        for f in (d / "model").iterdir():
+            (d / name / f.name).write_bytes(f.read_bytes())
+        if edit is None:
+            st = d / name / "model.safetensors"
+            st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+        else:
+            cfg = json.loads((d / name / "config.json").read_text())
+            (d / name / "config.json").write_text(json.dumps({**cfg, **edit}))
+    (d / "llama").mkdir()
+    (d / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (d / "stuff").mkdir()
+    (d / "stuff" / "notes.odt").write_text("mine")
+    (d / "recipes").mkdir()
+    (d / "recipes" / "a.toml").write_text("[train]\nsteps = 2\n")
+    (d / "bad.toml").write_text("[train\nsteps = = 2\n")
+    (d / "file").write_text("x")
+    paths = {"MODEL": "model", "SMALL": "small", "TOK": "tok", "DATA": "data", "CORPUS": "corpus.txt",
+             "CORPUS2": "corpus2.txt", "LATIN1": "latin1.txt", "EMPTY": "empty.txt", "EMPTYDIR": "emptydir",
+             "BINARY": "binary", "TRUNC": "trunc", "BADTYPE": "badtype", "LLAMA": "llama", "STUFF": "stuff",
+             "RECIPES": "recipes", "BADTOML": "bad.toml", "FILE": "file"}
+    assert set(paths) == set(FIXTURES)
+    return {k: str(d / v) for k, v in paths.items()}
+
+
+def _argv(case: Case, env: dict[str, str], out: Path) -> list[str]:
+    fill = {**env, "OUT": str(out), "XFF": "\udcff"}
+    return [a.format(**fill) for a in shlex.split(case.argv)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{i:02d}-{c.argv.split()[0]}" for i, c in enumerate(CASES)])
+def test_bad_input(case, env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    argv = _argv(case, env, out)
+    before = {p: sorted(Path(p).rglob("*")) if Path(p).is_dir() else None for p in env.values()}
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(case.stdin or b"")))
+    monkeypatch.chdir(tmp_path)  # a command's default output (runs/...) lands here, checked below
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors exit 2 too, with usage
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith(f"deepseekmoe {argv[0]}: error: ")]
+    assert len(errors) == 1, err
+    assert case.message.format(**env) in errors[0], err
+    assert not out.exists(), f"{out} was written"
+    assert not (tmp_path / "runs").exists()
+    after = {p: sorted(Path(p).rglob("*")) if Path(p).is_dir() else None for p in env.values()}
+    assert after == before, "a fixture directory changed"
+
+
+def render_table() -> str:
+    rows = ["| # | command line | error line contains | exit |", "|---|---|---|---|"]
+    for i, c in enumerate(CASES, 1):
+        line = "deepseekmoe " + c.argv.replace("{XFF}", "\\xff")
+        if c.stdin is not None:
+            line = f"printf {shlex.quote(c.stdin.decode('latin1').encode('unicode_escape').decode())} | {line}"
+        rows.append(f"| {i} | `{line}` | {c.message.replace('|', '&#124;')} | 2 |")
+    legend = "\n".join(f"- `{{{k}}}`: {v}" for k, v in FIXTURES.items())
+    return f"{BEGIN}\n{legend}\n- `{{OUT}}`: a fresh path that must not appear\n\n" + "\n".join(rows) + f"\n{END}"
+
+
+def test_doc_table_is_the_case_list():
+    text = DOC.read_text()
+    assert BEGIN in text and END in text, f"{DOC}: the generated case table is missing"
+    got = text[text.index(BEGIN): text.index(END) + len(END)]
+    assert got == render_table(), "docs/reliability.md differs from CASES: run python tests/test_reliability_inputs.py"
+    assert len(CASES) >= 40
+
+
+def test_top_level_help_and_version_do_not_import_torch():
+    code = ("import sys\nfrom deepseekmoe.cli import main\nfor a in (['--help'], ['--version']):\n"
+            "    try:\n        main(a)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "usage: deepseekmoe" in r.stdout and "deepseekmoe 0." in r.stdout
+
+
+if __name__ == "__main__":
+    text = DOC.read_text()
+    DOC.write_text(text[: text.index(BEGIN)] + render_table() + text[text.index(END) + len(END):])
+    print(f"wrote {DOC}: {len(CASES)} cases")
