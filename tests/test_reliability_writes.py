@@ -60,6 +60,12 @@ def test_outputs_honour_the_umask(umask, tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "lm_loss": 5.0}) + "\n")
     plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert _mode(tmp_path / "loss.png") == file_mode
+    from deepseekmoe.data import prepare
+
+    (tmp_path / "corpus.txt").write_text(" ".join(f"word{i % 50} text" for i in range(2000)))
+    data = prepare([tmp_path / "corpus.txt"], tmp_path / "data", vocab_size=300, val_fraction=0, workers=1,
+                   progress=False)
+    assert _mode(data) == dir_mode and {_mode(p) for p in data.iterdir()} == {file_mode}
 
 
 # ---------------------------------------------------------------------- wrong and unwritable paths

@@ -279,19 +279,9 @@ def prepare(inputs, out_dir, tokenizer=None, vocab_size: int | None = None,
                 "document_separator": "eos after every document",
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            _share(tmp)
     except OSError as e:
         raise DataError(f"{out}: cannot write the dataset ({e.strerror or e}); check the path and free space") from e
     return out
-
-
-def _share(tmp: Path) -> None:
-    # Temporary files are created private (0600/0700); a dataset is ordinary output: honour umask.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~mask)
 
 
 def _names(srcs: list[Source]) -> str:
