@@ -3,9 +3,11 @@
     deepseekmoe eval --model runs/tiny-20261123-234232                      # lm on the shipped sample
     deepseekmoe eval --model deepseek-moe-16b-base --tasks paper --data-dir ~/benchmarks --dtype bf16
     deepseekmoe eval --model M --tasks lm,hellaswag,lambada --data-dir D --limit 50 --out results.json
+    deepseekmoe eval --model M --tasks humaneval,mbpp --data-dir D --samples 20 --temperature 0.8   # pass@1/10
 
 Task names and groups: see `--help` and docs/evaluation.md. Errors a user can cause (unknown task,
-missing --data-dir or task files, mismatched tokenizer) are reported before the model is loaded.
+missing --data-dir or task files, mismatched tokenizer, an unwritable --out, a sandbox that does not
+work here) are reported before the model is loaded; --max-length beyond the model's window is refused.
 `open_model` is shared with `deepseekmoe analyze`.
 """
 
@@ -60,6 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-split", default="val", help="split of --lm-data")
     p.add_argument("--lm-text", nargs="+", default=None, metavar="FILE",
                    help="raw text/jsonl/parquet files or directories for the lm task instead of --lm-data")
+    p.add_argument("--samples", type=int, default=1,
+                   help="code tasks: completions per problem (1: greedy pass@1; n > 1 needs --temperature "
+                        "and reports pass@k for k in 1, 10, 100 up to n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="code tasks: sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="code tasks: nucleus filter when sampling")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="code tasks: wall seconds per program")
+    p.add_argument("--code-workers", type=int, default=None,
+                   help="code tasks: programs run at once (default: the CPU count)")
+    p.add_argument("--sandbox", default="auto", choices=["auto", "bwrap", "unshare", "rlimits"],
+                   help="code tasks: isolation of the generated programs (auto: the best that works here; "
+                        "docs/evaluation.md)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON here")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.add_argument("--log-samples", action="store_true", help="keep per-document predictions in the JSON")
@@ -86,13 +99,34 @@ def make_scorer(args, model, tok, tok_dir, mode):
 
     if args.max_length is not None and args.max_length < 2:
         raise ConfigError(f"--max-length {args.max_length}: need at least 2 tokens")
+    limit = model.config.max_position_embeddings
+    if args.max_length is not None and args.max_length > limit:
+        raise ConfigError(f"--max-length {args.max_length}: beyond the model's max_position_embeddings ({limit}); "
+                          f"pass at most {limit}, or leave it out for the whole window")
     prefix = default_prefix(model, tok, tok_dir.parent if tok_dir.is_file() else tok_dir, args.prefix)
     return Scorer(model, tok, prefix, batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
                   gen_mode=mode)
 
 
+def code_settings(args, names: list[str]):
+    """The code tasks' settings, checked (and the sandbox probed) before the model loads; None
+    when no code task runs."""
+    from deepseekmoe.eval.code import CodeSettings
+    from deepseekmoe.eval.sandbox import probe
+    from deepseekmoe.eval.tasks import TASKS
+
+    if not any(n in TASKS and TASKS[n].kind == "code" for n in names):
+        return None
+    tool = None if args.sandbox == "auto" else args.sandbox
+    settings = CodeSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                            timeout=args.code_timeout, workers=args.code_workers, seed=args.seed, tool=tool)
+    settings.check()
+    probe(tool)
+    return settings
+
+
 def run(args) -> int:
-    from deepseekmoe.checkpoint.files import atomic_write_text
+    from deepseekmoe.checkpoint.files import atomic_write_text, check_output
     from deepseekmoe.eval import lm
     from deepseekmoe.eval.harness import LM_TASK, check_data, format_table, resolve_tasks, run_tasks
 
@@ -101,7 +135,10 @@ def run(args) -> int:
         raise ConfigError(f"--limit {args.limit}: must be at least 1")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
+    if args.out:
+        check_output(args.out, directory=False)  # before hours of evaluation, not after
     data_dir = check_data(names, args.data_dir)  # before the (slow) model load
+    code = code_settings(args, names)
     if LM_TASK in names and args.lm_text is None:
         from deepseekmoe.data import load_meta
 
@@ -116,7 +153,8 @@ def run(args) -> int:
         else:
             r = lm.eval_prepared(scorer, args.lm_data, args.lm_split, scorer.max_length, args.limit, tok_dir)
         results[LM_TASK] = r.to_dict()
-    results.update(run_tasks(scorer, names, data_dir, args.limit, args.num_fewshot, args.seed, args.log_samples))
+    results.update(run_tasks(scorer, names, data_dir, args.limit, args.num_fewshot, args.seed, args.log_samples,
+                             code))
     report = {"model": str(args.model), "config": model.config.name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "settings": {"tasks": names, "data_dir": None if data_dir is None else str(data_dir),
                            "limit": args.limit, "num_fewshot": args.num_fewshot, "seed": args.seed,

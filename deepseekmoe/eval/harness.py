@@ -16,6 +16,8 @@ Metrics, as lm-eval reports them:
   generation        em: greedy completion up to the first newline, SQuAD-normalised, equals one of
                     the gold answers. GSM8K: em (strict) compares the number after '####' with the
                     gold, em_flexible the last number in the completion.
+  code              pass@1 (greedy), or pass@k from n samples by the unbiased estimator; each
+                    program runs in the sandbox (eval/code.py, eval/sandbox.py).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from deepseekmoe.errors import DataError, UserError, suggest
+from deepseekmoe.eval.code import CodeSettings, score_code
 from deepseekmoe.eval.scoring import Scorer, mc_predictions
 from deepseekmoe.eval.tasks import (
     ALIASES,
-    CODE_TASKS_MESSAGE,
     TASKS,
     ClozeDoc,
     GenDoc,
@@ -40,9 +42,9 @@ from deepseekmoe.eval.tasks import (
 )
 
 LM_TASK = "lm"
-GROUPS = {"all": [n for n, t in TASKS.items() if t.kind != "code"],
+GROUPS = {"all": list(TASKS),
           "paper": ["hellaswag", "piqa", "arc_easy", "arc_challenge", "race_middle", "triviaqa", "nq_open",
-                    "mmlu", "winogrande", "gsm8k"]}
+                    "mmlu", "winogrande", "gsm8k", "humaneval", "mbpp"]}
 
 
 def resolve_tasks(spec: str | list[str]) -> list[str]:
@@ -66,7 +68,7 @@ def resolve_tasks(spec: str | list[str]) -> list[str]:
 
 def check_data(names: list[str], data_dir: str | Path | None) -> Path | None:
     """Check that every benchmark task's files exist before any model is loaded."""
-    bench = [n for n in names if n in TASKS and TASKS[n].kind != "code"]
+    bench = [n for n in names if n in TASKS]
     if not bench:
         return None if data_dir is None else Path(data_dir)
     if data_dir is None:
@@ -166,12 +168,9 @@ def score_gen(scorer: Scorer, docs: list[GenDoc], name: str, max_new_tokens: int
 
 
 def run_task(scorer: Scorer, name: str, data_dir: Path, limit: int | None = None, num_fewshot: int | None = None,
-             seed: int = 1234, log_samples: bool = False) -> dict:
+             seed: int = 1234, log_samples: bool = False, code: CodeSettings | None = None) -> dict:
+    """One task's metrics; `code` sets sampling and the sandbox for the code tasks (default: greedy)."""
     t = TASKS[name]
-    if t.kind == "code":
-        msg = CODE_TASKS_MESSAGE.format(name=name)
-        print(f"deepseekmoe eval: {msg}", file=sys.stderr)
-        return {"skipped": msg}
     shots = t.shots if num_fewshot is None else num_fewshot
     docs = _limit_docs(t.load(data_dir, shots, seed), limit, t.interleave)
     if not docs:
@@ -187,7 +186,10 @@ def run_task(scorer: Scorer, name: str, data_dir: Path, limit: int | None = None
         if max_new < t.max_new_tokens:
             print(f"deepseekmoe eval: {name}: generating at most {max_new} tokens (not {t.max_new_tokens}) to "
                   f"leave room for the prompt in a {scorer.max_length}-token window", file=sys.stderr)
-        out = score_gen(scorer, docs, name, max_new, t.stop, t.extract, samples)
+        if t.kind == "code":
+            out = score_code(scorer, docs, name, code or CodeSettings(seed=seed), max_new, t.stop, log_samples)
+        else:
+            out = score_gen(scorer, docs, name, max_new, t.stop, t.extract, samples)
         out["max_new_tokens"] = max_new
     out = {"shots": shots, **out, "paper": t.paper}
     if samples is not None:
@@ -196,9 +198,10 @@ def run_task(scorer: Scorer, name: str, data_dir: Path, limit: int | None = None
 
 
 def run_tasks(scorer: Scorer, names: list[str], data_dir, limit: int | None = None,
-              num_fewshot: int | None = None, seed: int = 1234, log_samples: bool = False) -> dict:
+              num_fewshot: int | None = None, seed: int = 1234, log_samples: bool = False,
+              code: CodeSettings | None = None) -> dict:
     d = check_data(names, data_dir)
-    return {n: run_task(scorer, n, d, limit, num_fewshot, seed, log_samples) for n in names if n in TASKS}
+    return {n: run_task(scorer, n, d, limit, num_fewshot, seed, log_samples, code) for n in names if n in TASKS}
 
 
 # ---------------------------------------------------------------------- presentation
@@ -212,23 +215,20 @@ def _fmt(v) -> str:
 
 def format_table(results: dict) -> str:
     """A plain-text table: task, shots, n (documents; tokens for lm), acc ± stderr, acc_norm, em,
-    ppl, loss, bits/byte, chance; skipped tasks are listed under it."""
-    head = ["task", "shots", "n", "acc", "acc_norm", "em", "ppl", "loss", "bpb", "chance"]
-    rows, skipped = [], []
+    pass@1 (with pass@10 / @100 when sampled), ppl, loss, bits/byte, chance."""
+    head = ["task", "shots", "n", "acc", "acc_norm", "em", "pass@1", "ppl", "loss", "bpb", "chance"]
+    rows = []
     for name, r in results.items():
-        if "skipped" in r:
-            skipped.append(name)
-            continue
         acc = r.get("acc")
         acc_s = "-" if acc is None else f"{acc:.4f} ± {r['acc_stderr']:.3f}"
         em = r.get("em")
         em_s = "-" if em is None else (f"{em:.4f}" + (f" (flex {r['em_flexible']:.4f})" if "em_flexible" in r else ""))
         n = f"{r['tokens']} tok" if "tokens" in r else _fmt(r.get("n"))
-        rows.append([name, _fmt(r.get("shots")), n, acc_s, _fmt(r.get("acc_norm")), em_s, _fmt(r.get("ppl")),
+        p1 = r.get("pass@1")
+        more = "".join(f" @{k} {r[f'pass@{k}']:.4f}" for k in (10, 100) if f"pass@{k}" in r)
+        pass_s = "-" if p1 is None else f"{p1:.4f}" + (f" ({more.strip()})" if more else "")
+        rows.append([name, _fmt(r.get("shots")), n, acc_s, _fmt(r.get("acc_norm")), em_s, pass_s, _fmt(r.get("ppl")),
                      _fmt(r.get("loss")), _fmt(r.get("bpb")), _fmt(r.get("chance"))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
-    if skipped:
-        out.append(f"skipped (scoring runs generated code, which needs a sandbox): {', '.join(skipped)}")
-    return "\n".join(out)
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])

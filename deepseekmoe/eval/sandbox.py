@@ -4,12 +4,14 @@
     outcomes = box.run_many([program_1, program_2, ...], desc="humaneval")   # Outcome per program
     box.isolation.describe()   # which tool isolated them, and what it covers (goes into results)
 
-Each program is written to `main.py` in a fresh temporary directory and run by `python -I` in its
+Each program is written to `main.py` in a fresh temporary directory and run as `__main__` by a
+`python -I -S` (the standard library only: no site-packages, no user or environment paths) in its
 own session and process group, with stdin closed (/dev/null), a scrubbed environment (PATH, HOME,
-LANG, TMPDIR only: nothing of the evaluator's), and these limits set by a trusted stub just before
-it execs the program: CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE),
-open files (RLIMIT_NOFILE) and processes (RLIMIT_NPROC). stdout and stderr are read as they come
-and the program is killed once together they pass `output_bytes`; at the wall-clock deadline, or
+LANG, TMPDIR only: nothing of the evaluator's), and these limits set by a trusted stub in that
+interpreter just before it runs the program: CPU time (RLIMIT_CPU), address space (RLIMIT_AS),
+file size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE) and processes (RLIMIT_NPROC). stdout and
+stderr are read as they come and the program is killed once together they pass `output_bytes`;
+at the wall-clock deadline, or
 as soon as the program exits, the whole group is killed with SIGKILL and reaped, and a sweep of
 /proc checks that no process of the sample survives.
 
@@ -97,13 +99,15 @@ class Isolation:
 
 
 # ---------------------------------------------------------------------- the trusted stub
-# Runs inside the isolation tool, before the program: (unshare as root) makes the interpreter
-# visible to the sample's uid, sets the limits, drops to that uid and execs the program.
+# Runs inside the isolation tool: (unshare as root) makes the interpreter visible to the sample's
+# uid, sets the limits, drops to that uid, replaces the environment and runs main.py as __main__
+# in the same interpreter (an exec of a second one would double the start-up time per sample).
 _STUB = r"""
-import json, os, resource, subprocess, sys
+import json, os, resource, sys
 a = json.loads(sys.argv[1])
 os.umask(0o022)
 for top, prefix, stage in a["remount"]:
+    import subprocess
     os.mkdir(stage)
     subprocess.run(["mount", "--bind", prefix, stage], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", top], check=True)
@@ -117,8 +121,12 @@ if a["uid"] is not None:
     os.setresgid(a["uid"], a["uid"], a["uid"])
     os.setresuid(a["uid"], a["uid"], a["uid"])
 os.chdir(a["cwd"])
-env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": a["cwd"], "TMPDIR": a["cwd"], "LANG": "C.UTF-8"}
-os.execve(a["python"], [a["python"], "-I", "main.py"], env)
+os.environ.clear()
+os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": a["cwd"], "TMPDIR": a["cwd"], "LANG": "C.UTF-8"})
+sys.argv = ["main.py"]
+del a, json, resource
+import runpy
+runpy.run_path("main.py", run_name="__main__")
 """
 
 
@@ -200,8 +208,8 @@ def _command(tool: str, limits: Limits, work: str, uid: int | None) -> list[str]
     top = _hidden_top(prefix) if uid is not None else None
     cwd = WORK if tool == "bwrap" else work
     remount = [[top, prefix, str(Path(work, ".stage"))]] if top and tool == "unshare" else []
-    args = json.dumps({"rlimits": limits.rlimits(), "uid": uid, "cwd": cwd, "python": python, "remount": remount})
-    stub = [python, "-I", "-c", _STUB, args]
+    args = json.dumps({"rlimits": limits.rlimits(), "uid": uid, "cwd": cwd, "remount": remount})
+    stub = [python, "-I", "-S", "-c", _STUB, args]
     if tool == "bwrap":
         ns = (["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
               if uid is not None else ["--unshare-all"])  # as root a user namespace would keep kuid 0
@@ -257,7 +265,8 @@ def _execute(cmd: list[str], limits: Limits, uid: int | None, cwd: str) -> Outco
                 _kill(proc, uid)
                 killed = True
     finally:
-        _kill(proc, uid)
+        if not killed:
+            _kill(proc, uid)
         proc.wait()
         survivors = _wait_gone(proc.pid, uid)
         sel.close()

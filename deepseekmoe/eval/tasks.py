@@ -15,7 +15,8 @@ docs/evaluation.md describes each). Nothing is downloaded.
     triviaqa_sample/triviaqa_sm_sub.jsonl  context ("Question: ...\\nAnswer:"), answer, aliases
     nq_open/NQ-open.dev.jsonl              question, answer (list)
     gsm8k/test.jsonl                       question, answer (reasoning, then "#### N")
-    humaneval/, mbpp/                      code tasks: listed, never run (see CODE_TASKS)
+    humaneval/HumanEval.jsonl.gz           task_id, prompt, entry_point, canonical_solution, test
+    mbpp/mbpp.jsonl                        task_id, text, code, test_list, test_setup_code (all 974)
 
 Documents come in three kinds:
   MCDoc    multiple choice by log-likelihood: one (context, continuation) per choice. Ordinary
@@ -24,6 +25,8 @@ Documents come in three kinds:
            the same continuation (the rest of the sentence).
   ClozeDoc one continuation to score (LAMBADA: its last word).
   GenDoc   a prompt for greedy generation, the gold answers, and how to compare them.
+  CodeDoc  a prompt for code generation and the program its completion is tested in (eval/code.py,
+           run in eval/sandbox.py).
 
 Few-shot exemplars for tasks without a separate exemplar split (TriviaQA sample, NQ-open, GSM8K:
 only their evaluation split is available locally) are drawn from the same file with a fixed seed,
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepseekmoe.errors import DataError
+from deepseekmoe.eval.code import HUMANEVAL_STOP, MBPP_STOP, load_humaneval, load_mbpp
 
 
 @dataclass
@@ -330,10 +334,6 @@ def first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
-CODE_TASKS_MESSAGE = ("scoring {name} means executing the generated code, which needs a sandbox; "
-                      "deepseekmoe eval never runs model output, so {name} is skipped (use a sandboxed "
-                      "harness such as human-eval / bigcode-evaluation-harness)")
-
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("hellaswag", "mc", ("hellaswag/hellaswag_val_full.txt.bz2",), 0, "HellaSwag (Acc.) 0-shot",
              load_hellaswag),
@@ -354,8 +354,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("nq_open", "gen", ("nq_open/NQ-open.dev.jsonl",), 5, "NaturalQuestions (EM) 5-shot", load_nq_open),
     TaskSpec("gsm8k", "gen", ("gsm8k/test.jsonl",), 8, "GSM8K (EM) 8-shot", load_gsm8k, max_new_tokens=256,
              stop=("\n\n", "Question:"), extract="gsm8k"),
-    TaskSpec("humaneval", "code", (), 0, "HumanEval (Pass@1) 0-shot"),
-    TaskSpec("mbpp", "code", (), 3, "MBPP (Pass@1) 3-shot"),
+    TaskSpec("humaneval", "code", ("humaneval/HumanEval.jsonl.gz",), 0, "HumanEval (Pass@1) 0-shot",
+             load_humaneval, max_new_tokens=512, stop=HUMANEVAL_STOP),
+    TaskSpec("mbpp", "code", ("mbpp/mbpp.jsonl",), 3, "MBPP (Pass@1) 3-shot", load_mbpp, max_new_tokens=512,
+             stop=MBPP_STOP),
 ]}
 ALIASES = {"nq": "nq_open", "naturalquestions": "nq_open", "trivia": "triviaqa", "arc_e": "arc_easy",
            "arc_c": "arc_challenge", "race": "race_middle"}
