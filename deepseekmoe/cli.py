@@ -28,13 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help only when X says something (not None / False) and
-    the help does not already state its default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every command's help: the epilog as written (examples), and "(default: X)" after an option's
+    help only when X says something (not None, False or []) and the help does not state it already."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or "default" in text:
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
             return text
         return super()._get_help_string(action)
 

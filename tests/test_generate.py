@@ -243,3 +243,17 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_cli_takes_every_cpu_backend_its_help_lists(checkpoint, capsys):
+    from deepseekmoe.model.config import EXPERT_BACKENDS
+
+    base = ["generate", "--model", str(checkpoint / "hf"), "--prompt", "User: hello", "--max-new-tokens", "6",
+            "--no-stream"]
+    assert _cli(base) == 0
+    expect = capsys.readouterr().out
+    for backend in EXPERT_BACKENDS:
+        if backend == "triton":  # CUDA kernels: on CPU, one line (a case of test_reliability_inputs)
+            continue
+        assert _cli(base + ["--expert-backend", backend]) == 0, backend
+        assert capsys.readouterr().out == expect, backend

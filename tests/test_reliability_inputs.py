@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pytest
 
-from deepseekmoe.cli import main
+from deepseekmoe.cli import COMMANDS, HelpFormatter, main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 BEGIN, END = "<!-- cases: begin (generated from tests/test_reliability_inputs.py) -->", "<!-- cases: end -->"
@@ -67,7 +67,7 @@ CASES = [
     Case("prepare {EMPTY} --out {OUT} --val-fraction 0", "empty corpus: no non-empty document"),
     Case("prepare {LATIN1} --out {OUT}", "not valid UTF-8 at byte offset 3"),
     Case("prepare {BINARY}.json --out {OUT}", "unsupported file type"),
-    Case("prepare {CORPUS} --out {OUT} --vocab-size 10000000000", "--vocab-size 10000000000: too large"),
+    Case("prepare {CORPUS} --out {OUT} --vocab-size 10000000000", "vocab size 10000000000 is too large"),
     Case("prepare {CORPUS} --out {OUT} --vocab-size 10", "vocab size 10 is too small"),
     Case("prepare {CORPUS} --val {CORPUS} --out {OUT}", "is also a training input"),
     Case("prepare {CORPUS} --out {OUT} --val-fraction 1.5", "validation fraction 1.5 must be in [0, 1)"),
@@ -82,6 +82,8 @@ CASES = [
     # tokenizer
     Case("tokenizer show {EMPTYDIR}", "tokenizer.json: tokenizer file not found"),
     Case("tokenizer show {BINARY}.json", "binary.json: not a Hugging Face `tokenizers` file"),
+    Case("tokenizer train {CORPUS} --vocab-size 10000000000 --out {OUT}", "vocab size 10000000000 is too large"),
+    Case("tokenizer train {CORPUS} --vocab-size 300 --out {STUFF}", "stuff is a directory): choose another"),
     # train
     Case("train tiyn", "recipe 'tiyn' not found (did you mean 'tiny'?)"),
     Case("train {RECIPES}", "is a directory, not a recipe file; pass one of its recipes (a.toml)"),
@@ -116,6 +118,8 @@ CASES = [
     Case("generate --model {MODEL} --prompt hi --top-k -3", "--top-k -3: must be >= 0"),
     Case("generate --model {MODEL} --prompt hi --expert-backend fast",
          "expert_backend='fast': must be one of auto, loop, grouped, triton, gather"),
+    Case("generate --model {MODEL} --prompt hi --max-new-tokens 4 --device cpu --expert-backend triton",
+         "expert_backend='triton' is not usable here: it needs a CUDA GPU"),
     Case("generate --model {MODEL} --prompt hi --device tpu:0", "--device 'tpu:0'"),
     # chat
     Case("chat --model {MODEL} --max-new-tokens 8", "stdin line 2: not valid UTF-8 text (byte 0xff at offset 3)",
@@ -233,6 +237,28 @@ def test_doc_table_is_the_case_list():
     got = text[text.index(BEGIN): text.index(END) + len(END)]
     assert got == render_table(), "docs/reliability.md differs from CASES: run python tests/test_reliability_inputs.py"
     assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_gives_every_option_a_help_and_states_defaults_once(name, capsys):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for argv, p in [([name], parser)] + [([name, n], sp) for a in subs for n, sp in a.choices.items()]:
+        options = [a for a in p._actions if not isinstance(a, argparse._SubParsersAction)]
+        silent = [a.dest for a in options if not a.help]
+        assert not silent, f"deepseekmoe {' '.join(argv)}: no help for {silent}"
+        twice = [a.dest for a in options if HelpFormatter("x")._expand_help(a).lower().count("default") > 1]
+        assert not twice, f"deepseekmoe {' '.join(argv)}: the default is stated twice for {twice}"
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+        for noise in ("(default: None)", "(default: False)", "(default: [])"):
+            assert noise not in text, f"deepseekmoe {' '.join(argv)} --help: {noise}"
 
 
 def test_top_level_help_and_version_do_not_import_torch():

@@ -13,7 +13,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("examples:\n  deepseekmoe prepare books/ --out data/books --vocab-size 16384\n"
                 "  deepseekmoe prepare corpus.jsonl.xz --val held_out.jsonl.xz --out data/c "
                 "--tokenizer deepseek-moe-16b-base/tokenizer.json")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text (.txt/.md), .jsonl/.jsonl.gz/.jsonl.xz, .parquet, .arrow files or directories")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write (atomically)")

@@ -39,7 +39,6 @@ DEFAULT_VAL_FRACTION = 0.01
 SHARD_TOKENS = 1 << 27                 # 128M tokens: 256 MiB uint16 shards
 TOKENIZER_SAMPLE_BYTES = 256 << 20     # BPE training reads at most this much text
 PIECE_CHARS = 1 << 20                  # longer documents are encoded in pieces (memory, parallelism)
-MAX_VOCAB = 1 << 21                    # a trained BPE's upper bound, far above any released model's
 JOB_CHARS = 1 << 20                    # text per worker task
 MIN_POOL_BYTES = 1 << 20               # smaller corpora are encoded in-process (pool start-up costs more)
 
@@ -243,9 +242,6 @@ def prepare(inputs, out_dir, tokenizer=None, vocab_size: int | None = None,
 
     if tokenizer is None:
         vocab = DEFAULT_VOCAB if vocab_size is None else int(vocab_size)
-        if vocab > MAX_VOCAB:  # the BPE trainer would abort the process trying to reserve it
-            raise DataError(f"--vocab-size {vocab}: too large; a trained BPE has at most {MAX_VOCAB} entries "
-                            f"(released models use about 100,000; the default is {DEFAULT_VOCAB})")
         docs = (piece for s in train_srcs for d in read_documents(s, field)
                 if frac == 0 or val_score(d.data, seed) >= frac for piece in split_pieces(d.text))
         try:

@@ -25,6 +25,7 @@ from deepseekmoe.errors import DataError
 
 DEFAULT_BOS = "<|bos|>"
 DEFAULT_EOS = "<|eos|>"
+MAX_VOCAB = 1 << 21  # far above any released model's (~100k); the BPE trainer aborts the process on huge sizes
 
 # Substrings (after normalising "▁"->"_", "｜"->"|", lower case) that name a document start/end.
 _BOS_HINTS = ("begin_of_sentence", "begin_of_text", "startoftext", "start_of_text", "<s>", "<|bos|>",
@@ -244,6 +245,9 @@ def train_tokenizer(texts_or_files, vocab_size: int, out_path: str | os.PathLike
     if vocab_size < min_size:
         raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {min_size} "
                         "(256 bytes + bos + eos)")
+    if vocab_size > MAX_VOCAB:
+        raise DataError(f"vocab size {vocab_size} is too large: a trained BPE has at most {MAX_VOCAB} entries "
+                        "(released models use about 100,000; 16384 suits a small corpus)")
     if out_path is not None:  # refuse an unwritable output now, not after the training
         check_output(out_path, directory=False)
     texts = _texts(texts_or_files, field, max_bytes)

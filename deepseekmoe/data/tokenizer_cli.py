@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE (bos <|bos|> = 0, eos <|eos|> = 1)")
     t.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (any format prepare reads)")
-    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help="entries of the BPE, bos and eos included (at least 258; e.g. 16384)")
     t.add_argument("--out", required=True, metavar="PATH", help="tokenizer.json to write")
     t.add_argument("--field", default="text", help="jsonl field / parquet column (default text)")
     t.add_argument("--sample-mb", type=float, default=256, help="read at most this much text (default 256)")

@@ -17,10 +17,6 @@ from deepseekmoe.errors import ConfigError
 from deepseekmoe.train import recipe as recipe_mod
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def _key_listing() -> str:
     cfg = recipe_mod.TrainConfig()
     lines = ["recipe keys (override any with --KEY=VALUE; model.* takes any ModelConfig field):"]
@@ -47,7 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.epilog = _key_listing()
-    p.formatter_class = _Formatter
     # Dotted overrides are open-ended (every ModelConfig field), so they are split off before
     # argparse sees the rest; their keys are checked in run(), where errors print as one line.
     parse = p.parse_args
