@@ -163,9 +163,9 @@ def run(args) -> int:
                            "dtype": str(model.embed_tokens.weight.dtype).replace("torch.", "")},
               "seconds": round(time.time() - start, 1), "results": results}
     text = json.dumps(report, indent=2)
+    print(text if args.json else format_table(results))  # first: a write failing now loses nothing shown
     if args.out:
         atomic_write_text(args.out, text + "\n")
-    print(text if args.json else format_table(results))
-    if args.out and not args.json:
-        print(f"results written to {args.out}")
+        if not args.json:
+            print(f"results written to {args.out}")
     return 0
