@@ -10,15 +10,24 @@ exit runs atexit handlers that destroy the process group, which can block on the
 the very timeout we are trying not to wait for. Under torchrun the elastic agent also tears the
 job down as soon as one worker exits non-zero.
 
+A collective that times out names the knob (`parallel.timeout_s`) and its value: a hung rank
+(a deadlock, a stuck filesystem) is only noticed then. Under torchrun, the elastic agent sends
+SIGTERM to every surviving worker as soon as one fails (clusters send it before preempting), often
+before the survivors reach their next collective; `fail_fast` turns that signal too into one line
+naming the last complete checkpoint, instead of a silent exit. (A rank blocked inside a C++
+collective runs the handler only when the call returns.)
+
 Checkpoints stay consistent because a checkpoint directory only appears once every rank has
-written its shards (see checkpoint.py).
+written its shards (see checkpoint/dcp.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -35,21 +44,47 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def failure_message(exc: BaseException, what: str, last_checkpoint: str | None) -> str:
+def _checkpoint_clause(last_checkpoint: str | None) -> str:
+    return f"last complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+
+
+def failure_message(exc: BaseException, what: str, last_checkpoint: str | None, timeout_s: float | None = None) -> str:
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    ckpt = f"last complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    if "timed out" in detail.lower() or "timeout" in type(exc).__name__.lower():
+        limit = f"parallel.timeout_s={timeout_s:g} s" if timeout_s else "parallel.timeout_s"
+        cause = (f"a peer rank did not reach this collective within {limit} (it is hung, or much slower: "
+                 "raise --parallel.timeout_s if its steps or saves really take that long)")
+    else:
+        cause = "a peer rank probably died or timed out"
     return (f"deepseekmoe: rank {rank()}/{world_size()}: {what} failed in a collective ({type(exc).__name__}: "
-            f"{detail[:300]}); a peer rank probably died or timed out, so this job stops now; {ckpt}")
+            f"{detail[:300]}); {cause}, so this job stops now; {_checkpoint_clause(last_checkpoint)}")
+
+
+def signal_message(signum: int, what: str, last_checkpoint: str | None) -> str:
+    return (f"deepseekmoe: rank {rank()}/{world_size()}: {what} stopped by {signal.Signals(signum).name} (torchrun "
+            "sends it to every rank when one fails; a cluster before preempting the job); "
+            f"{_checkpoint_clause(last_checkpoint)}")
 
 
 @contextlib.contextmanager
 def fail_fast(what: str = "training", last_checkpoint: Callable[[], str | None] | None = None,
-              exit_code: int = 1):
+              exit_code: int = 1, timeout_s: float | None = None):
     """Run a distributed job's body; on an error from a collective (or any other non-user error
-    while several ranks run), print the traceback and one summary line, and exit at once.
+    while several ranks run), print the traceback and one summary line, and exit at once. SIGTERM
+    prints the same kind of line and exits 143. `timeout_s` is the process group's timeout, named
+    in the message when a collective times out.
 
     UserError and KeyboardInterrupt pass through (the CLI reports them); in a single process
     nothing is caught."""
+    newest = last_checkpoint or (lambda: None)
+
+    def on_sigterm(signum, frame):
+        print(signal_message(signum, what, newest()), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    handle = world_size() > 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
     try:
         yield
     except (UserError, KeyboardInterrupt):
@@ -58,7 +93,9 @@ def fail_fast(what: str = "training", last_checkpoint: Callable[[], str | None] 
         if world_size() <= 1:
             raise
         traceback.print_exc(file=sys.stderr)
-        path = last_checkpoint() if last_checkpoint is not None else None
-        print(failure_message(e, what, path), file=sys.stderr, flush=True)
+        print(failure_message(e, what, newest(), timeout_s), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(exit_code)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)

@@ -194,7 +194,8 @@ class Runtime:
         return Path(path)
 
     def guard(self, last_checkpoint=None):
-        return fail_fast("training", last_checkpoint) if self.distributed else contextlib.nullcontext()
+        return fail_fast("training", last_checkpoint, timeout_s=self.cfg.timeout_s) if self.distributed \
+            else contextlib.nullcontext()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -1,0 +1,66 @@
+"""parallel/launch.py on gloo ranks: whichever rank dies, is hung or gets torchrun's SIGTERM, every
+other rank ends with one line naming the last complete checkpoint (and, on a timeout, the knob)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.dist_utils import run_ranks
+
+CKPT = "runs/x/checkpoints/step_0000005"
+
+
+def _job(rank, world, plan):
+    """One all-reduce, then `plan[rank]`: "die" (SIGKILL itself, after sending torchrun's SIGTERM to
+    the ranks marked "term"), "hang" (sleep past the peer's timeout), "term" (sleep until the SIGTERM)
+    or "wait" (the next all-reduce)."""
+    import os
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from deepseekmoe.parallel.launch import fail_fast
+
+    pids = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    with fail_fast("training", last_checkpoint=lambda: CKPT, timeout_s=3):
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        if plan[rank] == "die":
+            for r, p in enumerate(plan):
+                if p == "term":
+                    os.kill(pids[r], signal.SIGTERM)
+            time.sleep(0.5)  # as torchrun does, the SIGTERM lands while the others are not in a collective
+            os.kill(os.getpid(), signal.SIGKILL)
+        if plan[rank] == "term":
+            time.sleep(60)  # ended by the SIGTERM
+        if plan[rank] == "hang":
+            time.sleep(6)  # past the 3 s timeout of its peer's all-reduce
+        dist.all_reduce(t)
+        time.sleep(60)  # not reached
+    return "finished"
+
+
+def test_rank0_dying_leaves_every_survivor_naming_the_last_checkpoint():
+    t0 = time.monotonic()
+    dead, failed, termed = run_ranks(_job, 3, ["die", "wait", "term"], timeout=60, pg_timeout=30, check=False)
+    assert dead.exitcode == -9, dead
+    assert failed.exitcode == 1, failed
+    assert "a peer rank probably died or timed out" in failed.stderr
+    assert "rank 1/3: training failed in a collective" in failed.stderr
+    assert f"last complete checkpoint: {CKPT}" in failed.stderr
+    assert termed.exitcode == 143, termed
+    line = termed.stderr.strip().splitlines()[-1]
+    assert line.startswith("deepseekmoe: rank 2/3: training stopped by SIGTERM (torchrun sends it"), line
+    assert line.endswith(f"last complete checkpoint: {CKPT}"), line
+    assert time.monotonic() - t0 < 45
+
+
+def test_a_hung_rank_is_reported_at_the_timeout_with_its_knob():
+    waiting, hung = run_ranks(_job, 2, ["wait", "hang"], timeout=40, pg_timeout=3, check=False)
+    assert waiting.exitcode == 1, waiting
+    assert waiting.elapsed < hung.elapsed and hung.exitcode == 1  # woken up into a dead collective
+    line = waiting.stderr.strip().splitlines()[-1]
+    assert "a peer rank did not reach this collective within parallel.timeout_s=3 s" in line, line
+    assert "raise --parallel.timeout_s" in line and line.endswith(f"last complete checkpoint: {CKPT}"), line
