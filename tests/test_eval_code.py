@@ -9,6 +9,7 @@ The problems are the team's copies beside the clone (`<repo>/../shared/data/eval
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -86,6 +87,8 @@ def test_prompts_follow_the_original_formats(humaneval, mbpp):
     assert load_mbpp(DATA, 0, 0)[0].prompt.count("[BEGIN]") == 1
     with pytest.raises(ConfigError, match="tasks 2-4"):
         load_mbpp(DATA, 4, 0)
+    with pytest.raises(ConfigError, match="humaneval has no exemplars"):
+        load_humaneval(DATA, 1, 0)
 
 
 def test_pass_at_k_against_hand_values():
@@ -159,6 +162,7 @@ def test_cli_checks_before_evaluating(checkpoint, tmp_path, capsys):
     base = ["eval", "--model", str(checkpoint), "--tasks", "humaneval", "--data-dir", str(DATA)]
     cases = [(["--samples", "4"], "--temperature 0.8"),
              (["--max-length", "100000"], "max_position_embeddings (160)"),
+             (["--num-fewshot", "5"], "humaneval has no exemplars"),
              (["--out", str(tmp_path)], "is a directory"),
              (["--out", str(tmp_path / "f.txt" / "r.json")], "not a folder")]
     (tmp_path / "f.txt").write_text("x")
@@ -167,3 +171,19 @@ def test_cli_checks_before_evaluating(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # nothing written
+
+
+@needs_data
+def test_results_are_printed_before_a_failing_write(checkpoint, tmp_path, capsys, monkeypatch):
+    from deepseekmoe.checkpoint import files
+
+    def full_disk(path, text):
+        raise files.write_error(OSError(errno.ENOSPC, "No space left on device"), path)
+
+    monkeypatch.setattr(files, "atomic_write_text", full_disk)
+    out = tmp_path / "r.json"
+    rc = cli.main(["eval", "--model", str(checkpoint), "--tasks", "humaneval", "--data-dir", str(DATA), "--limit", "2",
+                   "--code-workers", "2", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 2 and "the disk is full" in cap.err and not out.exists()
+    assert "humaneval" in cap.out and "pass@1" in cap.out  # the results were shown, not lost

@@ -181,6 +181,20 @@ def test_killing_its_parent(box):
     assert bad.status in ("failed", "timeout")
 
 
+def test_no_way_back_to_root(box):
+    bad = run_hostile(box, """
+        import os
+        print([line for line in open("/proc/self/status") if line.startswith(("Uid", "NoNewPrivs"))])
+        try:
+            os.setuid(0)
+        except PermissionError:
+            raise SystemExit(1)
+    """)
+    if os.geteuid() == 0:
+        assert "Uid:\\t0\\t" not in bad.stdout  # a uid of its own, not root's
+    assert "NoNewPrivs:\\t1" in bad.stdout  # no setuid binary can raise its privileges either
+
+
 def test_exit_codes_and_output_captured(box):
     outs = box.run_many(["print('hi')", "import sys; sys.stderr.write('oops'); sys.exit(3)", "raise ValueError"],
                         show_progress=False)

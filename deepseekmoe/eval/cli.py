@@ -111,12 +111,16 @@ def make_scorer(args, model, tok, tok_dir, mode):
 def code_settings(args, names: list[str]):
     """The code tasks' settings, checked (and the sandbox probed) before the model loads; None
     when no code task runs."""
-    from deepseekmoe.eval.code import CodeSettings
+    from deepseekmoe.eval.code import CodeSettings, check_shots
     from deepseekmoe.eval.sandbox import probe
     from deepseekmoe.eval.tasks import TASKS
 
-    if not any(n in TASKS and TASKS[n].kind == "code" for n in names):
+    code_tasks = [n for n in names if n in TASKS and TASKS[n].kind == "code"]
+    if not code_tasks:
         return None
+    for n in code_tasks:
+        if args.num_fewshot is not None:
+            check_shots(n, args.num_fewshot)
     tool = None if args.sandbox == "auto" else args.sandbox
     settings = CodeSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                             timeout=args.code_timeout, workers=args.code_workers, seed=args.seed, tool=tool)

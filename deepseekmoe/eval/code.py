@@ -35,6 +35,7 @@ MBPP_STOP = ("[DONE]",)
 MBPP_EXEMPLARS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
 KS = (1, 10, 100)
+MAX_SHOTS = {"humaneval": 0, "mbpp": len(MBPP_EXEMPLARS)}
 
 
 @dataclass
@@ -100,9 +101,16 @@ def _need(row: dict, keys: tuple[str, ...], path: Path, n: int) -> None:
                         "published format (see docs/evaluation.md)")
 
 
+def check_shots(name: str, shots: int) -> None:
+    """HumanEval has no exemplars and MBPP's prompt split three (tasks 2-4)."""
+    if shots > MAX_SHOTS[name]:
+        have = "no exemplars" if not MAX_SHOTS[name] else "3 exemplars (tasks 2-4)"
+        raise ConfigError(f"--num-fewshot {shots}: {name} has {have}, so at most {MAX_SHOTS[name]} shots; "
+                          f"evaluate {name} in a run of its own")
+
+
 def load_humaneval(d: Path, shots: int, seed: int) -> list[CodeDoc]:
-    if shots:
-        raise ConfigError(f"humaneval is 0-shot (it has no exemplars); --num-fewshot {shots} cannot apply")
+    check_shots("humaneval", shots)
     path = d / "humaneval" / "HumanEval.jsonl.gz"
     docs = []
     for n, r in enumerate(_rows(path)):
@@ -120,9 +128,7 @@ def _mbpp_text(r: dict) -> str:
 
 def load_mbpp(d: Path, shots: int, seed: int) -> list[CodeDoc]:
     """The test split (task ids 11-510), each prompted with the first `shots` of tasks 2-4."""
-    if shots > len(MBPP_EXEMPLARS):
-        raise ConfigError(f"mbpp: --num-fewshot {shots}, but its prompt split has {len(MBPP_EXEMPLARS)} "
-                          "exemplars (tasks 2-4); use 0-3")
+    check_shots("mbpp", shots)
     path = d / "mbpp" / "mbpp.jsonl"
     by_id = {}
     for n, r in enumerate(_rows(path)):

@@ -75,7 +75,7 @@ class Limits:
 
 @dataclass
 class Outcome:
-    status: str                  # passed | failed | timeout | output_limit | error
+    status: str                  # passed | failed | timeout | output_limit
     returncode: int | None
     stdout: str
     stderr: str
@@ -116,6 +116,8 @@ for top, prefix, stage in a["remount"]:
     os.rmdir(stage)
 for name, v in a["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (v, v))
+import ctypes
+ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary escalates
 if a["uid"] is not None:
     os.setgroups([])
     os.setresgid(a["uid"], a["uid"], a["uid"])
@@ -124,7 +126,7 @@ os.chdir(a["cwd"])
 os.environ.clear()
 os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": a["cwd"], "TMPDIR": a["cwd"], "LANG": "C.UTF-8"})
 sys.argv = ["main.py"]
-del a, json, resource
+del a, ctypes, json, resource
 import runpy
 runpy.run_path("main.py", run_name="__main__")
 """
@@ -161,29 +163,9 @@ class Sandbox:
             raise ConfigError(f"{self.workers} sandbox workers: at most {_SLOTS_PER_PROCESS}")
         self.isolation = probe(tool)
 
-    # ------------------------------------------------------------------ one program
     def run(self, program: str) -> Outcome:
-        slot = _SLOTS.get()
-        try:
-            return self._run(program, slot)
-        finally:
-            _SLOTS.put(slot)
+        return run_program(program, self.limits, self.isolation.tool)
 
-    def _run(self, program: str, slot: int) -> Outcome:
-        root = os.geteuid() == 0
-        uid = UID_BASE + (os.getpid() % 3000) * _SLOTS_PER_PROCESS + slot if root else None
-        work = tempfile.mkdtemp(prefix="deepseekmoe-sandbox-")
-        try:
-            Path(work, "main.py").write_text(program, encoding="utf-8")
-            if uid is not None:
-                os.chown(work, uid, uid)
-                os.chown(Path(work, "main.py"), uid, uid)
-            cmd = _command(self.isolation.tool, self.limits, work, uid)
-            return _execute(cmd, self.limits, uid, cwd=work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    # ------------------------------------------------------------------ many programs
     def run_many(self, programs: list[str], desc: str = "sandbox", show_progress: bool = True) -> list[Outcome]:
         """Outcomes in the order of `programs`, run by a pool of `workers` threads (each waits on
         its own subprocess), with a progress bar."""
@@ -198,9 +180,26 @@ class Sandbox:
         return out  # type: ignore[return-value]
 
 
+# Worker slots of this process: each running program holds one, and as root its uid is the slot's.
 _SLOTS: queue.Queue[int] = queue.Queue()
 for _s in range(_SLOTS_PER_PROCESS):
     _SLOTS.put(_s)
+
+
+def run_program(program: str, limits: Limits, tool: str) -> Outcome:
+    """Run one program under `tool` (one of TOOLS; `probe` chooses) with `limits`."""
+    slot = _SLOTS.get()
+    work = tempfile.mkdtemp(prefix="deepseekmoe-sandbox-")
+    try:
+        uid = UID_BASE + (os.getpid() % 3000) * _SLOTS_PER_PROCESS + slot if os.geteuid() == 0 else None
+        Path(work, "main.py").write_text(program, encoding="utf-8")
+        if uid is not None:
+            os.chown(work, uid, uid)
+            os.chown(Path(work, "main.py"), uid, uid)
+        return _execute(_command(tool, limits, work, uid), limits, uid, cwd=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        _SLOTS.put(slot)
 
 
 def _command(tool: str, limits: Limits, work: str, uid: int | None) -> list[str]:
@@ -335,10 +334,7 @@ def _works(tool: str) -> bool:
         if tool != "rlimits" and shutil.which(tool) is None:
             _PROBED[tool] = False
         else:
-            box = object.__new__(Sandbox)
-            box.limits = Limits(timeout=20.0)
-            box.isolation = Isolation(tool, False, "", False)
-            out = box.run("print('ok')")
+            out = run_program("print('ok')", Limits(timeout=20.0), tool)
             _PROBED[tool] = out.passed and out.stdout.strip() == "ok"
     return _PROBED[tool]
 
@@ -360,8 +356,11 @@ def probe(tool: str | None = None) -> Isolation:
               "unshare": "uid permissions only" + ("" if own_uid else " (the evaluating user's uid: NOT isolated)"),
               "rlimits": "uid permissions only" + ("" if own_uid else " (the evaluating user's uid: NOT isolated)")}
         return Isolation(t, t != "rlimits", fs[t], own_uid)
-    raise ConfigError(f"sandbox tool {tool!r} does not work on this machine (install bubblewrap, or pick "
-                      f"another of {', '.join(TOOLS)})")
+    if tool is not None:
+        raise ConfigError(f"--sandbox {tool}: it does not work on this machine; install bubblewrap, or pick "
+                          f"another of {', '.join(TOOLS)} (or auto)")
+    raise ConfigError("no sandbox works on this machine (bubblewrap missing, unshare refused, and this Python "
+                      "cannot run under another uid): install bubblewrap to score code tasks")
 
 
 def available_tools() -> list[str]:
