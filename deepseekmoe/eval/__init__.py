@@ -6,8 +6,9 @@
     print(format_table(run_tasks(scorer, ["hellaswag", "lambada"], "benchmarks/", limit=50)))
 
 Rooms: scoring.py (log-likelihoods, rolling NLL, greedy generation on a Scorer), lm.py (corpora),
-tasks.py (benchmark files -> documents and prompts), harness.py (metrics, table), cli.py
-(`deepseekmoe eval`), lm_eval_adapter.py (lm-evaluation-harness, optional). docs/evaluation.md
+tasks.py (benchmark files -> documents and prompts), code.py (HumanEval / MBPP, pass@k), sandbox.py
+(running generated programs in isolation), harness.py (metrics, table), cli.py (`deepseekmoe eval`),
+lm_eval_adapter.py (lm-evaluation-harness, optional). docs/evaluation.md
 describes every task's protocol.
 """
 
