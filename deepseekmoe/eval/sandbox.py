@@ -268,6 +268,9 @@ def _execute(cmd: list[str], limits: Limits, uid: int | None, cwd: str) -> Outco
             _kill(proc, uid)
         proc.wait()
         survivors = _wait_gone(proc.pid, uid)
+        if survivors:
+            warnings.warn(f"{survivors} process(es) of a sandboxed program outlived SIGKILL", RuntimeWarning,
+                          stacklevel=2)
         sel.close()
         for f in bufs:
             f.close()
