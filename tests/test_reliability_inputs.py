@@ -220,6 +220,44 @@ def test_bad_input(case, env, tmp_path, capsys, monkeypatch):
     assert after == before, "a fixture directory changed"
 
 
+def _interrupt_on_call(n: int, real):
+    """`real`, except that its n-th call runs and then raises KeyboardInterrupt (Ctrl-C mid-way)."""
+    calls = []
+
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return out
+    return wrapper
+
+
+@pytest.mark.parametrize("command", ["prepare", "convert"])
+def test_ctrl_c_midway_leaves_nothing_half_written(command, env, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    import safetensors.torch
+
+    prepare_mod = importlib.import_module("deepseekmoe.data.prepare")
+    if command == "prepare":
+        (tmp_path / "big.txt").write_text("".join(TEXT) * 200)
+        for knob in ("JOB_CHARS", "PIECE_CHARS"):  # several encoding jobs: stop after the 2nd
+            monkeypatch.setattr(prepare_mod, knob, 2000)
+        monkeypatch.setattr(prepare_mod, "_encode_job", _interrupt_on_call(2, prepare_mod._encode_job))
+        argv = ["prepare", str(tmp_path / "big.txt"), "--out", str(tmp_path / "out"), "--tokenizer", env["TOK"],
+                "--workers", "1", "--quiet", "--val-fraction", "0"]
+    else:
+        assert main(["convert", env["MODEL"], str(tmp_path / "native")]) == 0
+        monkeypatch.setattr(safetensors.torch, "save_file", _interrupt_on_call(2, safetensors.torch.save_file))
+        argv = ["convert", str(tmp_path / "native"), str(tmp_path / "out"), "--max-shard-size", "20KB"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"deepseekmoe {command}: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary left beside it
+
+
 def render_table() -> str:
     rows = ["| # | command line | error line contains | exit |", "|---|---|---|---|"]
     for i, c in enumerate(CASES, 1):

@@ -60,8 +60,8 @@ def val_score(data: bytes, seed: int) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut a long text into pieces of about `max_chars` to 2 x `max_chars` characters.
+def split_pieces(text: str, max_chars: int | None = None) -> list[str]:
+    """Cut a long text into pieces of about `max_chars` (default PIECE_CHARS) to twice that.
 
     The tokenizer holds ~150 bytes of state per character while it encodes (or trains on) one
     string, so a 60 MB single-line document must not reach it whole. A cut falls at a line start
@@ -70,6 +70,7 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
     the pieces gives exactly the ids of encoding the whole text. Only a stretch of 2 x `max_chars`
     without either (no space or newline at all) is cut hard, which may split one pre-token there.
     """
+    max_chars = max_chars or PIECE_CHARS  # read at call time: tests lower it
     pieces, start = [], 0
     while len(text) - start > max_chars:
         lo, hi = start + max_chars, min(len(text), start + 2 * max_chars)
