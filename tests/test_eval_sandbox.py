@@ -196,9 +196,11 @@ def test_no_way_back_to_root(box):
 
 
 def test_exit_codes_and_output_captured(box):
-    outs = box.run_many(["print('hi')", "import sys; sys.stderr.write('oops'); sys.exit(3)", "raise ValueError"],
-                        show_progress=False)
-    assert [o.status for o in outs] == ["passed", "failed", "failed"]
+    quiet = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(0.3)\n"  # closed pipes: still running
+    outs = box.run_many(["print('hi')", "import sys; sys.stderr.write('oops'); sys.exit(3)", "raise ValueError",
+                         quiet, quiet + "raise SystemExit(4)"], show_progress=False)
+    assert [o.status for o in outs] == ["passed", "failed", "failed", "passed", "failed"]
+    assert outs[3].seconds >= 0.3 and outs[4].returncode == 4
     assert outs[0].stdout == "hi\n" and outs[1].returncode == 3 and outs[1].stderr == "oops"
     assert "ValueError" in outs[2].stderr
 

@@ -243,10 +243,16 @@ def _execute(cmd: list[str], limits: Limits, uid: int | None, cwd: str) -> Outco
     timed_out = over = killed = False
     received = 0
     try:
-        while sel.get_map():
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
+                break
+            if not sel.get_map():  # both pipes closed: the program may still be running
+                try:
+                    proc.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
                 break
             for key, _ in sel.select(min(left, 0.05)):
                 chunk = os.read(key.fd, 1 << 16)
