@@ -208,3 +208,16 @@ def test_exit_codes_and_output_captured(box):
 def test_unknown_tool_is_a_user_error():
     with pytest.raises(ConfigError, match="choose one of bwrap, unshare, rlimits"):
         probe("docker")
+
+
+def test_probe_falls_back_and_says_what_is_lost(monkeypatch):
+    from deepseekmoe.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_PROBED", {"bwrap": False, "unshare": False, "rlimits": True})
+    with pytest.warns(RuntimeWarning, match="network is NOT isolated"):
+        assert probe().describe()["network_isolated"] is False
+    with pytest.raises(ConfigError, match="--sandbox bwrap: it does not work on this machine"):
+        probe("bwrap")
+    monkeypatch.setattr(sandbox, "_PROBED", {"bwrap": False, "unshare": False, "rlimits": False})
+    with pytest.raises(ConfigError, match="no sandbox works on this machine"):
+        probe()

@@ -368,8 +368,9 @@ def probe(tool: str | None = None) -> Isolation:
     if tool is not None:
         raise ConfigError(f"--sandbox {tool}: it does not work on this machine; install bubblewrap, or pick "
                           f"another of {', '.join(TOOLS)} (or auto)")
-    raise ConfigError("no sandbox works on this machine (bubblewrap missing, unshare refused, and this Python "
-                      "cannot run under another uid): install bubblewrap to score code tasks")
+    raise ConfigError("no sandbox works on this machine (bubblewrap, unshare and plain resource limits each "
+                      "failed a trial run): install bubblewrap to score code tasks, or leave humaneval and mbpp "
+                      "out of --tasks")
 
 
 def available_tools() -> list[str]:
