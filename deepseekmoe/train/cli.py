@@ -136,7 +136,7 @@ def run(args) -> int:
         loads = ", ".join(f"{x:.2f}" for x in res.expert_load)
         print(f"expert load, max/mean tokens per expert for each MoE layer (1.00 = balanced): {loads}")
     print(f"run directory: {res.run_dir}/ (checkpoint {res.checkpoint.name if res.checkpoint else '-'}, "
-          "metrics.jsonl, loss.png, config.toml)")
+          f"metrics.jsonl, {'loss.png, ' if cfg.log.plot else ''}config.toml)")
     return 0
 
 

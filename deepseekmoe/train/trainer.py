@@ -419,6 +419,9 @@ class Trainer:
         Interrupted carrying the resume command."""
         if not self.stop.received:
             return
+        if loop.step == 0 and loop.last_ckpt is None:  # nothing trained: --resume restarts the run
+            raise Interrupted(self.stop.received, f"{self.stop.name()} received before step 1, nothing to save; "
+                              f"restart with: deepseekmoe train --resume {self.run_dir}")
         if loop.last_ckpt is None or loop.last_ckpt.name != ckpt_io.step_dir(self.run_dir, loop.step).name:
             self._save(loop)
         raise Interrupted(self.stop.received, f"{self.stop.name()} received: stopped after step {loop.step} of "
@@ -449,6 +452,8 @@ class Trainer:
         if "divergence" in self.state:
             loop.div.load_state_dict(self.state["divergence"])
         loop.last_ckpt = self.resume_from
+        if self.resume_from is not None:  # as the run that saved it recorded it, once saved
+            loop.div.saved(self.resume_from)
 
     def _warn_thread_change(self) -> None:
         """CPU kernels split their sums by thread: another thread count is not bit-exact."""
