@@ -38,6 +38,7 @@ FIXTURES = {
     "EMPTYDIR": "an empty directory",
     "BINARY": "a file of random bytes named .safetensors / .json / .toml where the command expects one",
     "TRUNC": "a copy of MODEL whose model.safetensors is cut in half",
+    "GARBAGE": "a copy of MODEL whose config.json is random bytes",
     "BADTYPE": "a copy of MODEL whose config.json says hidden_size \"big\"",
     "LLAMA": "a directory whose config.json says model_type \"llama\"",
     "STUFF": "a directory holding an unrelated user file",
@@ -84,6 +85,9 @@ CASES = [
     Case("tokenizer show {BINARY}.json", "binary.json: not a Hugging Face `tokenizers` file"),
     Case("tokenizer train {CORPUS} --vocab-size 10000000000 --out {OUT}", "vocab size 10000000000 is too large"),
     Case("tokenizer train {CORPUS} --vocab-size 300 --out {STUFF}", "stuff is a directory): choose another"),
+    Case("tokenizer train {CORPUS} --vocab-size 300 --out {FILE}/tok.json", "file is a file, not a folder"),
+    Case("tokenizer train {EMPTY} --vocab-size 300 --out {OUT}",
+         "no text to train the tokenizer on (every input is empty)"),
     # train
     Case("train tiyn", "recipe 'tiyn' not found (did you mean 'tiny'?)"),
     Case("train {RECIPES}", "is a directory, not a recipe file; pass one of its recipes (a.toml)"),
@@ -100,6 +104,9 @@ CASES = [
     Case("train --data.path={DATA} --train.seq_len=100000",
          "train.seq_len=100000 exceeds the model's max_position_embeddings"),
     Case("train --resume {EMPTYDIR}", "emptydir: no checkpoint in this directory"),
+    Case("train --out {STUFF} --train.steps=2", "stuff holds files that are not a training run (notes.odt)"),
+    Case("train --data.path={DATA} --train.seq_len=200 --model.max_position_embeddings=256",
+         "'val' split has 121 tokens, fewer than train.seq_len=200"),
     # generate
     Case("generate --model {CORPUS}/missing --prompt hi", "missing: no such checkpoint directory"),
     Case("generate --model {TRUNC} --prompt hi", "model.safetensors: truncated or corrupted safetensors file"),
@@ -121,6 +128,9 @@ CASES = [
     Case("generate --model {MODEL} --prompt hi --max-new-tokens 4 --device cpu --expert-backend triton",
          "expert_backend='triton' is not usable here: it needs a CUDA GPU"),
     Case("generate --model {MODEL} --prompt hi --device tpu:0", "--device 'tpu:0'"),
+    Case("generate --model {MODEL} --tokenizer {BINARY}.json --prompt hi", "not a Hugging Face `tokenizers` file"),
+    Case("generate --model {GARBAGE} --prompt hi", "config.json: unreadable JSON"),
+    Case("convert {GARBAGE} {OUT}", "config.json: unreadable JSON"),
     # chat
     Case("chat --model {MODEL} --max-new-tokens 8", "stdin line 2: not valid UTF-8 text (byte 0xff at offset 3)",
          stdin=b"hi\ncaf\xff\n"),
@@ -132,12 +142,22 @@ CASES = [
     Case("convert {TRUNC} {OUT}", "model.safetensors: truncated or corrupted safetensors file"),
     Case("convert {LLAMA} {OUT}", "model_type='llama' is not supported"),
     Case("convert {MODEL} {MODEL}", "{MODEL} exists; pass --overwrite to replace it"),
+    Case("convert {BADTYPE} {OUT}", "hidden_size='big': must be a positive integer"),
+    Case("convert {MODEL} {FILE}/sub", "file is a file, not a folder"),
     # eval / analyze
     Case("eval --model {CORPUS}/missing", "missing: no such checkpoint directory"),
     Case("eval --model {TRUNC}", "model.safetensors: truncated or corrupted safetensors file"),
     Case("eval --model {MODEL} --lm-data {DATA} --lm-split nope", "nope"),
     Case("eval --model {MODEL} --tasks hellaswag", "--data-dir"),
     Case("analyze --model {LLAMA}", "model_type='llama' is not supported"),
+    Case("eval --model {LLAMA}", "model_type='llama' is not supported"),
+    Case("eval --model {BADTYPE}", "hidden_size='big': must be a positive integer"),
+    Case("eval --model {MODEL} --lm-text {LATIN1}", "not valid UTF-8 at byte offset 3"),
+    Case("eval --model {MODEL} --lm-data {DATA} --out {FILE}/r.json", "file is a file, not a folder"),
+    Case("analyze --model {MODEL} --text {EMPTY}", "empty.txt: no non-empty documents"),
+    Case("analyze --model {MODEL} --data {DATA} --out {FILE}/sub", "file is a file, not a folder"),
+    Case("analyze --model {MODEL} --data {DATA} --seq-len 100000",
+         "--seq-len 100000: beyond this model's context of 96 tokens"),
     Case("analyze --model {MODEL} --data {EMPTYDIR}", "not a prepared dataset (no meta.json)"),
 ]
 
@@ -165,11 +185,13 @@ def env(tmp_path_factory) -> dict[str, str]:
     (d / "emptydir").mkdir()
     for ext in ("json", "safetensors", "toml"):
         (d / f"binary.{ext}").write_bytes(bytes(range(256)) * 4)
-    for name, edit in (("trunc", None), ("badtype", {"hidden_size": "big"})):
+    for name, edit in (("trunc", None), ("badtype", {"hidden_size": "big"}), ("garbage", None)):
         (d / name).mkdir()
         for f in (d / "model").iterdir():
             (d / name / f.name).write_bytes(f.read_bytes())
-        if edit is None:
+        if name == "garbage":
+            (d / name / "config.json").write_bytes(bytes(range(256)) * 4)
+        elif edit is None:
             st = d / name / "model.safetensors"
             st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
         else:
@@ -185,8 +207,8 @@ def env(tmp_path_factory) -> dict[str, str]:
     (d / "file").write_text("x")
     paths = {"MODEL": "model", "SMALL": "small", "TOK": "tok", "DATA": "data", "CORPUS": "corpus.txt",
              "CORPUS2": "corpus2.txt", "LATIN1": "latin1.txt", "EMPTY": "empty.txt", "EMPTYDIR": "emptydir",
-             "BINARY": "binary", "TRUNC": "trunc", "BADTYPE": "badtype", "LLAMA": "llama", "STUFF": "stuff",
-             "RECIPES": "recipes", "BADTOML": "bad.toml", "FILE": "file"}
+             "BINARY": "binary", "TRUNC": "trunc", "GARBAGE": "garbage", "BADTYPE": "badtype", "LLAMA": "llama",
+             "STUFF": "stuff", "RECIPES": "recipes", "BADTOML": "bad.toml", "FILE": "file"}
     assert set(paths) == set(FIXTURES)
     return {k: str(d / v) for k, v in paths.items()}
 

@@ -248,9 +248,13 @@ def require_loadable(kind: str, path: Path) -> None:
 
 def read_hf_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not JSON
         raise CheckpointError(f"{path / 'config.json'}: unreadable JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path / 'config.json'}: holds a JSON {type(cfg).__name__}, not the object of a "
+                              "model config")
+    return cfg
 
 
 def weight_files(path: Path) -> dict[str, Path]:

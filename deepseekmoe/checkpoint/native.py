@@ -51,9 +51,10 @@ def is_native(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == NATIVE_FORMAT
-    except (OSError, json.JSONDecodeError):
+        cfg = json.loads(p.read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: the loader names the damage
         return False
+    return isinstance(cfg, dict) and cfg.get("format") == NATIVE_FORMAT
 
 
 def load_native(path: str | Path, device="cpu"):
