@@ -175,7 +175,7 @@ def run_task(scorer: Scorer, name: str, data_dir: Path, limit: int | None = None
     docs = _limit_docs(t.load(data_dir, shots, seed), limit, t.interleave)
     if not docs:
         raise DataError(f"task {name}: no documents in {data_dir}")
-    samples: list | None = [] if log_samples else None
+    samples: list | None = [] if log_samples and t.kind != "code" else None  # code: in its "problems"
     if t.kind == "mc":
         out = score_mc(scorer, docs, name, t.norm, samples)
     elif t.kind == "cloze":
