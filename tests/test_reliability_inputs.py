@@ -80,9 +80,13 @@ CASES = [
     Case("prepare {CORPUS} --out {OUT} --tokenizer {CORPUS}/nope.json", "nope.json: tokenizer file not found"),
     Case("prepare {CORPUS} --out {OUT} --bos '<s>'", "--bos/--eos name the special tokens of a given --tokenizer"),
     Case("prepare {CORPUS} --out {OUT} --tokenizer {TOK} --vocab-size 100", "beyond the vocab size 100"),
+    Case("prepare {CORPUS} --out {OUT} --tokenizer-sample-mb -1", "--tokenizer-sample-mb -1: must be a positive"),
+    Case("prepare {CORPUS} --out {OUT} --tokenizer {TOK} --eos 99999", "eos id 99999 is outside the vocabulary"),
+    Case("prepare {CORPUS} --out {OUT} --tokenizer {BINARY}.json", "not a Hugging Face `tokenizers` file"),
     # tokenizer
     Case("tokenizer show {EMPTYDIR}", "tokenizer.json: tokenizer file not found"),
     Case("tokenizer show {BINARY}.json", "binary.json: not a Hugging Face `tokenizers` file"),
+    Case("tokenizer show {TOK} --text caf{XFF}", "--text: not valid UTF-8 text (byte 0xff at character 3)"),
     Case("tokenizer train {CORPUS} --vocab-size 10000000000 --out {OUT}", "vocab size 10000000000 is too large"),
     Case("tokenizer train {CORPUS} --vocab-size 300 --out {STUFF}", "stuff is a directory): choose another"),
     Case("tokenizer train {CORPUS} --vocab-size 300 --out {FILE}/tok.json", "file is a file, not a folder"),
@@ -144,6 +148,7 @@ CASES = [
     Case("convert {MODEL} {MODEL}", "{MODEL} exists; pass --overwrite to replace it"),
     Case("convert {BADTYPE} {OUT}", "hidden_size='big': must be a positive integer"),
     Case("convert {MODEL} {FILE}/sub", "file is a file, not a folder"),
+    Case("convert {MODEL} {OUT} --dtype int8", "argument --dtype: invalid choice: 'int8'"),
     # eval / analyze
     Case("eval --model {CORPUS}/missing", "missing: no such checkpoint directory"),
     Case("eval --model {TRUNC}", "model.safetensors: truncated or corrupted safetensors file"),

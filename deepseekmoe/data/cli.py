@@ -45,6 +45,9 @@ def run(args) -> int:
     from deepseekmoe.data.dataset import load_meta
     from deepseekmoe.data.prepare import prepare
 
+    if not args.tokenizer_sample_mb > 0:
+        raise DataError(f"--tokenizer-sample-mb {args.tokenizer_sample_mb:g}: must be a positive number of MB "
+                        "(how much text the BPE is trained on)")
     if args.tokenizer is None and (args.bos or args.eos):
         raise DataError("--bos/--eos name the special tokens of a given --tokenizer; a trained BPE uses "
                         "<|bos|> (id 0) and <|eos|> (id 1)")

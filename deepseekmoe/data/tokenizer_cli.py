@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from deepseekmoe.errors import utf8_text
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -41,7 +43,7 @@ def run(args) -> int:
         print(f"wrote {args.out}: {tok!r}")
         return 0
     tok = Tokenizer.from_file(_tokenizer_location(args.path), args.bos, args.eos)
-    ids = tok.encode(args.text)
+    ids = tok.encode(utf8_text(args.text, "--text"))
     back = tok.decode(ids)
     print(repr(tok))
     print(f"text ({len(args.text.encode())} bytes) -> {len(ids)} tokens: {ids[:32]}{' ...' if len(ids) > 32 else ''}")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from deepseekmoe.errors import ConfigError, DataError
+from deepseekmoe.errors import ConfigError, DataError, utf8_text
 from deepseekmoe.inference.cli import (
     add_common_arguments,
     decode_utf8,
     load_for_inference,
     sampling_kwargs,
     stdin_bytes,
-    utf8_text,
 )
 
 

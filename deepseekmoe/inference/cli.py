@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from deepseekmoe.errors import ConfigError, DataError
+from deepseekmoe.errors import ConfigError, DataError, utf8_text
 from deepseekmoe.model.dtypes import CLI_NAMES, parse_dtype
 
 
@@ -48,19 +48,6 @@ def check_sampling(args) -> None:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
-
-
-def utf8_text(text: str, where: str) -> str:
-    """`text` if it is valid Unicode; bytes that were not UTF-8 (argv and stdin decode them as lone
-    surrogates under surrogateescape) raise one DataError naming where they are."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        ch = ord(text[e.start])
-        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character \\u{ch:04x}"
-        raise DataError(f"{where}: not valid UTF-8 text ({what} at character {e.start}); give UTF-8 text "
-                        "(e.g. convert it with `iconv -t utf-8`)") from None
-    return text
 
 
 def decode_utf8(data: bytes, where: str) -> str:
