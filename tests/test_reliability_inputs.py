@@ -107,6 +107,7 @@ CASES = [
     Case("train {BINARY}.toml", "binary.toml: not UTF-8 text"),
     Case("train --data.path={DATA} --train.seq_len=100000",
          "train.seq_len=100000 exceeds the model's max_position_embeddings"),
+    Case("train --sample.prompt=caf{XFF}", "--sample.prompt: not valid UTF-8 text (byte 0xff at character 3)"),
     Case("train --resume {EMPTYDIR}", "emptydir: no checkpoint in this directory"),
     Case("train --out {STUFF} --train.steps=2", "stuff holds files that are not a training run (notes.odt)"),
     Case("train --data.path={DATA} --train.seq_len=200 --model.max_position_embeddings=256",

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deepseekmoe.errors import ConfigError, suggest
+from deepseekmoe.errors import ConfigError, suggest, utf8_text
 from deepseekmoe.model import presets
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
@@ -400,7 +400,7 @@ def build(recipe: str | None = None, overrides: list[tuple[str, str]] | None = N
         cfg = TrainConfig()
     # A changed preset must be applied before field overrides, as in a recipe.
     for key, text in sorted(overrides or [], key=lambda kv: kv[0] != "model.preset"):
-        apply(cfg, key, parse_value(text))
+        apply(cfg, key, parse_value(utf8_text(text, f"--{key}")))
     cfg.validate()
     return cfg
 
