@@ -334,7 +334,8 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(monkeypatch, tmp_path)
     with pytest.raises(DivergedError, match=r"3 consecutive steps \(up to step 7\).*step_0000006.*--resume"):
         Trainer(cfg, run_dir=out, echo=lambda s: None).run()
     # The skipped step 6 still saved its checkpoint: the weights of step 4, unchanged by the skips.
-    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000004", "step_0000006"]
+    # No finite loss judged step 4's weights, so step 2 (judged good) is kept beyond checkpoint.keep=2.
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000002", "step_0000004", "step_0000006"]
     assert ckpt_io.verify(out / "checkpoints" / "step_0000006")["nonfinite_streak"] == 2
     w4, w6 = (load_file(out / "checkpoints" / f"step_000000{s}" / "model" / "model.safetensors") for s in (4, 6))
     assert w4.keys() == w6.keys() and all(torch.equal(w4[k], w6[k]) for k in w4)
@@ -352,4 +353,153 @@ def test_compile_on_cpu_fp32_is_refused_up_front(capsys, tmp_path):
     out = tmp_path / "o"
     msg = _fail(capsys, *TINIER, "--system.compile=true", "--system.device=cpu", "--out", str(out))
     assert "parallel.compile=true (or system.compile) on CPU" in msg and "expert_backend=loop" in msg
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- every stop leaves a way forward
+def _cfg(*extra: str):
+    return recipe.build(None, recipe_overrides(TINIER, list(extra)))
+
+
+def test_nan_at_a_checkpoint_step_and_at_the_last_step_keep_the_cadence(monkeypatch, tmp_path):
+    """A skipped step leaves the weights unchanged; its checkpoint and the final validation and
+    checkpoint are still made (they used to be jumped over while the run said done)."""
+    out = tmp_path / "o"
+    _nan_after(monkeypatch, {4, 6})  # step 4 (a checkpoint step) and step 6 (the last)
+    res = Trainer(_cfg("--train.steps=6", "--checkpoint.keep=3"), run_dir=out, echo=lambda s: None).run()
+    assert res.step == 6 and res.checkpoint == ckpt_io.step_dir(out, 6) and res.val_loss is not None
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000002", "step_0000004", "step_0000006"]
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "nonfinite"] == [4, 6]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [6]
+    # Step 5 trained, step 6 was skipped: the final weights are those after step 5, not after step 4.
+    w = {s: load_file(ckpt_io.step_dir(out, s) / "model" / "model.safetensors") for s in (4, 6)}
+    assert not all(torch.equal(w[4][k], w[6][k]) for k in w[4])
+    assert ckpt_io.verify(ckpt_io.step_dir(out, 6))["nonfinite_streak"] == 1
+
+
+def test_nan_abort_before_the_first_checkpoint_restarts_with_resume(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "o"
+    _nan_after(monkeypatch, {0, 1})  # every step
+    msg = _fail(capsys, *TINIER, "--checkpoint.every=10", "--train.steps=8", "--train.max_nonfinite_steps=3",
+                "--out", str(out))
+    assert msg.endswith(f"no checkpoint was saved yet; lower --optim.lr or raise --train.max_nonfinite_steps, "
+                        f"then --resume {out} (restarts from step 0)")
+    monkeypatch.undo()
+    # A new run into it names the same command ...
+    msg = _fail(capsys, *TINIER, "--out", str(out))
+    assert msg.endswith(f"{out} already holds a run that has no checkpoint yet; restart it from step 0 with "
+                        f"--resume {out}, or choose another --out")
+    # ... which restarts it from step 0 with its saved config (8 steps), the old log cut away.
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "restarted from step 0 (it had no checkpoint)" in capsys.readouterr().err
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 9))
+    assert not [r for r in recs if r["kind"] == "nonfinite"]
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000008"]
+
+
+def test_full_disk_at_the_first_save_restarts_with_resume(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full)
+    msg = _fail(capsys, *TINIER, "--out", str(out))
+    monkeypatch.undo()
+    assert "disk is full" in msg and "no earlier checkpoint exists" in msg and msg.endswith(f"--resume {out}")
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    assert main(["train", "--resume", str(out)]) == 0  # the command the message names works
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MB tmpfs (root only): room for one checkpoint of the TINIER model (3.5 MB), not two."""
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the disk-full case is still "
+                    "covered by test_full_disk_during_save_keeps_previous_checkpoint (simulated ENOSPC)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_full_disk_at_a_checkpoint(capsys, small_tmpfs):
+    out = small_tmpfs / "o"
+    msg = _fail(capsys, *TINIER, "--checkpoint.keep=2", "--out", str(out))
+    assert "could not save checkpoint" in msg and "step_0000004" in msg and "step_0000002 is intact" in msg
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # no temporary left
+    assert ckpt_io.verify(out / "checkpoints" / "step_0000002")["step"] == 2
+
+
+def test_diverging_run_is_stopped_keeping_the_last_good_checkpoint(capsys, tmp_path):
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, "--optim.lr=10", "--train.steps=40", "--checkpoint.every=1",
+                "--checkpoint.keep=1", "--out", str(out))
+    import re
+
+    m = re.search(r"diverged: ([\d.e+]+) at step (\d+), above 3 x its running minimum ([\d.]+) for 5 consecutive "
+                  r"logged steps \(since step (\d+)\); stopped\. the last good checkpoint \(before the loss rose\) "
+                  r"is (\S+); lower --optim.lr \(now 10\) or raise --train.divergence_factor \(0 = off\), then "
+                  r"--resume (\S+)$", msg)
+    assert m, msg
+    loss, step, best, since, good, again = m.groups()
+    assert float(loss) > 3 * float(best) and int(step) == int(since) + 4 and int(step) < 40 and good == again
+    # keep=1, yet the good checkpoint survived the bad ones saved while the loss was up.
+    names = [p.name for p in ckpt_io.list_checkpoints(out)]
+    assert names == [Path(good).name, f"step_{int(step) - 1:07d}"]
+    assert int(Path(good).name[5:]) == int(since) - 2  # the weights that gave step since-1 its loss
+    assert main(["train", "--resume", good, "--optim.lr=1e-3", "--train.steps=8", "--checkpoint.every=4"]) == 0
+    last = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert last["step"] == 8 and last["loss"] < 3 * float(best)  # the fix named works
+
+
+def test_divergence_defaults_never_fire_on_the_reference_curve():
+    from deepseekmoe.train.recovery import Divergence
+
+    losses = json.loads((Path(__file__).parent / "assets" / "tiny_loss_curve.json").read_text())["loss"]
+    t = recipe.TrainConfig().train
+    div = Divergence(t.divergence_factor, t.divergence_steps)
+    assert not any(div.update(i + 1, v) for i, v in enumerate(losses))
+    assert max(v / min(losses[: i + 1]) for i, v in enumerate(losses)) < 1.05  # far below the factor 3
+    div = Divergence(3.0, 2)
+    assert [div.update(s, v) for s, v in enumerate([5.0, 4.0, 13.0, 4.5, 13.0, 12.5], 1)] == \
+        [False, False, False, False, False, True]
+    assert (div.best, div.streak, div.since) == (4.0, 2, 5)
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "-2"])
+def test_divergence_factor_must_exceed_one(capsys, value, tmp_path):
+    msg = _fail(capsys, *TINIER, f"--train.divergence_factor={value}", "--out", str(tmp_path / "o"))
+    assert f"train.divergence_factor={float(value)}: must be > 1" in msg and "0 to turn" in msg
+
+
+def test_out_among_unrelated_files_is_refused(capsys, tmp_path):
+    mine = tmp_path / "papers"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    msg = _fail(capsys, *TINIER, "--out", str(mine))
+    assert msg.endswith(f"--out {mine} holds files that are not a training run (notes.txt); choose a new or "
+                        "empty directory")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert main(["train", *TINIER, "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_validation_split_shorter_than_seq_len_is_refused_up_front(capsys, tmp_path):
+    d = tmp_path / "data"
+    shutil.copytree(default_dataset(), d)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["splits"]["val"].update(tokens=20, bytes=60)
+    np.arange(20, dtype=meta["dtype"]).tofile(d / meta["splits"]["val"]["shards"][0])
+    (d / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "o"
+    msg = _fail(capsys, *TINIER, f"--data.path={d}", "--out", str(out))
+    assert msg.endswith(f"{d}: the 'val' split has 20 tokens, fewer than train.seq_len=32; use a shorter "
+                        "--train.seq_len or prepare a larger validation split")
     assert not out.exists()

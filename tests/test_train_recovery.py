@@ -136,8 +136,6 @@ def _final(run: Path) -> dict:
     state = ckpt_io.verify(ck)
     state.pop("elapsed_s")
     state["config"].pop("out")
-    if state["divergence"]["good"]:
-        state["divergence"]["good"] = Path(state["divergence"]["good"]).name
     return {"records": records, "listing": sorted(p.name for p in (run / "checkpoints").iterdir()),
             "weights": load_file(ck / "model" / "model.safetensors"),
             "optimizer": torch.load(ck / "optimizer.pt", weights_only=True), "state": state}

@@ -108,10 +108,10 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict, tokenizer: Path | None = None, keep: int = 2, protect: Path | None = None) -> Path:
+         state: dict, tokenizer: Path | None = None, keep: int = 2, protect: str | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` (files.prune: each
-    is renamed out of the listing before it is deleted) and `protect` (the trainer's last good
-    checkpoint while the loss diverges).
+    is renamed out of the listing before it is deleted) and the one named `protect` (the trainer's
+    last checkpoint known good, train/recovery.py).
 
     A failure (a full disk included) raises CheckpointError; the earlier checkpoints stay as
     they were and no partial directory is left."""
@@ -134,8 +134,16 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         why = write_failure(e, run_dir, _state_bytes(model, optimizer))
         raise CheckpointError(f"could not save checkpoint {target} ({why}); {kept}. Free space (or "
                               f"choose another --out) and continue with --resume {run_dir}") from e
-    prune([p for p in list_checkpoints(run_dir) if protect is None or p.name != Path(protect).name][:-keep])
+    prune(prunable_order(list_checkpoints(run_dir), keep, protect)[:-keep])
     return target
+
+
+def prunable_order(found: list[Path], keep: int, protect: str | None) -> list[Path]:
+    """`found` (oldest first) without the checkpoint named `protect` among those `[:-keep]` prunes:
+    what `prune(result[:-keep])` deletes is all but the newest `keep` and `protect` (the form the
+    distributed save's listing takes too)."""
+    old, new = found[:-keep], found[-keep:]
+    return [p for p in old if p.name != protect] + new
 
 
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

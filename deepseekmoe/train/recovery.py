@@ -3,7 +3,7 @@
   Divergence    a finite loss that keeps growing: a logged training loss above
                 `train.divergence_factor` x its running minimum for `train.divergence_steps`
                 consecutive logged steps stops the run (DivergedError) naming the last checkpoint
-                saved before the loss went up, which the trainer keeps out of pruning meanwhile
+                whose weights still gave a loss below that, which is kept out of pruning meanwhile
   StopSignals   SIGINT / SIGTERM (one process): the trainer finishes the current step, saves a
                 checkpoint and raises Interrupted, whose message is the exact resume command; the
                 command exits 128 + the signal number (130 / 143), as a shell reports the signal.
@@ -51,14 +51,22 @@ class Interrupted(Exception):
 
 @dataclass
 class Divergence:
-    """The running minimum of the logged training loss and the current streak above factor x it."""
+    """The running minimum of the logged training loss, the current streak above factor x it, and
+    which checkpoint is known good.
+
+    The loss logged at step s is that of the weights saved at step s - 1, so a checkpoint is
+    `pending` until the next logged loss judges it: below the threshold it becomes the `good` one,
+    above it (the start of a streak) it is not. The good checkpoint is kept out of pruning until a
+    newer one is confirmed (so up to one checkpoint more than checkpoint.keep during a run),
+    except at the final save."""
 
     factor: float  # 0: off
     steps: int
     best: float = float("inf")
     streak: int = 0
     since: int = 0  # first step of the current streak
-    good: str | None = None  # the newest checkpoint saved outside a streak (kept from pruning)
+    good: str | None = None  # checkpoint names (step_NNNNNNN)
+    pending: str | None = None
 
     def update(self, step: int, loss: float) -> bool:
         """Account one logged loss; True when the run has diverged."""
@@ -68,40 +76,46 @@ class Divergence:
             if self.streak == 0:
                 self.since = step
             self.streak += 1
+            self.pending = None
         else:
             self.streak = 0
+            if self.pending:
+                self.good, self.pending = self.pending, None
         self.best = min(self.best, loss)
         return self.streak >= self.steps
 
     def saved(self, ckpt: Path) -> None:
-        """A checkpoint was written: it is the good one unless the loss is up."""
-        if self.streak == 0:
-            self.good = str(ckpt)
+        """A checkpoint was written: judged by the next logged loss (none while the loss is up)."""
+        if self.factor > 0 and self.streak == 0:
+            self.pending = Path(ckpt).name
 
-    def protected(self) -> Path | None:
-        """The checkpoint pruning must keep: the good one, while the loss is up."""
-        return Path(self.good) if self.streak and self.good else None
+    def protected(self, final: bool) -> str | None:
+        """The checkpoint the save about to happen must not prune: the good one (not at the
+        final save of a run whose loss is not up: nothing is left to judge)."""
+        return self.good if self.good and (self.streak or not final) else None
 
     def message(self, step: int, loss: float, lr: float, run_dir: Path, fresh: bool) -> str:
         """The stop message; `fresh`: the run directory holds no checkpoint at all."""
         fix = f"lower --optim.lr (now {lr:g}) or raise --train.divergence_factor (0 = off)"
-        if self.good:
-            where = f"the last good checkpoint (before the loss rose) is {self.good}; {fix}, then --resume {self.good}"
+        good = Path(run_dir) / "checkpoints" / self.good if self.good else None
+        if good:
+            where = f"the last good checkpoint (before the loss rose) is {good}; {fix}, then --resume {good}"
         elif fresh:
             where = f"no checkpoint was saved; {fix}, then --resume {run_dir} (restarts from step 0)"
         else:
-            where = (f"every checkpoint was saved after the loss rose; {fix} and start again with another "
-                     f"--out (or delete {run_dir})")
+            where = (f"no checkpoint was saved before the loss rose; {fix} and start again with another --out "
+                     f"(or delete {run_dir})")
         return (f"the training loss diverged: {loss:.4g} at step {step}, above {self.factor:g} x its running "
                 f"minimum {self.best:.4g} for {self.streak} consecutive logged steps (since step {self.since}); "
                 f"stopped. {where}")
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "streak": self.streak, "since": self.since, "good": self.good}
+        return {"best": self.best, "streak": self.streak, "since": self.since, "good": self.good,
+                "pending": self.pending}
 
     def load_state_dict(self, d: dict) -> None:
-        self.best, self.streak = float(d["best"]), int(d["streak"])
-        self.since, self.good = int(d["since"]), d["good"]
+        self.best, self.streak, self.since = float(d["best"]), int(d["streak"]), int(d["since"])
+        self.good, self.pending = d["good"], d["pending"]
 
 
 class StopSignals:

@@ -362,7 +362,8 @@ class Trainer:
     def _save(self, loop: _Loop) -> Path:
         """Checkpoint the state after `loop.step`; while the loss is diverging, the last checkpoint
         saved before it rose is kept out of pruning."""
-        step, protect = loop.step, loop.div.protected()
+        step, keep = loop.step, self.cfg.checkpoint.keep
+        protect = loop.div.protected(final=step == self.cfg.train.steps)
         state = {"config": self.cfg.to_dict(), "data": self.loader.state_dict(), "rng": ckpt_io.rng_state(),
                  "data_path": str(self.data.path), "model": self.mcfg.to_dict(), "tokens": loop.tokens,
                  "nonfinite_streak": loop.streak, "divergence": loop.div.state_dict(),
@@ -370,13 +371,12 @@ class Trainer:
         tokenizer = self.data.path / self.data.meta.get("tokenizer", "tokenizer.json")
         if self.rt.distributed:  # sharded (DCP), same directory names, loadable at any world size
             full = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": step, **state}
-            listing = lambda: [p for p in ckpt_io.list_checkpoints(self.run_dir) if protect is None  # noqa: E731
-                               or p.name != protect.name]
+            listing = lambda: ckpt_io.prunable_order(ckpt_io.list_checkpoints(self.run_dir), keep, protect)  # noqa: E731
             path = self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.ckpt_model, self.ckpt_optim, full,
-                                self.cfg.checkpoint.keep, listing, files={"tokenizer.json": tokenizer})
+                                keep, listing, files={"tokenizer.json": tokenizer})
         else:
             path = ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state, tokenizer=tokenizer,
-                                keep=self.cfg.checkpoint.keep, protect=protect)
+                                keep=keep, protect=protect)
         loop.last_ckpt = path
         loop.div.saved(path)
         return path
