@@ -103,7 +103,8 @@ def run(args) -> int:
         else:
             spec = Path(args.resume)
         if restartable(spec):  # stopped before its first checkpoint: from step 0, with its own config
-            restart = spec
+            # (with another --out: a new run of that config there, checked like any new run)
+            restart = spec if not args.out or Path(args.out) == spec else None
             cfg = recipe_mod.build(str(spec / "config.toml"), overrides)
         else:
             resume = ckpt_io.resolve(spec)
