@@ -30,13 +30,13 @@ FIXTURES = {
     "MODEL": "a tiny saved model (released format, vocab 300, with its tokenizer.json)",
     "SMALL": "a tiny saved model of vocab 64, without a tokenizer",
     "TOK": "a directory holding the tokenizer.json of MODEL (vocab 300)",
-    "DATA": "a prepared dataset (prepare CORPUS --tokenizer TOK)",
+    "DATA": "a prepared dataset (prepare CORPUS CORPUS2 --tokenizer TOK --val-fraction 0.3)",
     "CORPUS": "corpus.txt, a few lines of UTF-8 text",
     "CORPUS2": "another UTF-8 text file (DATA's second input)",
     "LATIN1": "latin1.txt, text that is not UTF-8",
     "EMPTY": "an empty .txt file",
     "EMPTYDIR": "an empty directory",
-    "BINARY": "a file of random bytes named .safetensors / .json / .toml where the command expects one",
+    "BINARY": "binary.json / binary.toml: the bytes 0x00..0xff, where the command expects text",
     "TRUNC": "a copy of MODEL whose model.safetensors is cut in half",
     "GARBAGE": "a copy of MODEL whose config.json is random bytes",
     "BADTYPE": "a copy of MODEL whose config.json says hidden_size \"big\"",
@@ -189,7 +189,7 @@ def env(tmp_path_factory) -> dict[str, str]:
     (d / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin1"))
     (d / "empty.txt").write_text("")
     (d / "emptydir").mkdir()
-    for ext in ("json", "safetensors", "toml"):
+    for ext in ("json", "toml"):
         (d / f"binary.{ext}").write_bytes(bytes(range(256)) * 4)
     for name, edit in (("trunc", None), ("badtype", {"hidden_size": "big"}), ("garbage", None)):
         (d / name).mkdir()
@@ -292,7 +292,8 @@ def render_table() -> str:
         line = "deepseekmoe " + c.argv.replace("{XFF}", "\\xff")
         if c.stdin is not None:
             line = f"printf {shlex.quote(c.stdin.decode('latin1').encode('unicode_escape').decode())} | {line}"
-        rows.append(f"| {i} | `{line}` | {c.message.replace('|', '&#124;')} | 2 |")
+        cells = [str(i), f"`{line}`", c.message, "2"]
+        rows.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")  # GFM: \| inside a cell
     legend = "\n".join(f"- `{{{k}}}`: {v}" for k, v in FIXTURES.items())
     return f"{BEGIN}\n{legend}\n- `{{OUT}}`: a fresh path that must not appear\n\n" + "\n".join(rows) + f"\n{END}"
 
