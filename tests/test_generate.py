@@ -257,3 +257,19 @@ def test_generate_cli_takes_every_cpu_backend_its_help_lists(checkpoint, capsys)
             continue
         assert _cli(base + ["--expert-backend", backend]) == 0, backend
         assert capsys.readouterr().out == expect, backend
+
+
+def test_chat_asks_again_after_a_line_that_is_not_utf8(checkpoint, capsys, monkeypatch):
+    """At a terminal a mistyped byte costs the line, not the conversation (piped input: exit 2, a
+    case of test_reliability_inputs)."""
+    args = ["chat", "--model", str(checkpoint / "hf"), "--max-new-tokens", "6"]
+    assert _cli(args, "hello there\n/exit\n", monkeypatch) == 0
+    expect = capsys.readouterr().out
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xff\nhello there\n/exit\n"))
+    monkeypatch.setattr(stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert cli.main(args) == 0
+    got = capsys.readouterr()
+    assert "(stdin line 1: not valid UTF-8 text (byte 0xff at offset 3)" in got.err
+    assert "type the message again)" in got.err
+    assert got.out == "User: User: " + expect + "User: "
