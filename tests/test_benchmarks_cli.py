@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["benchmarks/inference.py", "benchmarks/moe_layer.py", "benchmarks/table1_small.py",
-           "benchmarks/train_throughput.py", "scripts/gpu_kernels_check.py", "scripts/tma_probe.py"]
+SCRIPTS = ["benchmarks/humaneval_throughput.py", "benchmarks/inference.py", "benchmarks/moe_layer.py",
+           "benchmarks/table1_small.py", "benchmarks/train_throughput.py", "scripts/gpu_kernels_check.py",
+           "scripts/tma_probe.py"]
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -42,3 +43,15 @@ def test_inference_benchmark_smoke_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert result, "empty benchmark result"
     assert "batch-1 bound" in proc.stdout
+
+
+def test_humaneval_throughput_smoke_scores_in_the_sandbox(tmp_path):
+    data = ROOT.parent / "shared" / "data" / "eval"
+    if not (data / "humaneval" / "HumanEval.jsonl.gz").is_file():
+        pytest.skip(f"the team's HumanEval copy is not at {data}/humaneval/ (../shared beside the repository)")
+    out = tmp_path / "he.json"
+    proc = _run(["benchmarks/humaneval_throughput.py", "--smoke", "--data", str(data), "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["problems"] == 4 and row["problems_per_s"] > 0 and row["pass@1"] == 0.0
+    assert row["sandbox"]["tool"] in ("bwrap", "unshare", "rlimits")

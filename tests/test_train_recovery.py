@@ -88,6 +88,9 @@ def _half_deleted_prune(n: int) -> None:
 
 
 def _child(argv: list[str], point, log: str) -> None:
+    # Before any torch op: the parent's OpenMP thread pool does not survive fork, and a parallel
+    # region with more than one thread in the child can hang on it (the runs use one thread anyway).
+    torch.set_num_threads(1)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
