@@ -117,23 +117,7 @@ def run(args) -> int:
     args.max_length = None
     scorer = make_scorer(args, model, tok, tok_dir, mode)
     seq_len = args.seq_len or scorer.max_length
-    to_bpb = None
-    if data is not None:
-        from deepseekmoe.data import bits_per_byte, check_vocab
-
-        batches, meta = lm.prepared_batches(data, args.split, seq_len, args.batch_size, args.limit)
-        check_vocab(meta, model.config.vocab_size)
-        lm.check_same_tokenizer(data, meta, tok_dir)
-        to_bpb = lambda loss: bits_per_byte(loss, meta, args.split)  # noqa: E731
-        source = f"{data}:{args.split}"
-    else:
-        docs = lm.read_text_documents(args.text, args.limit)
-        batches = lm.text_batches(scorer, docs, seq_len, args.batch_size)
-        n_bytes = sum(len(t.encode("utf-8")) for t in docs)
-        source = ", ".join(args.text)
-        # Bits per byte needs the loss summed over all the documents' tokens: scale by tokens / bytes.
-        n_tok = sum(int((v[:, :-1] & v[:, 1:]).sum()) for _, v in batches)
-        to_bpb = lambda loss: loss * n_tok / n_bytes / 0.6931471805599453  # noqa: E731
+    batches, to_bpb, source = _batches(args, data, scorer, model, tok_dir, seq_len)
     header = {"model": str(args.model), "config": model.config.name, "source": source, "windows": sum(
         b[0].shape[0] for b in batches), "seq_len": seq_len, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     written = []
@@ -169,3 +153,22 @@ def run(args) -> int:
         print()
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _batches(args, data, scorer, model, tok_dir, seq_len: int):
+    """(batches, loss -> bits per byte, source name) from a prepared dataset or text files."""
+    from deepseekmoe.eval import lm
+
+    if data is not None:
+        from deepseekmoe.data import bits_per_byte, check_vocab
+
+        batches, meta = lm.prepared_batches(data, args.split, seq_len, args.batch_size, args.limit)
+        check_vocab(meta, model.config.vocab_size)
+        lm.check_same_tokenizer(data, meta, tok_dir)
+        return batches, (lambda loss: bits_per_byte(loss, meta, args.split)), f"{data}:{args.split}"
+    docs = lm.read_text_documents(args.text, args.limit)
+    batches = lm.text_batches(scorer, docs, seq_len, args.batch_size)
+    n_bytes = sum(len(t.encode("utf-8")) for t in docs)
+    # Bits per byte needs the loss summed over all the documents' tokens: scale by tokens / bytes.
+    n_tok = sum(int((v[:, :-1] & v[:, 1:]).sum()) for _, v in batches)
+    return batches, (lambda loss: loss * n_tok / n_bytes / 0.6931471805599453), ", ".join(args.text)
