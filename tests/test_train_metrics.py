@@ -116,3 +116,18 @@ def test_tensorboard_missing_is_said_once_and_real_failures_surface(tmp_path, mo
     (tmp_path / "b").mkdir()
     with pytest.raises(PermissionError, match="cannot write"):
         MetricsLogger(tmp_path / "b", 3, 0, progress=False, tensorboard=True)
+
+
+def test_run_summary_names_only_the_files_written(tmp_path, capsys):
+    """--log.plot=false writes no loss.png, and the closing summary does not name one."""
+    from deepseekmoe import cli
+
+    run = tmp_path / "run"
+    flags = ["--train.steps=2", "--train.batch_size=2", "--train.seq_len=32", "--eval.every=0", "--eval.max_batches=1",
+             "--checkpoint.every=0", "--log.progress=false", "--log.tensorboard=false", "--log.plot=false",
+             "--sample.max_new_tokens=0", "--system.device=cpu"]
+    assert cli.main(["train", "--out", str(run), *flags]) == 0
+    out = capsys.readouterr().out
+    summary = [line for line in out.splitlines() if line.startswith("run directory:")]
+    assert len(summary) == 1 and "metrics.jsonl" in summary[0] and "loss.png" not in summary[0]
+    assert not (run / "loss.png").exists() and (run / "metrics.jsonl").is_file()
