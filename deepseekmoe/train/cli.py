@@ -122,8 +122,7 @@ def run(args) -> int:
         res = train(cfg, run_dir=Path(args.out) if args.out else restart, resume=resume,
                     echo=lambda s: print(s, file=sys.stderr, flush=True), restart=restart is not None)
     except Interrupted as e:  # SIGINT / SIGTERM: checkpoint saved; exit as the signal would (130 / 143)
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every rank stopped at that step, rank 0 says so
-            print(f"deepseekmoe train: {e}", file=sys.stderr)
+        print(f"deepseekmoe train: {e}", file=sys.stderr)
         return e.exit_code
     wall = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for the job

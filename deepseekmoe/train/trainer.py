@@ -53,7 +53,6 @@ from deepseekmoe.errors import ConfigError, DataError
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
-from deepseekmoe.parallel.launch import heartbeat
 from deepseekmoe.parallel.runtime import Runtime
 from deepseekmoe.train.metrics import (
     ExpertLoad,
@@ -121,7 +120,6 @@ class _Loop:
     last_ckpt: Path | None = None
     last_eval: tuple = (None, None)  # (val_loss, val_bpb)
     div: Divergence | None = None
-    stop: bool = False  # distributed: some rank got SIGINT / SIGTERM by this step (all ranks agree)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -390,12 +388,12 @@ class Trainer:
         # index_put backward of the expert permutation accumulates in a varying order. Different
         # thread counts still differ in the last bits (other kernels split their sums by thread),
         # hence the warning at a resume with another count. No measurable cost on CPU; GPUs keep
-        # the fast kernels. SIGINT / SIGTERM stop the run at the end of a step.
+        # the fast kernels. SIGINT / SIGTERM stop the run at the end of a step (one process).
         previous = torch.are_deterministic_algorithms_enabled()
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         try:
-            with StopSignals(second_kills=not self.rt.distributed) as self.stop:
+            with StopSignals(on=not self.rt.distributed) as self.stop:
                 return self._run()
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -417,14 +415,18 @@ class Trainer:
         return self._finish(loop)
 
     def _stop_if_signalled(self, loop: _Loop) -> None:
-        """After SIGINT / SIGTERM: a checkpoint of this step (unless just saved), then Interrupted with the
-        resume command. Distributed: once any rank got one (`loop.stop`), so all save the same step."""
-        if not (loop.stop if self.rt.distributed else self.stop.received):
+        """After SIGINT / SIGTERM: a checkpoint of this step (unless one was just saved), then
+        Interrupted carrying the resume command."""
+        if not self.stop.received:
             return
-        saved = loop.last_ckpt is not None and loop.last_ckpt.name == ckpt_io.step_dir(self.run_dir, loop.step).name
-        if loop.step > 0 and not saved:  # at step 0 nothing was trained: --resume restarts the run
+        if loop.step == 0 and loop.last_ckpt is None:  # nothing trained: --resume restarts the run
+            raise Interrupted(self.stop.received, f"{self.stop.name()} received before step 1, nothing to save; "
+                              f"restart with: deepseekmoe train --resume {self.run_dir}")
+        if loop.last_ckpt is None or loop.last_ckpt.name != ckpt_io.step_dir(self.run_dir, loop.step).name:
             self._save(loop)
-        raise Interrupted.stopped(self.stop.received, loop.step, self.cfg.train.steps, loop.last_ckpt, self.run_dir)
+        raise Interrupted(self.stop.received, f"{self.stop.name()} received: stopped after step {loop.step} of "
+                          f"{self.cfg.train.steps}, checkpoint {loop.last_ckpt} saved; continue with: "
+                          f"deepseekmoe train --resume {self.run_dir}")
 
     def _start(self, loop: _Loop) -> None:
         """Restore the checkpoint when resuming; read the first batch, so that a bad one fails
@@ -485,13 +487,11 @@ class Trainer:
         """One optimizer step: forward + backward over its micro-batches, clipping, the finiteness
         check, the update (or its skip), then the metrics record, validation and checkpoint due."""
         cfg = self.cfg
-        heartbeat(loop.step)  # the distributed watchdog's sign of progress (a stall notice otherwise)
         lr = self.schedule.set(self.optimizer, loop.step)
         stats = self.stepper.run(self._step_batches())
         gnorm = self.rt.clip_grad_norm_(self.params, self.clip)
-        if self.rt.distributed:  # global means, so every rank takes the same finiteness (and stop) decision
-            stacked, stop = self.rt.mean_and_any(stats.stacked(), self.stop.received is not None)
-            stats, loop.stop = StepStats.from_stacked(stacked), bool(stop)  # the one wait for the all-reduce
+        if self.rt.distributed:  # global means, so every rank takes the same finiteness decision
+            stats = StepStats.from_stacked(self.rt.mean(stats.stacked()))
         finite = bool(torch.isfinite(stats.loss + gnorm))  # the one host sync per step
         loop.step += 1
         ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
@@ -511,13 +511,11 @@ class Trainer:
         evaluate = due(loop.step, cfg.eval.every, cfg.train.steps)
         save = due(loop.step, cfg.checkpoint.every, cfg.train.steps)
         if evaluate:
-            heartbeat(loop.step)
             loop.last_eval = self.evaluate()
             log.write({"kind": "eval", "step": loop.step, "val_loss": loop.last_eval[0], "val_bpb": loop.last_eval[1]})
             bpb = f", {loop.last_eval[1]:.3f} bits/byte" if loop.last_eval[1] is not None else ""
             log.print(f"step {loop.step}: validation loss {loop.last_eval[0]:.4f}{bpb}")
         if save:
-            heartbeat(loop.step)
             self._save(loop)
         if evaluate or save:
             meter.restart()  # keep evaluation and saving out of tokens/s
@@ -591,9 +589,8 @@ def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, tem
 def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print,
           restart: bool = False) -> TrainResult:
     trainer = Trainer(cfg, run_dir, resume, echo, restart)
-    # Distributed: a peer that dies ends this rank at once with one message (no hang); Interrupted passes.
-    with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None),
-                          passthrough=(Interrupted,)):
+    # Distributed: a peer that dies ends this rank at once with one message (no hang).
+    with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None)):
         result = trainer.run()
         trainer.rt.close()
     return result
