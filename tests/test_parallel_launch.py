@@ -44,10 +44,13 @@ def _job(rank, world, plan):
 
 def test_rank0_dying_leaves_every_survivor_naming_the_last_checkpoint():
     t0 = time.monotonic()
-    dead, failed, termed = run_ranks(_job, 3, ["die", "wait", "term"], timeout=60, pg_timeout=30, check=False)
+    dead, failed, termed = run_ranks(_job, 3, ["die", "wait", "term"], timeout=60, pg_timeout=15, check=False)
     assert dead.exitcode == -9, dead
     assert failed.exitcode == 1, failed
-    assert "a peer rank probably died or timed out" in failed.stderr
+    # gloo notices the closed socket at once, or (under load) only at the process group's timeout:
+    # either way the survivor says why, in one line naming the checkpoint
+    assert ("a peer rank probably died or timed out" in failed.stderr
+            or "a peer rank did not reach this collective within parallel.timeout_s" in failed.stderr), failed.stderr
     assert "rank 1/3: training failed in a collective" in failed.stderr
     assert f"last complete checkpoint: {CKPT}" in failed.stderr
     assert termed.exitcode == 143, termed
