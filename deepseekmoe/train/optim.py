@@ -13,6 +13,14 @@ is the step number and a resumed run follows the same curve bit for bit:
              fraction of `decay_at` of the total steps (DeepSeekMoE 2B / 16B: x0.316 at 80% and
              again at 90%)
   constant   linear warmup, then max_lr for the rest (DeepSeekMoE 145B)
+  cosine     linear warmup, then a half cosine from max_lr down to min_lr_ratio x max_lr at the
+             last step (the usual schedule of fine-tuning recipes and of most open pretraining runs)
+  wsd        warmup-stable-decay: linear warmup, max_lr flat, then a linear ramp down to
+             min_lr_ratio x max_lr over the last `decay_fraction` of the steps (the stable phase can
+             be extended and a checkpoint taken before the decay branched off into a shorter run)
+
+Every schedule reaches max_lr at the end of the warmup; cosine and wsd end exactly at
+min_lr_ratio x max_lr on the last optimizer step (step total - 1).
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ class Schedule:
         self.factor = cfg.decay_factor
         # Decay boundaries as step indices: 80% of 100 steps -> steps 80.. use the decayed rate.
         self.boundaries = sorted(math.ceil(f * total_steps) for f in cfg.decay_at)
+        self.min_lr = cfg.min_lr_ratio * max_lr
+        # wsd: the first step of the decay phase (never inside the warmup).
+        self.decay_start = max(self.warmup, total_steps - math.ceil(cfg.decay_fraction * total_steps))
 
     def __call__(self, step: int) -> float:
         lr = self.max_lr
@@ -65,6 +76,13 @@ class Schedule:
             for b in self.boundaries:
                 if step >= b:
                     lr *= self.factor
+        elif self.kind == "cosine":
+            span = self.total - 1 - self.warmup  # steps from the end of warmup to the last step
+            progress = min(1.0, (step - self.warmup) / span) if span > 0 else 1.0
+            lr = self.min_lr + (self.max_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.kind == "wsd" and step >= self.decay_start:
+            n = self.total - self.decay_start  # decay steps; the last one lands on min_lr
+            lr = self.max_lr - (self.max_lr - self.min_lr) * min(1.0, (step - self.decay_start + 1) / n)
         return lr
 
     def set(self, optimizer: torch.optim.Optimizer, step: int) -> float:

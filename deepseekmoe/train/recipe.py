@@ -68,15 +68,22 @@ class OptimSection:
     impl: str = "auto"  # auto (fused on GPU, foreach on CPU) | fused | foreach | single
 
 
+SCHEDULES = ("step", "constant", "cosine", "wsd")
+
+
 @dataclass
 class ScheduleSection:
     """`step`: linear warmup, then x`decay_factor` at each fraction of `decay_at` (2B / 16B);
-    `constant`: linear warmup, then flat (145B)."""
+    `constant`: linear warmup, then flat (145B); `cosine`: warmup, then a half cosine down to
+    `min_lr_ratio` x lr; `wsd`: warmup, flat, then linear down to `min_lr_ratio` x lr over the
+    last `decay_fraction` of the steps (train/optim.py)."""
 
     kind: str = "step"
     warmup_steps: int = 20
-    decay_at: list[float] = field(default_factory=lambda: [0.8, 0.9])
-    decay_factor: float = 0.316
+    decay_at: list[float] = field(default_factory=lambda: [0.8, 0.9])  # step
+    decay_factor: float = 0.316  # step
+    min_lr_ratio: float = 0.1  # cosine, wsd: the last step's lr as a fraction of optim.lr
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
 
 
 @dataclass
@@ -194,7 +201,7 @@ class TrainConfig:
         if self.optim.grad_clip < 0 or self.optim.weight_decay < 0:
             raise ConfigError("optim.grad_clip and optim.weight_decay cannot be negative")
         _choice("optim.impl", self.optim.impl, ("auto", "fused", "foreach", "single"))
-        _choice("schedule.kind", self.schedule.kind, ("step", "constant"))
+        _choice("schedule.kind", self.schedule.kind, SCHEDULES)
         parse_dtype(self.system.dtype, "system.dtype", ("auto", *TRAINING_NAMES))
         dev = self.system.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
@@ -205,6 +212,12 @@ class TrainConfig:
                                   "the steps, strictly between 0 and 1")
         if not 0 < self.schedule.decay_factor <= 1:
             raise ConfigError(f"schedule.decay_factor={self.schedule.decay_factor}: must be in (0, 1]")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio={self.schedule.min_lr_ratio}: must be in [0, 1] (the final "
+                              "learning rate as a fraction of optim.lr)")
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction={self.schedule.decay_fraction}: must be in (0, 1] (the share "
+                              "of the steps the wsd schedule spends decaying)")
         mc = self.model_config()  # validates the preset name and its overrides
         if t.seq_len > mc.max_position_embeddings:
             raise ConfigError(f"train.seq_len={t.seq_len} exceeds the model's max_position_embeddings="
