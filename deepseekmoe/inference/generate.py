@@ -351,25 +351,10 @@ def _special_ids(model, tok) -> tuple[int | None, int | None]:
 
 
 def chat_text_segments(messages: Sequence[dict], add_generation_prompt: bool = True) -> list[str | None]:
-    """The 16b-chat template as text pieces; None marks where an eos token goes."""
-    out: list[str | None] = []
-    text = ""
-    for m in messages:
-        role, content = m.get("role"), m.get("content", "")
-        if role == "system":
-            text += content + "\n\n"
-        elif role == "user":
-            text += f"User: {content}\n\n"
-        elif role == "assistant":
-            out += [text + f"Assistant: {content}", None]
-            text = ""
-        else:
-            raise ConfigError(f"chat message role {role!r}: expected system, user or assistant")
-    if add_generation_prompt:
-        text += "Assistant:"
-    if text:
-        out.append(text)
-    return out
+    """The 16b-chat template as text pieces; None marks where an eos token goes (data/chat.py)."""
+    from deepseekmoe.data.chat import chat_text_segments as segments
+
+    return segments(messages, add_generation_prompt)
 
 
 def chat_ids(tokenizer, messages: Sequence[dict], bos_id: int, eos_id: int,
