@@ -84,6 +84,8 @@ def normalize_record(record, where: str) -> list[dict]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}; write "
                         '{"messages": [...]} or {"instruction": ..., "output": ...}')
+    # Columnar files (parquet, a saved dataset) give every row every column, null where unused.
+    record = {k: v for k, v in record.items() if v is not None}
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, (list, tuple)):
