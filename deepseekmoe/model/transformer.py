@@ -232,11 +232,17 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ released format
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", **overrides):
-        """Load a checkpoint in the released deepseek-moe format (config.json + safetensors)."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", adapter=None, **overrides):
+        """Load a checkpoint in the released deepseek-moe format (config.json + safetensors);
+        `adapter`: a LoRA adapter directory in PEFT's format applied on top (model/lora.py)."""
         from deepseekmoe.checkpoint import hf
 
-        return hf.load_model(cls, path, dtype=dtype, device=device, **overrides)
+        model = hf.load_model(cls, path, dtype=dtype, device=device, **overrides)
+        if adapter is not None:
+            from deepseekmoe.model.lora import load_adapter
+
+            load_adapter(model, adapter)
+        return model
 
     def save_pretrained(self, path, max_shard_size: str | int = "5GB", tokenizer_dir=None) -> None:
         """Write the released deepseek-moe format, loadable by its reference code."""

@@ -8,6 +8,9 @@ width n_shared x moe_intermediate_size, exactly the released layout. The layer r
 and its router's balance-loss terms (`BalanceLoss`, None outside training), so the model can
 report them apart from the LM loss.
 
+LoRA: `RoutedExperts.lora` (None, or the stacked per-expert factors of model/moe/lora.py that
+deepseekmoe.model.lora.apply_lora attaches) reaches the backend with every forward.
+
 Analysis knobs (paper section 4.5), plain attributes set by `Transformer.set_routing`:
   shared_enabled   False switches the shared experts off (Fig 5 also routes one more expert)
   record           True stores the last call's routing in `last_routing` (ids, gates) for
@@ -22,9 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from deepseekmoe.errors import ConfigError
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import MLP
-from deepseekmoe.model.moe.experts import resolve_backend
+from deepseekmoe.model.moe.experts import experts_with_lora, resolve_backend
+from deepseekmoe.model.moe.lora import ExpertLora
 from deepseekmoe.model.moe.router import Routing, build_router
 
 
@@ -41,6 +46,8 @@ class RoutedExperts(nn.Module):
         # Expert parallel sets a token dispatcher (parallel/expert_parallel.py) that sends each slot
         # to the rank holding its expert, runs the backend there and combines the results; None: local.
         self.dispatcher = None
+        # LoRA factors of every expert (model/moe/lora.py), set by deepseekmoe.model.lora.apply_lora.
+        self.lora: ExpertLora | None = None
 
     def forward(self, x_TD, idx_TK, w_TK):
         fn = resolve_backend(self.backend, x_TD.device)
@@ -49,6 +56,11 @@ class RoutedExperts(nn.Module):
         # would make them run in fp32: compute the experts in the autocast dtype, as nn.Linear does.
         if torch.is_autocast_enabled(dev) and x_TD.dtype == torch.float32:
             x_TD = x_TD.to(torch.get_autocast_dtype(dev))
+        if self.lora is not None:
+            if self.dispatcher is not None:
+                raise ConfigError("LoRA on the routed experts does not run under expert parallel yet; "
+                                  "use parallel.ep=1 or LoRA without the routed experts (lora.experts=false)")
+            return experts_with_lora(fn, x_TD, idx_TK, w_TK, self.w13, self.w2, self.lora.factors(x_TD.dtype))
         if self.dispatcher is not None:
             return self.dispatcher(self, x_TD, idx_TK, w_TK)
         return fn(x_TD, idx_TK, w_TK, self.w13, self.w2)
