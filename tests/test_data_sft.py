@@ -6,8 +6,10 @@ the held-out split, and one clear message for each kind of bad file."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import lzma
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +280,59 @@ def test_saved_dataset_dict_asks_for_a_split(tmp_path, tok):
     with pytest.raises(DataError, match=r"a saved DatasetDict with splits test, train; name one split directory"):
         build_sft_data([tmp_path / "dd"], tok, SFTDataConfig(seq_len=128))
     assert len(build_sft_data([tmp_path / "dd" / "train"], tok, SFTDataConfig(seq_len=128)).train) == 1
+
+
+# ---------------------------------------------------------------------- the example file and the records script
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT.parent / "shared" / "data" / "eval"
+
+
+def test_example_file_builds(tok):
+    data = build_sft_data([ROOT / "examples" / "sft" / "tiny_chat.jsonl"], tok, SFTDataConfig(seq_len=256))
+    assert len(data.train) == 35 and "35 records -> 35 conversations kept (0 truncated), dropped: none" in data.report
+    with pytest.raises(DataError, match=r"tiny_chat.jsonl:line \d+: the instruction template takes one user message"):
+        build_sft_data([ROOT / "examples" / "sft" / "tiny_chat.jsonl"], tok,
+                       SFTDataConfig(seq_len=256, template="instruction"))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_sft_records", ROOT / "scripts" / "make_sft_records.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_records_script_on_small_files(tmp_path, tok, capsys):
+    ev = tmp_path / "eval"
+    (ev / "mbpp").mkdir(parents=True)
+    rows = [{"task_id": t, "text": f"Write f{t}.", "code": f"def f{t}():\r\n\treturn {t}",
+             "test_list": [f"assert f{t}() == {t}"]} for t in (600, 601, 974)]
+    _write_jsonl(ev / "mbpp" / "mbpp.jsonl", rows)
+    out = tmp_path / "out" / "r.jsonl"
+    main = _script().main
+    assert main(["--eval-dir", str(ev), "--out", str(out), "--tasks", "mbpp,arc_easy"]) == 2
+    assert "ARC-Easy-train.jsonl: no such file" in capsys.readouterr().err and not out.exists()
+    (ev / "arc_easy").mkdir()
+    _write_jsonl(ev / "arc_easy" / "ARC-Easy-train.jsonl", [
+        {"id": "q1", "question": "Which is a liquid?", "choices": {"text": ["ice", "water"], "label": ["A", "B"]},
+         "answerKey": "B"}])
+    assert main(["--eval-dir", str(ev), "--out", str(out), "--tasks", "mbpp,arc_easy", "--system", "Be exact."]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in recs] == ["mbpp/601", "mbpp/974", "arc_easy/q1"]
+    assert recs[0]["messages"] == [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "Write f601.\nYour code should pass these tests:\nassert f601() == 601"},
+        {"role": "assistant", "content": "def f601():\n\treturn 601"}]
+    assert recs[2]["messages"][1]["content"] == ("Which is a liquid?\nA. ice\nB. water\n"
+                                                 "Answer with the letter of the correct choice.")
+    assert recs[2]["messages"][2]["content"] == "B. water"
+    assert len(build_sft_data([out], tok, SFTDataConfig(seq_len=256)).train) == 3
+
+
+@pytest.mark.skipif(not (EVAL / "mbpp" / "mbpp.jsonl").is_file(), reason=f"MBPP / ARC not found under {EVAL}")
+def test_records_script_on_the_benchmark_files(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert _script().main(["--eval-dir", str(EVAL), "--out", str(out)]) == 0
+    assert "wrote 3744 records" in capsys.readouterr().out
+    ids = {json.loads(line)["source"] for line in out.read_text().splitlines()}
+    assert len(ids) == 3744 and "mbpp/600" not in ids and {"mbpp/601", "mbpp/974"} <= ids
