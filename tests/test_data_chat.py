@@ -138,10 +138,19 @@ def test_jinja_template_with_generation_tags_and_other_markup(tok):
 def test_checkpoint_chat_template_is_read(tmp_path, tok):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": DEEPSEEK_CHAT_JINJA, "bos_token": {"content": "<|bos|>"}, "eos_token": "<|eos|>"}))
+    assert isinstance(get_template("auto", tmp_path), DeepSeekChatTemplate)  # the exported one: its twin
+    other = DEEPSEEK_CHAT_JINJA.replace("User: ", "Human: ")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": other, "bos_token": {"content": "<|bos|>"}, "eos_token": "<|eos|>"}))
     t = get_template("auto", tmp_path)
     assert isinstance(t, JinjaTemplate)
     want = encode_conversation(MULTI_TURN, DeepSeekChatTemplate(), tok)
-    assert encode_conversation(MULTI_TURN, t, tok).ids.tolist() == want.ids.tolist()
+    got = encode_conversation(MULTI_TURN, t, tok)
+    assert tok.decode(got.ids[got.mask]) == tok.decode(want.ids[want.mask])
+    assert tok.decode(got.ids).count("Human: ") == 3
+    (tmp_path / "t.jinja").write_text(DEEPSEEK_CHAT_JINJA)  # a file alone: bos/eos from the tokenizer
+    from_file = encode_conversation(MULTI_TURN, get_template(f"jinja:{tmp_path / 't.jinja'}"), tok)
+    assert from_file.ids.tolist() == want.ids.tolist() and from_file.mask.tolist() == want.mask.tolist()
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert isinstance(get_template("auto", tmp_path), DeepSeekChatTemplate)
     with pytest.raises(ConfigError, match="no chat_template"):

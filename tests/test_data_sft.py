@@ -22,6 +22,7 @@ from deepseekmoe.data.sft import (
     build_sft_data,
     collate,
     pack_rows,
+    sft_loaders,
 )
 from deepseekmoe.data.tokenizer import Tokenizer
 from deepseekmoe.errors import DataError
@@ -232,6 +233,9 @@ def test_val_split_by_fraction_and_by_file(tmp_path, tok):
     again = build_sft_data([path], tok, SFTDataConfig(seq_len=128, val_fraction=0.25, seed=4))
     assert np.array_equal(again.val.ids, data.val.ids)
     assert "val: 6 records" in data.report and "21 records -> 15 conversations kept" in data.report
+    train_loader, val_loader = sft_loaders(data, 4, seed=1)
+    assert sum(b.num_label_tokens for b in val_loader) == data.val.counts.label_tokens > 0
+    assert next(train_loader).input_ids.shape == (4, 128)
     val_file = _write_jsonl(tmp_path / "v.jsonl", _records(3))
     by_file = build_sft_data([path], tok, SFTDataConfig(seq_len=128, val_fraction=0.5), val_files=[val_file])
     assert len(by_file.train) == 21 and len(by_file.val) == 4

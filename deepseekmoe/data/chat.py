@@ -301,6 +301,8 @@ def read_chat_template(model_dir: str | Path) -> JinjaTemplate | None:
         source, where = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
     if source is None:
         return None
+    if source == DEEPSEEK_CHAT_JINJA:  # what this project exports: the built-in twin is exact and faster
+        return DeepSeekChatTemplate()
     return JinjaTemplate(source, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")), where)
 
 
@@ -380,6 +382,9 @@ def encode_conversation(messages: Sequence[dict], template: Template, tokenizer,
                         eos_id: int | None = None, add_generation_prompt: bool = False) -> Encoded:
     """Token ids and loss mask of one conversation under `template` (pieces encoded one by one)."""
     encode = _encoder(tokenizer)
+    if isinstance(template, JinjaTemplate):  # a template file alone names no bos/eos strings
+        template.bos_token = template.bos_token or getattr(tokenizer, "bos_token", None) or ""
+        template.eos_token = template.eos_token or getattr(tokenizer, "eos_token", None) or ""
     ids: list[int] = []
     mask: list[bool] = []
     for p in template.pieces(messages, add_generation_prompt):

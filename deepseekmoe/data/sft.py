@@ -442,3 +442,13 @@ class SFTLoader:
                             f"{want['pack']}): resume with the same data files, template and sequence settings")
         self.seed, self.epoch, self.row = int(state["seed"]), int(state["epoch"]), int(state["row"])
         self._plans.clear()
+
+
+def sft_loaders(data: SFTData, batch_size: int, *, pack: bool = True, seed: int = 0, rank: int = 0,
+                world_size: int = 1, val_batch_size: int | None = None) -> tuple[SFTLoader, SFTLoader | None]:
+    """The endless training loader and the one-pass validation loader (None without a val split)."""
+    train = SFTLoader(data.train, batch_size, seed, rank, world_size, pack=pack)
+    val = None
+    if data.val is not None and len(data.val):
+        val = SFTLoader(data.val, val_batch_size or batch_size, seed, rank, world_size, pack=pack, endless=False)
+    return train, val
