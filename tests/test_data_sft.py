@@ -232,7 +232,8 @@ def test_val_split_by_fraction_and_by_file(tmp_path, tok):
     assert sorted(seen) == sorted(tuple(full.train[i][0]) for i in range(21))
     again = build_sft_data([path], tok, SFTDataConfig(seq_len=128, val_fraction=0.25, seed=4))
     assert np.array_equal(again.val.ids, data.val.ids)
-    assert "val: 6 records" in data.report and "21 records -> 15 conversations kept" in data.report
+    assert "val: 6 records" in data.report
+    assert "21 records -> 21 conversations kept (0 truncated, 6 of them held out for val)" in data.report
     train_loader, val_loader = sft_loaders(data, 4, seed=1)
     assert sum(b.num_label_tokens for b in val_loader) == data.val.counts.label_tokens > 0
     assert next(train_loader).input_ids.shape == (4, 128)

@@ -217,11 +217,14 @@ class BuildCounts:
     dropped: Counter = field(default_factory=Counter)   # reason -> count
     tokens: int = 0
     label_tokens: int = 0
+    held_out: int = 0           # kept conversations moved to the validation split
 
     def line(self, name: str) -> str:
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items())) or "none"
-        return (f"{name}: {self.records} records -> {self.kept} conversations kept ({self.truncated} truncated), "
-                f"dropped: {why}; {self.tokens} tokens, {self.label_tokens} with loss")
+        held = f", {self.held_out} of them held out for val" if self.held_out else ""
+        return (f"{name}: {self.records} records -> {self.kept + self.held_out} conversations kept "
+                f"({self.truncated} truncated{held}), dropped: {why}; {self.tokens} tokens, "
+                f"{self.label_tokens} with loss")
 
 
 class SFTDataset:
@@ -330,6 +333,7 @@ def build_sft_data(files, tokenizer, cfg: SFTDataConfig | None = None, *, val_fi
         counts = train.counts
         val, train = train.subset(val_idx, "val"), train.subset(train_idx, "train")
         counts.kept, counts.tokens, counts.label_tokens = len(train), train.counts.tokens, train.counts.label_tokens
+        counts.held_out = len(val)
         train.counts = counts
     if len(train) == 0:
         raise DataError(f"no training conversation left ({train.counts.line('train')}); check seq_len and "
