@@ -17,10 +17,11 @@ trained or not. Loss is on every assistant reply and the token that ends it, in 
   transformers it gives the same ids (tests/test_data_chat.py).
 - "instruction": the released finetune script's prompt (`INSTRUCTION_SYSTEM`, "### Instruction:",
   "### Response:") and target "{output}\\n<|EOT|>", single-turn. "<|EOT|>" is DeepSeek-Coder's
-  end-of-turn special token; a tokenizer without that single token (the deepseek-moe tokenizers end
-  with "<｜end▁of▁sentence｜>", full-width bars) would spell it as five ordinary BPE pieces that the
-  model learns to write and nothing stops on. So `eot="auto"` (default) ends the target with the
-  "<|EOT|>" token when the vocabulary has it, else with the tokenizer's eos (what `deepseekmoe chat`
+  end-of-turn special token (the script comes from DeepSeek-Coder's); the deepseek-moe checkpoints'
+  bos/eos are "<｜begin▁of▁sentence｜>" / "<｜end▁of▁sentence｜>" (full-width bars). In a vocabulary
+  without a "<|EOT|>" token the string is several ordinary tokens that the model learns to write
+  and nothing stops on. So `eot="auto"` (default) ends the target with the "<|EOT|>" token when the
+  vocabulary has it, else with the tokenizer's eos (what `deepseekmoe chat`
   and `generate` stop on); `eot="text"` keeps the script's literal text.
 - a Jinja `chat_template` (a checkpoint's tokenizer_config.json, or a file): rendered as
   transformers does (sandboxed, trim_blocks, lstrip_blocks, `raise_exception`); assistant spans are
