@@ -223,3 +223,15 @@ def test_template_that_does_not_render(tok):
         encode_conversation(MULTI_TURN[1:3], reorders, tok)
     with pytest.raises(ConfigError, match=r"template 'deepseek_chat' \(did you mean 'deepseek-chat'\?\)"):
         get_template("deepseek_chat")
+
+
+def test_a_transformers_tokenizer_gives_the_same_ids(hf_tokenizer, tok):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer, bos_token="<|bos|>", eos_token="<|eos|>")
+    want = encode_conversation(MULTI_TURN, DeepSeekChatTemplate(), tok)
+    got = encode_conversation(MULTI_TURN, DeepSeekChatTemplate(), fast)
+    assert got.ids.tolist() == want.ids.tolist() and got.mask.tolist() == want.mask.tolist()
+    # transformers' own rendering of the exported template: the same ids
+    fast.chat_template = DEEPSEEK_CHAT_JINJA
+    assert fast.apply_chat_template(MULTI_TURN, tokenize=True, return_dict=False) == want.ids.tolist()

@@ -351,7 +351,8 @@ class Encoded:
 
 
 def _encoder(tokenizer) -> Callable[[str, bool], list[int]]:
-    """text, parse_special -> ids, for this project's Tokenizer or a bare `tokenizers.Tokenizer`."""
+    """text, parse_special -> ids, for this project's Tokenizer, a bare `tokenizers.Tokenizer` or a
+    transformers tokenizer (never adding bos/eos of its own)."""
     from deepseekmoe.data.tokenizer import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
@@ -362,16 +363,21 @@ def _encoder(tokenizer) -> Callable[[str, bool], list[int]]:
         HFTokenizer = ()
     if isinstance(tokenizer, HFTokenizer):
         return lambda text, special: tokenizer.encode(text, add_special_tokens=False).ids
+    if hasattr(tokenizer, "backend_tokenizer"):  # transformers' fast tokenizers
+        return lambda text, special: list(tokenizer.encode(text, add_special_tokens=False))
     return lambda text, special: list(tokenizer.encode(text))
 
 
 def _special_id(tokenizer, special: str, bos_id, eos_id) -> int:
+    def attr(*names):
+        return next((getattr(tokenizer, n) for n in names if getattr(tokenizer, n, None) is not None), None)
+
     if special == BOS:
-        tid = bos_id if bos_id is not None else getattr(tokenizer, "bos_id", None)
+        tid = bos_id if bos_id is not None else attr("bos_id", "bos_token_id")
     else:
-        tid = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        tid = eos_id if eos_id is not None else attr("eos_id", "eos_token_id")
         if special == EOT:
-            vocab = getattr(tokenizer, "backend", tokenizer)
+            vocab = attr("backend", "backend_tokenizer") or tokenizer
             eot = vocab.token_to_id(EOT_TEXT) if hasattr(vocab, "token_to_id") else None
             tid = eot if eot is not None else tid
     if tid is None:
