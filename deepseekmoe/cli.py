@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("deepseekmoe.data.cli", "tokenize text/jsonl/parquet into token shards for training"),
     "tokenizer": ("deepseekmoe.data.tokenizer_cli", "train a byte-level BPE or inspect a tokenizer.json"),
     "train": ("deepseekmoe.train.cli", "pretrain a model from a TOML recipe (default: the tiny CPU job)"),
+    "sft": ("deepseekmoe.train.sft", "fine-tune a model on chat / instruction records, in full or with LoRA"),
     "generate": ("deepseekmoe.inference.cli", "complete prompts with a checkpoint (KV cache, sampling, streaming)"),
     "chat": ("deepseekmoe.inference.chat", "chat in the terminal with a chat checkpoint (16b-chat template)"),
     "convert": ("deepseekmoe.checkpoint.convert",

@@ -21,7 +21,12 @@ def add_common_arguments(p, max_new_tokens: int = 128) -> None:
     from deepseekmoe.model.config import EXPERT_BACKENDS
 
     p.add_argument("--model", required=True,
-                   help="checkpoint directory: released Hugging Face format, native, or a training checkpoint")
+                   help="checkpoint directory: released Hugging Face format, native, a training checkpoint, or a "
+                        "run of `deepseekmoe train` / `deepseekmoe sft` (a LoRA run: its merged model, else the "
+                        "base with the run's adapter)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) applied "
+                        "on top of --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=list(CLI_NAMES),
@@ -86,9 +91,14 @@ def load_for_inference(args):
     dtype = parse_dtype(args.dtype, "--dtype")  # any spelling: the lm-eval adapter passes torch names too
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # CPU bf16 matmuls are slow and lose digits
-    _, path = hf.find_checkpoint(args.model)
+    from deepseekmoe.train.sft import finetuned_model
+
+    adapter = getattr(args, "adapter", None)  # eval and the lm-eval adapter pass no --adapter
+    found = None if adapter else finetuned_model(args.model)  # a LoRA fine-tuning run directory
+    model_dir, adapter = found or (args.model, adapter)
+    _, path = hf.find_checkpoint(model_dir)
     overrides = {"expert_backend": args.expert_backend} if args.expert_backend else {}
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device, **overrides)
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device, adapter=adapter, **overrides)
     tok_dir = args.tokenizer or path
     tok = load_tokenizer(tok_dir, model.config.bos_token_id, model.config.eos_token_id) \
         if _ids_fit(model) else load_tokenizer(tok_dir)

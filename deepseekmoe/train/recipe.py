@@ -141,6 +141,45 @@ class SampleSection:
 
 
 @dataclass
+class SFTSection:
+    """Supervised fine-tuning (`deepseekmoe sft`, train/sft.py): a run is SFT when `model` is set.
+    The model's architecture then comes from the base checkpoint (`model.preset` is ignored;
+    `model.<field>` still overrides run-time fields such as expert_backend), the batches from
+    chat / instruction records, and the loss counts assistant tokens only."""
+
+    model: str = ""  # base: released-format dir, native model dir, or a `deepseekmoe train` run / checkpoint
+    data: list[str] = field(default_factory=list)  # record files: jsonl(.gz/.xz), parquet, HF dataset on disk
+    val_data: list[str] = field(default_factory=list)  # held-out records; [] = val_fraction of `data`
+    val_fraction: float = 0.05  # share of the records held out when val_data is empty
+    # auto (the base's tokenizer_config.json chat_template, else deepseek-chat) | deepseek-chat (the 16b-chat
+    # template `chat` uses) | instruction (the released finetune script's) | checkpoint | jinja:FILE
+    template: str = "auto"
+    pack: bool = True  # several conversations per sequence (per-document attention); false = one per row, padded
+    overlong: str = "truncate"  # a conversation longer than train.seq_len: truncate | drop (counted either way)
+    epochs: int = 0  # > 0: train.steps = epochs over the packed training rows (batch_size rows per step)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters instead of full fine-tuning (deepseekmoe/model/lora.py); the released
+    finetune script's settings are the defaults (r 8, alpha 32, dropout 0.1, every projection)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    experts: bool = True  # adapters on the routed experts (stacked per-expert factors)
+    shared_experts: bool = True
+    train_embeddings: bool = False  # train embed_tokens and lm_head fully (the released script does)
+    train_router: bool = False  # the router stays frozen by default
+    merge: bool = False  # also write the merged model (released format) at the end
+
+
+@dataclass
 class TrainConfig:
     name: str = "tiny"
     out: str = ""  # run directory; "" = runs/<name>-<YYYYmmdd-HHMMSS>
@@ -155,9 +194,19 @@ class TrainConfig:
     system: SystemSection = field(default_factory=SystemSection)
     sample: SampleSection = field(default_factory=SampleSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun layout (docs/parallel.md)
+    sft: SFTSection = field(default_factory=SFTSection)  # fine-tuning (docs/finetuning.md)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def is_sft(self) -> bool:
+        return bool(self.sft.model)
+
     def model_config(self) -> ModelConfig:
+        if self.is_sft:  # the base checkpoint's architecture (read from its config.json, no weights)
+            from deepseekmoe.train.sft import base_model_config
+
+            return base_model_config(self.sft.model, self.model.overrides)
         return presets.get(self.model.preset, **self.model.overrides)
 
     @property
@@ -173,6 +222,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         m = d["model"]
         d["model"] = {"preset": m["preset"], **m["overrides"]}
+        if not self.is_sft:  # pretraining configs read as they did before fine-tuning existed
+            del d["sft"], d["lora"]
         return d
 
     def validate(self, world_size: int = 1) -> None:
@@ -225,6 +276,32 @@ class TrainConfig:
         if self.sample.temperature < 0:
             raise ConfigError(f"sample.temperature={self.sample.temperature}: must be >= 0 (0 = greedy)")
         self.parallel.validate()  # names and ranges; the layout against the world size at launch
+        if self.is_sft:
+            self._validate_sft()
+
+    def _validate_sft(self) -> None:
+        s, lo = self.sft, self.lora
+        if not s.data:
+            raise ConfigError("sft.data is empty: give the record files to fine-tune on (--data FILE ...)")
+        if not s.val_data and not 0 < s.val_fraction < 1:
+            raise ConfigError(f"sft.val_fraction={s.val_fraction}: must be strictly between 0 and 1 (or give "
+                              "held-out records with --sft.val_data)")
+        _choice("sft.overlong", s.overlong, ("truncate", "drop"))
+        if s.epochs < 0:
+            raise ConfigError(f"sft.epochs={s.epochs}: must be >= 0 (0: train.steps counts the run)")
+        if self.parallel.pp > 1:
+            raise ConfigError(f"parallel.pp={self.parallel.pp}: fine-tuning does not run pipeline parallel (the "
+                              "packed per-document attention masks do not cross stages); use parallel.pp=1 "
+                              "with FSDP (parallel.dp) and expert parallel (parallel.ep)")
+        if lo.enabled:
+            if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1:
+                raise ConfigError(f"lora.r={lo.r}, lora.alpha={lo.alpha}, lora.dropout={lo.dropout}: need r >= 1, "
+                                  "alpha > 0 and dropout in [0, 1)")
+            for t in lo.targets:
+                _choice("lora.targets entry", t, LORA_TARGETS)
+        elif lo.merge:
+            raise ConfigError("lora.merge=true without lora.enabled=true: there is no adapter to merge; enable "
+                              "LoRA (--lora) or drop --lora.merge")
 
 
 def _choice(key: str, value, choices) -> None:

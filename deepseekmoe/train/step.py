@@ -9,6 +9,12 @@ Both offer `run(batches) -> StepStats` (the micro-batches of one step in; gradie
 the parameters; the detached loss terms, means over the micro-batches, out) and `eval_sums(batches)`
 for validation (the sum of the LM loss over the predicted tokens, and their count). Clipping, the
 finiteness check and the optimizer step are the trainer's, the same for both.
+
+A micro-batch is a token tensor [B, L] (pretraining: every next token is a target) or an SFTBatch
+(deepseekmoe/data/sft.py: labels, positions and a per-document mask, `model(**batch.model_kwargs())`;
+only assistant tokens carry loss). SFT micro-batches hold different numbers of target tokens, so
+each one's mean loss is weighted by its share of the step's targets (not 1/grad_accum): the step
+minimises the mean over all its assistant tokens, however the rows are cut into micro-batches.
 """
 
 from __future__ import annotations
@@ -56,6 +62,31 @@ class StepStats:
                 mine += term.detach().float() / n
 
 
+def forward(model: torch.nn.Module, x):
+    """The ModelOutput of one micro-batch (a token tensor or an SFTBatch) and its number of targets."""
+    if isinstance(x, torch.Tensor):
+        return model(x, labels=x), x.shape[0] * (x.shape[1] - 1)
+    return model(**x.model_kwargs()), x.num_label_tokens
+
+
+def divided(batches, accum: int):
+    """(micro-batch, divisor of its loss) for the step's micro-batches: `accum` for token tensors
+    (read one at a time, as they are used); for SFT batches, (the step's targets / this batch's),
+    which needs the whole step's batches up front (their labels are small)."""
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return
+    if isinstance(first, torch.Tensor):
+        yield first, accum
+        yield from ((x, accum) for x in it)
+        return
+    group = [first, *it]
+    total = sum(b.num_label_tokens for b in group)
+    # A batch without targets has a NaN mean loss: the step is then skipped as non-finite.
+    yield from ((b, total / b.num_label_tokens if b.num_label_tokens else float("inf")) for b in group)
+
+
 class LocalStep:
     """Gradient accumulation over the step's micro-batches on one model."""
 
@@ -64,11 +95,11 @@ class LocalStep:
 
     def run(self, batches) -> StepStats:
         stats = StepStats.zeros(self.device)
-        for x in batches:
+        for x, div in divided(batches, self.accum):
             with self.autocast():
-                out = self.model(x, labels=x)
-            (out.loss / self.accum).backward()
-            stats.add(out, self.accum)
+                out, _ = forward(self.model, x)
+            (out.loss / div).backward()
+            stats.add(out, div)
             if self.load:
                 self.load.update()
         return stats
@@ -78,10 +109,10 @@ class LocalStep:
         for x in batches:
             x = x.to(self.device)
             with self.autocast():
-                out = self.model(x, labels=x)
-            n = x.shape[0] * (x.shape[1] - 1)
-            total += out.lm_loss.double() * n
-            count += n
+                out, n = forward(self.model, x)
+            if n:  # an SFT batch without assistant tokens adds nothing (its mean would be NaN)
+                total += out.lm_loss.double() * n
+                count += n
         return total, count
 
 

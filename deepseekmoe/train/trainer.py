@@ -66,6 +66,7 @@ from deepseekmoe.train.metrics import (
     truncate_metrics,
 )
 from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
+from deepseekmoe.train.pretrain import PretrainData, open_pretrain_data
 from deepseekmoe.train.recipe import TrainConfig, to_toml
 from deepseekmoe.train.recovery import DivergedError, Divergence, Interrupted, StopSignals, check_new_run_dir
 from deepseekmoe.train.step import LocalStep, PipelineStep, StepStats
@@ -122,36 +123,6 @@ class _Loop:
     div: Divergence | None = None
 
 
-# ---------------------------------------------------------------------------- setup
-@dataclass
-class _Data:
-    path: Path
-    meta: dict
-    val_split: str
-
-
-def _open_data(cfg: TrainConfig, vocab_size: int) -> _Data:
-    data = _data()
-    if cfg.data.path:
-        path = Path(cfg.data.path)
-    else:
-        path = Path(data.default_dataset(progress=cfg.log.progress))
-    meta = data.load_meta(path)  # DataError on a missing, unprepared or damaged directory
-    splits = meta.get("splits", {})
-    if not splits.get("train", {}).get("tokens"):
-        raise DataError(f"{path}: the training split is empty; prepare the dataset from a non-empty corpus")
-    if cfg.data.val_split not in splits:
-        raise DataError(f"{path}: no split {cfg.data.val_split!r} for validation (has: {', '.join(splits)}); "
-                        "set --data.val_split")
-    val_tokens = splits[cfg.data.val_split].get("tokens")
-    if val_tokens is not None and val_tokens < cfg.train.seq_len:  # the final validation needs one window
-        raise DataError(f"{path}: the {cfg.data.val_split!r} split has {val_tokens} tokens, fewer than "
-                        f"train.seq_len={cfg.train.seq_len}; use a shorter --train.seq_len or prepare a larger "
-                        "validation split")
-    data.check_vocab(meta, vocab_size)  # token ids beyond the model's vocabulary
-    return _Data(path, meta, cfg.data.val_split)
-
-
 class Trainer:
     """One training run: `Trainer(cfg, run_dir, resume).run()` (what `train()` does)."""
 
@@ -191,7 +162,7 @@ class Trainer:
             raise ConfigError("parallel.compile=true (or system.compile) on CPU in float32 cannot trace the grouped "
                               "expert GEMM (torch's grouped_mm compiles in bf16 only); compile is meant for GPU "
                               "runs: drop it, or set --model.expert_backend=loop")
-        self.data = _open_data(cfg, self.mcfg.vocab_size)
+        self.data = self._open_data()  # SFT (train/sft.py): the records, tokenized and packed
         W = self.rt.loader_world  # data-parallel ranks; each reads micro sequences per micro-step
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size // W
         if self.rt.pp > 1:
@@ -232,8 +203,23 @@ class Trainer:
                               "gradient-accumulation micro-batches: set only one of the two, or make them agree")
         check_layout(self.mcfg, pc, self.accum)
 
+    # ------------------------------------------------------------------ build (SFTTrainer overrides the hooks)
+    def _open_data(self) -> PretrainData:
+        return open_pretrain_data(self.cfg, self.mcfg.vocab_size)
 
-    # ------------------------------------------------------------------ build
+    def _materialize(self, model: Transformer) -> Transformer:
+        """The laid-out model on this rank's device with its initial weights (pretraining: drawn)."""
+        model = self.rt.parallelize(model, self.device)
+        model.to_empty(device=self.device)  # this rank's shards only, uninitialised
+        model.init_weights(seed=self.cfg.train.seed)
+        return model
+
+    def _make_loader(self):
+        cfg = self.cfg
+        return _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len, batch_size=self.micro,
+                                    seed=cfg.data.seed, vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
+                                    world_size=self.rt.loader_world)
+
     def _build(self) -> None:
         cfg = self.cfg
         random.seed(cfg.train.seed)
@@ -252,10 +238,7 @@ class Trainer:
         else:
             self._build_local(model)
         self.schedule = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
-        self.loader = _data().PackedLoader(self.data.path, split="train", seq_len=cfg.train.seq_len,
-                                           batch_size=self.micro, seed=cfg.data.seed,
-                                           vocab_size=self.mcfg.vocab_size, rank=self.rt.loader_rank,
-                                           world_size=self.rt.loader_world)
+        self.loader = self._make_loader()
         # Whether the run logs the expert/device split of the balance loss: a property of the
         # model, not of this rank's stages (collectives over the stages must match on every rank).
         self.split_on = self.load_on and device_loss_groups(self.mcfg, self.rt.mesh.ep if self.rt.distributed
@@ -268,9 +251,7 @@ class Trainer:
     def _build_local(self, model: Transformer) -> None:
         """One model on this rank: EP -> activation checkpointing -> compile -> FSDP2 (one process:
         checkpointing and compile only), then this rank's part allocated and initialised."""
-        model = self.rt.parallelize(model, self.device)
-        model.to_empty(device=self.device)  # this rank's shards only, uninitialised
-        model.init_weights(seed=self.cfg.train.seed)
+        model = self._materialize(model)
         self.pipe = None
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
@@ -375,11 +356,17 @@ class Trainer:
             path = self.rt.save(ckpt_io.step_dir(self.run_dir, step), self.ckpt_model, self.ckpt_optim, full,
                                 keep, listing, files={"tokenizer.json": tokenizer})
         else:
-            path = ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state, tokenizer=tokenizer,
-                                keep=keep, protect=protect)
+            path = self._save_local(step, state, tokenizer, keep, protect)
         loop.last_ckpt = path
         loop.div.saved(path)
         return path
+
+    def _save_local(self, step: int, state: dict, tokenizer: Path, keep: int, protect: str | None) -> Path:
+        return ckpt_io.save(self.run_dir, step, self.model, self.optimizer, state, tokenizer=tokenizer, keep=keep,
+                            protect=protect)
+
+    def _restore(self) -> None:
+        ckpt_io.load_weights(self.resume_from, self.ckpt_model, self.ckpt_optim, self.device)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
@@ -432,7 +419,7 @@ class Trainer:
         """Restore the checkpoint when resuming; read the first batch, so that a bad one fails
         before the run directory exists (nothing half-written); then make the directory."""
         if self.resume_from is not None:
-            ckpt_io.load_weights(self.resume_from, self.ckpt_model, self.ckpt_optim, self.device)
+            self._restore()
             self.loader.load_state_dict(self.state["data"])
             loop.step = int(self.state["step"])
         self._first = self._next_batch()
@@ -588,7 +575,12 @@ def generate_text(model: Transformer, tok, prompt: str, max_new_tokens: int, tem
 
 def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = None, echo=print,
           restart: bool = False) -> TrainResult:
-    trainer = Trainer(cfg, run_dir, resume, echo, restart)
+    """Pretraining, or fine-tuning when the config has an [sft] base model (train/sft.py)."""
+    if cfg.is_sft:
+        from deepseekmoe.train.sft import SFTTrainer as cls
+    else:
+        cls = Trainer
+    trainer = cls(cfg, run_dir, resume, echo, restart)
     # Distributed: a peer that dies ends this rank at once with one message (no hang).
     with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None)):
         result = trainer.run()
