@@ -397,3 +397,25 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="no such module"):
         apply_lora(tiny_model(first_k_dense_replace=0, n_shared_experts=0),
                    LoraConfig(targets=("gate_proj",), experts=False))
+
+
+def test_adapters_of_an_activation_checkpointed_model_keep_their_names(tmp_path):
+    from deepseekmoe.parallel.fsdp import apply_activation_checkpointing
+
+    m = _adapted()
+    save_adapter(m, tmp_path / "plain")
+    apply_activation_checkpointing(m)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in m.named_parameters())
+    assert set(lora_state_dict(m)) == set(lora_state_dict(_adapted()))
+    save_adapter(m, tmp_path / "wrapped")
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "wrapped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_other_modules_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    wfile = path / "adapter_model.safetensors"
+    tensors = load_file(wfile)
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, wfile)
+    _assert_refused(_model(), path, "lm_head.lora_A.weight", "does not adapt")

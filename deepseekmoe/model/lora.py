@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepseekmoe.errors import CheckpointError, ConfigError, suggest
-from deepseekmoe.model.init import param_seed
+from deepseekmoe.model.init import _canonical_name, param_seed
 from deepseekmoe.model.moe.layer import MoE, RoutedExperts
 from deepseekmoe.model.moe.lora import EXPERT_PROJECTIONS, ExpertLora
 
@@ -220,7 +220,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = None) -> nn
                                   (lambda pname, e, n=name: param_seed(seed, f"{n}.lora.{pname}", e)))
         lora.train(ex.training)
         ex.lora = lora
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _params(model)
     for name in t.full:
         params[name].requires_grad_(True)
     model.lora_config = cfg
@@ -256,7 +256,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     names, detached: what a LoRA run needs to save besides the frozen base."""
     cfg = _require_lora(model)
     full = set(_find_targets(model, cfg).full)
-    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n or n in full}
+    return {n: p.detach() for n, p in _params(model).items() if "lora_" in n or n in full}
+
+
+def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by their plain Transformer names (without the activation-checkpoint / compile
+    wrappers' prefixes that parallelize() may insert), tied ones under each name."""
+    return {_canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _require_lora(model: nn.Module) -> LoraConfig:
@@ -295,7 +301,7 @@ def adapter_plan(model: nn.Module, cfg: LoraConfig) -> dict[str, _Slot]:
                 base = _peft_name(f"{name}.{e}.{p}")
                 plan[base + ".lora_A.weight"] = _Slot(f"{name}.lora.{p}_lora_A", e, (r, n_in))
                 plan[base + ".lora_B.weight"] = _Slot(f"{name}.lora.{p}_lora_B", e, (n_out, r))
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _params(model)
     for name in t.full:
         plan[_peft_name(name.rpartition(".")[0]) + ".weight"] = _Slot(name, None, tuple(params[name].shape))
     return plan
@@ -346,7 +352,7 @@ def save_adapter(model: nn.Module, path) -> None:
     from deepseekmoe.checkpoint.files import atomic_directory
 
     cfg = _require_lora(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _params(model)
     tensors = {}
     for name, slot in adapter_plan(model, cfg).items():
         t = params[slot.param].detach()
@@ -362,8 +368,9 @@ def save_adapter(model: nn.Module, path) -> None:
 _UNSUPPORTED = ("use_dora", "use_rslora", "use_qalora", "lora_bias", "fan_in_fan_out", "rank_pattern",
                 "alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
-_MODULE_RE = re.compile(r"(?:model\.)?(layers\.(\d+)\.(?:self_attn|mlp(?:\.shared_experts|\.experts\.(\d+))?)\."
-                        r"(\w+))\.lora_[AB]\.weight")
+# A LoRA tensor of a released module: group 1 the expert index (routed experts), group 2 the projection.
+_MODULE_RE = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp(?:\.shared_experts|\.experts\.(\d+))?)\."
+                        r"(\w+)\.lora_[AB]\.weight")
 
 
 def _read_peft_config(path: Path) -> dict:
@@ -399,9 +406,12 @@ def _config_from_peft(raw: dict, names, cfg_path: Path, w_path: Path) -> LoraCon
     for n in names:
         m = _MODULE_RE.fullmatch(n[len(PEFT_PREFIX):]) if n.startswith(PEFT_PREFIX) else None
         if m is None:
+            if ".lora_" in n:
+                raise CheckpointError(f"{w_path}: tensor {n}: LoRA on a module this model does not adapt (only the "
+                                      f"layers' {', '.join(LORA_TARGETS)})")
             continue
-        projs.add(m.group(4))
-        experts |= m.group(3) is not None
+        projs.add(m.group(2))
+        experts |= m.group(1) is not None
         shared |= ".shared_experts." in n
     bad = sorted(p for p in projs if p not in LORA_TARGETS)
     if bad:
@@ -472,7 +482,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     except SafetensorError as e:
         raise CheckpointError(f"{w_path}: not a readable safetensors file ({e})") from None
     apply_lora(model, cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _params(model)
     with torch.no_grad():
         for n, slot in plan.items():
             dst = params[slot.param] if slot.expert is None else params[slot.param][slot.expert]

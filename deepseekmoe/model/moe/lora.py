@@ -63,7 +63,7 @@ class ExpertLoraFactors:
     def stacked13(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(a13_ERD, b13_E2FR), the gate|up factors fused as in the module docstring; None when
         neither gate nor up is adapted."""
-        pairs = [(a, b) for a, b in ((self.gate_A, self.gate_B), (self.up_A, self.up_B))]
+        pairs = ((self.gate_A, self.gate_B), (self.up_A, self.up_B))
         if all(a is None for a, _ in pairs):
             return None
         ref_B = self.gate_B if self.gate_B is not None else self.up_B
