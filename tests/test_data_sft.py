@@ -90,9 +90,17 @@ def test_packed_row_mask_positions_labels():
     assert set(batch.model_kwargs()) == {"input_ids", "labels", "position_ids", "attention_mask"}
 
 
-def test_pack_rows_next_fit():
-    assert pack_rows(np.array([3, 4, 2, 5, 1]), 7).tolist() == [0, 2, 4, 5]
-    assert pack_rows(np.array([7, 7]), 7).tolist() == [0, 1, 2]
+def test_pack_rows_first_fit_over_open_rows():
+    index, starts = pack_rows(np.array([3, 4, 2, 5, 1]), 7)
+    assert index.tolist() == [0, 1, 2, 3, 4] and starts.tolist() == [0, 2, 4, 5]
+    index, starts = pack_rows(np.array([5, 4, 2, 3]), 7)  # 2 goes back into the first row
+    assert index.tolist() == [0, 2, 1, 3] and starts.tolist() == [0, 2, 4]
+    index, starts = pack_rows(np.array([5, 4, 2, 3]), 7, open_rows=1)  # only the newest row is open
+    assert index.tolist() == [0, 1, 2, 3] and starts.tolist() == [0, 1, 3, 4]
+    lengths = np.random.default_rng(0).integers(1, 8, 200)
+    index, starts = pack_rows(lengths, 8)
+    assert sorted(index.tolist()) == list(range(200))
+    assert all(lengths[index[a:b]].sum() <= 8 for a, b in zip(starts[:-1], starts[1:]))
 
 
 def _loss_and_grads(model, batch):
