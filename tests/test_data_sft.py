@@ -245,6 +245,11 @@ def test_val_split_by_fraction_and_by_file(tmp_path, tok):
     train_loader, val_loader = sft_loaders(data, 4, seed=1)
     assert sum(b.num_label_tokens for b in val_loader) == data.val.counts.label_tokens > 0
     assert next(train_loader).input_ids.shape == (4, 128)
+    padded = build_sft_data([path], tok, SFTDataConfig(seq_len=128, val_fraction=0.25, seed=4, pack=False))
+    row = next(sft_loaders(padded, 4)[0])
+    lengths = row.position_ids.max(1).values + 1  # one conversation per row, right-padded
+    assert row.input_ids.shape[1] == int(lengths.max()) < 128 and row.num_tokens == int(lengths.sum())
+    assert len(set(lengths.tolist())) > 1
     val_file = _write_jsonl(tmp_path / "v.jsonl", _records(3))
     by_file = build_sft_data([path], tok, SFTDataConfig(seq_len=128, val_fraction=0.5), val_files=[val_file])
     assert len(by_file.train) == 21 and len(by_file.val) == 4

@@ -308,6 +308,7 @@ class SFTData:
     val: SFTDataset | None
     template: Template
     report: str                     # one line per split, for the trainer to print
+    config: SFTDataConfig = field(default_factory=SFTDataConfig)
 
 
 def build_sft_data(files, tokenizer, cfg: SFTDataConfig | None = None, *, val_files=None, model_dir=None,
@@ -341,7 +342,7 @@ def build_sft_data(files, tokenizer, cfg: SFTDataConfig | None = None, *, val_fi
     lines = [train.counts.line(f"sft data ({template.name} template)")]
     if val is not None:
         lines.append(val.counts.line("val"))
-    return SFTData(train, val, template, "; ".join(lines))
+    return SFTData(train, val, template, "; ".join(lines), cfg)
 
 
 # ---------------------------------------------------------------------- the loader
@@ -459,9 +460,11 @@ class SFTLoader:
         self._plans.clear()
 
 
-def sft_loaders(data: SFTData, batch_size: int, *, pack: bool = True, seed: int = 0, rank: int = 0,
+def sft_loaders(data: SFTData, batch_size: int, *, pack: bool | None = None, seed: int = 0, rank: int = 0,
                 world_size: int = 1, val_batch_size: int | None = None) -> tuple[SFTLoader, SFTLoader | None]:
-    """The endless training loader and the one-pass validation loader (None without a val split)."""
+    """The endless training loader and the one-pass validation loader (None without a val split);
+    `pack` defaults to the data's config."""
+    pack = data.config.pack if pack is None else pack
     train = SFTLoader(data.train, batch_size, seed, rank, world_size, pack=pack)
     val = None
     if data.val is not None and len(data.val):
