@@ -75,7 +75,6 @@ class SFTBatch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-
 def collate(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], length: int, pad_id: int) -> SFTBatch:
     """One SFTBatch from rows, each a list of (ids, mask) conversations, in rows of `length` tokens."""
     B = len(rows)
