@@ -1,0 +1,336 @@
+"""The native transformers class (deepseekmoe.integrations.transformers): the reference checkpoint
+and the other released layouts through AutoModelForCausalLM against the reference vectors and this
+project's Transformer, forward and backward; the stacked-expert packing against the per-expert
+weights; masks with left padding; generate (dynamic and static cache) against this project's
+generate_ids; exported directories opened by trust_remote_code and AutoTokenizer as they are, and
+their remote code's message without the package. PEFT, the HF Trainer and lm-eval's `hf` model are
+in tests/test_integrations_ecosystem.py.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+import deepseekmoe.integrations.transformers as dt
+from deepseekmoe import Transformer
+from deepseekmoe.data import train_tokenizer
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.inference.generate import generate_ids
+from tests.helpers import rel_err, tiny_model
+from tests.test_hf import LAYOUTS, REF, ref_forward, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CORPUS = [f"the cat sat on a mat while dogs ran far away from home {i} times" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    if not (REF / "expected.pt").is_file():
+        pytest.skip(f"reference vectors not found in {REF} (place the shared reference/ folder next to the repo)")
+    return torch.load(REF / "expected.pt", weights_only=True)
+
+
+def _grads(model, prefix=""):
+    return {n.removeprefix(prefix): p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _released_grads(model: Transformer) -> dict[str, torch.Tensor]:
+    """The project model's gradients under the released tensor names (expert slices of w13 / w2)."""
+    from deepseekmoe.checkpoint import hf
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, (_, target) in hf.tensor_plan(model.config).items():
+        g = params[target.param].grad
+        if g is not None:
+            g = g[target.expert] if target.expert is not None else g
+            out[name] = g[target.rows[0]:target.rows[1]] if target.rows is not None else g
+    return out
+
+
+# ---------------------------------------------------------------------- parity
+def test_reference_p1_through_automodel(expected):
+    assert isinstance(AutoConfig.from_pretrained(REF), dt.DeepseekConfig)
+    model = AutoModelForCausalLM.from_pretrained(REF)
+    assert type(model) is dt.DeepseekForCausalLM and not model.training and model.dtype == torch.float32
+    ids = expected["input_ids"]
+    with torch.no_grad():
+        out = model(ids)
+    assert (out.logits - expected["logits"]).abs().max().item() <= 2e-5
+    assert out.aux_loss is None  # the balance loss is a training term
+    model.train()
+    out = model(ids, labels=ids)
+    # The released objective: LM loss + each MoE layer's sequence-level balance loss (weight 1).
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    _, ref_aux = ref_forward(sd, json.loads((REF / "config.json").read_text()), ids)
+    assert abs(out.aux_loss.item() - ref_aux.item()) <= 1e-7 and out.aux_loss.item() > 0
+    assert abs((out.loss - out.aux_loss).item() - expected["train_lm_loss"].item()) <= 2e-5
+    out.loss.backward()
+    grads = _grads(model)
+    for name, g in expected["gate_grads"].items():
+        assert rel_err(grads[name], g) <= 1e-4, name
+    # Every other gradient (the experts' through the stacked fast path included) is the project model's.
+    ours = Transformer.from_pretrained(REF, expert_backend="loop").train()
+    ours(ids, labels=ids).loss.backward()
+    want = _released_grads(ours)
+    assert set(want) == set(grads)
+    for name, g in want.items():
+        assert rel_err(grads[name], g) <= 1e-5, name
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_other_layouts_match_the_project_model(tmp_path, layout):
+    # gqa_norm_freq2: GQA, norm_topk_prob, moe_layer_freq 2, first_k_dense_replace 0, no shared experts;
+    # shared2_bias_tied: two shared experts, attention biases, tied embeddings, sharded files.
+    c = LAYOUTS[layout]
+    sd = write_checkpoint(tmp_path, c, shard_every=7 if layout.startswith("shared") else None)
+    ids = torch.randint(0, c["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    ref_logits, _ = ref_forward(sd, c, ids)
+    ours = Transformer.from_pretrained(tmp_path).train()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert theirs.model_config == ours.config.replace(name=theirs.model_config.name)
+    with torch.no_grad():
+        logits = theirs(ids).logits
+    assert (logits - ref_logits).abs().max().item() <= 2e-5
+    assert (logits - ours.eval()(ids).logits).abs().max().item() <= 1e-5
+    theirs.train()
+    ours.train()
+    a, b = theirs(ids, labels=ids), ours(ids, labels=ids)
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-6 and abs(a.aux_loss.item() - b.balance_loss.item()) <= 1e-8
+    a.loss.backward()
+    b.loss.backward()
+    grads, want = _grads(theirs), _released_grads(ours)
+    if c.get("tie_word_embeddings"):
+        assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    for name, g in want.items():
+        assert rel_err(grads[name], g) <= 1e-5, name
+
+
+def test_labels_loss_is_transformers_causal_lm_loss():
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(out.loss.item() - want.item()) <= 1e-6 and out.aux_loss is None
+    # num_items_in_batch (the Trainer's gradient-accumulation count): summed loss over that count.
+    n = int((labels[:, 1:] != -100).sum())
+    out2 = model(ids, labels=labels, num_items_in_batch=torch.tensor(2 * n))
+    assert abs(out2.loss.item() - want.item() / 2) <= 1e-6
+
+
+def test_router_logits_and_aux_loss_are_returned():
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    moe = [layer.mlp for layer in model.model.layers if layer.is_moe]
+    for m in moe:
+        m.record = True
+    out = model(ids, labels=ids, output_router_logits=True, output_hidden_states=True)
+    assert len(out.router_logits) == len(moe) == 2 and out.router_logits[0].shape == (14, 8)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    # The returned logits are the routers': their top-2 are the experts each layer chose.
+    for m, logits in zip(moe, out.router_logits):
+        assert torch.equal(logits.topk(2).indices, m.last_routing.idx_TK)
+        assert torch.allclose(logits.softmax(-1).gather(1, m.last_routing.idx_TK), m.last_routing.w_TK)
+    assert out.aux_loss.requires_grad and out.aux_loss.item() > 0
+
+
+# ---------------------------------------------------------------------- stacked experts
+def test_expert_weights_are_views_of_the_stacked_tensors_and_follow_changes():
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    experts = model.model.layers[1].mlp.experts
+    model(ids)
+    assert experts.packed() and experts.plain()
+    w = experts[3].up_proj.weight
+    assert w.data_ptr() == experts._w13_E2FD[3, 16:].data_ptr()
+    ref = Transformer(model.model_config.replace(expert_backend="loop")).eval()
+
+    def check():
+        ref.load_state_dict(_project_state(model))
+        with torch.no_grad():
+            assert (model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
+
+    with torch.no_grad():
+        w.mul_(3.0)  # in place (what an optimizer step does): the stacked tensor is that storage
+    check()
+    experts[5].down_proj.weight = torch.nn.Parameter(torch.randn(32, 16))  # a new tensor: repacked
+    check()
+    assert experts.packed() and experts[5].down_proj.weight.data_ptr() == experts._w2_EDF[5].data_ptr()
+    for layer in model.model.layers[1:]:
+        layer.mlp.experts.backend = "loop"  # grouped_mm has no float64
+    model.to(torch.float64)
+    ref.to(torch.float64)
+    check()
+    assert experts._w13_E2FD.dtype == torch.float64
+
+
+def _project_state(model) -> dict[str, torch.Tensor]:
+    """A DeepseekForCausalLM's weights as a Transformer state dict (through a saved checkpoint's plan)."""
+    from deepseekmoe.checkpoint import hf
+
+    cfg = model.model_config
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, (_, target) in hf.tensor_plan(cfg).items():
+        if target.expert is None:
+            out[target.param] = sd[name]
+            continue
+        E, F_, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        shape = (E, 2 * F_, D) if target.param.endswith("w13") else (E, D, F_)
+        buf = out.setdefault(target.param, torch.empty(shape, dtype=sd[name].dtype))
+        dst = buf[target.expert]
+        dst = dst[target.rows[0]:target.rows[1]] if target.rows else dst
+        dst.copy_(sd[name])
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------- masks, cache, generate
+def test_left_padding_and_cache_match_unpadded_rows():
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).eval()
+    a, b = [5, 6, 7, 8, 9, 10], [11, 12, 13]
+    ids = torch.tensor([a, [0, 0, 0] + b])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(torch.tensor([b])).logits
+        assert (padded[1, 3:] - alone[0]).abs().max().item() <= 1e-5
+        assert (padded[0] - model(torch.tensor([a])).logits[0]).abs().max().item() <= 1e-5
+        # Prefill 4 + one step through a DynamicCache equals the full forward's next position.
+        cache = DynamicCache()
+        model(ids[:, :4], attention_mask=mask[:, :4], cache=cache, use_cache=True)
+        step = model(ids[:, 4:5], attention_mask=mask[:, :5], cache=cache, use_cache=True).logits
+        assert (step[:, 0] - padded[:, 4]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_greedy_left_padded_equals_generate_ids(tmp_path, cache_implementation):
+    ours = tiny_model(64, max_position_embeddings=128)
+    ours.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    want = generate_ids(ours, prompts, max_new_tokens=14, eos_token_id=None)
+    L = max(map(len, prompts))
+    ids = torch.tensor([[1] * (L - len(p)) + p for p in prompts])
+    mask = (ids != 1).long()
+    kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                         eos_token_id=None, pad_token_id=1, **kw)
+    assert out[:, L:].tolist() == want
+    assert len({tuple(r) for r in want}) == 3 and len({t for r in want for t in r}) > 4  # rows differ
+
+
+# ---------------------------------------------------------------------- exported directories
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, expected):
+    """root/p1: the reference checkpoint re-exported by Transformer.save_pretrained; root/tiny: a tiny
+    model exported beside a trained bare tokenizer.json (the export writes its tokenizer_config.json)."""
+    root = tmp_path_factory.mktemp("export")
+    tok = train_tokenizer(CORPUS, 300)
+    tok.save(root / "tok" / "tokenizer.json")
+    (root / "tok" / "tokenizer_config.json").unlink()
+    Transformer.from_pretrained(REF).save_pretrained(root / "p1")
+    tiny_model(tok.vocab_size, max_position_embeddings=128).save_pretrained(root / "tiny", tokenizer_dir=root / "tok")
+    return root
+
+
+def test_export_directory_is_complete(exports):
+    from deepseekmoe.data.chat import DEEPSEEK_CHAT_JINJA
+
+    d = exports / "tiny"
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["config.json", "configuration_deepseek.py", "generation_config.json", "model.safetensors",
+                     "modeling_deepseek.py", "tokenizer.json", "tokenizer_config.json"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_deepseek.DeepseekForCausalLM"
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|bos|>", "<|eos|>", "<|eos|>")
+    assert tc["chat_template"] == DEEPSEEK_CHAT_JINJA
+    gen = json.loads((d / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 1, 1)
+    assert not (exports / "p1" / "tokenizer_config.json").exists()  # nothing to describe without a tokenizer
+
+
+_REMOTE_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+root, r = sys.argv[1], {}
+m = AutoModelForCausalLM.from_pretrained(root + "/p1", trust_remote_code=True)
+e = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    r["diff"] = (m(e["input_ids"]).logits - e["logits"]).abs().max().item()
+r["module"], r["imported"] = type(m).__module__, "deepseekmoe.integrations.transformers" in sys.modules
+tok = AutoTokenizer.from_pretrained(root + "/tiny")
+m = AutoModelForCausalLM.from_pretrained(root + "/tiny", trust_remote_code=True)
+r["chat"] = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+r["pad"] = tok.pad_token
+enc = tok(["the cat sat on", "dogs"], return_tensors="pt", padding=True, padding_side="left")
+out = m.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=None)
+r["ids"], r["new"] = enc["input_ids"].tolist(), out[:, enc["input_ids"].shape[1]:].tolist()
+print(json.dumps(r))
+"""
+
+
+def test_trust_remote_code_and_autotokenizer_open_an_export_as_is(exports):
+    from deepseekmoe.data.tokenizer import Tokenizer
+
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _REMOTE_SCRIPT, str(exports), str(REF / "expected.pt")],
+                         capture_output=True, text=True, cwd=exports, timeout=300,
+                         env={"PYTHONPATH": repo, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                              "HF_HOME": str(exports / "hf_home")})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["diff"] <= 2e-5
+    # A fresh process that never imported the package: the export's remote code brought the class in.
+    assert r["module"] == "deepseekmoe.integrations.transformers.modeling" and r["imported"]
+    assert r["chat"] == "<|bos|>User: hi\n\nAssistant:" and r["pad"] == "<|eos|>"
+    # The tokenizer gives this project's ids; generate continues them as this project does.
+    tok = Tokenizer.from_file(exports / "tiny" / "tokenizer.json")
+    prompts = [tok.encode("the cat sat on"), tok.encode("dogs")]
+    assert [row[len(row) - len(p):] for row, p in zip(r["ids"], prompts)] == prompts
+    ours = Transformer.from_pretrained(exports / "tiny")
+    assert r["new"] == generate_ids(ours, prompts, max_new_tokens=6, eos_token_id=None)
+
+
+def test_remote_code_without_the_package_names_the_install(exports, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepseekmoe.integrations.transformers", None)  # as if not installed
+    for fname in ("modeling_deepseek.py", "configuration_deepseek.py"):
+        with pytest.raises(ImportError, match=r"pip install deepseekmoe\[transformers\]"):
+            runpy.run_path(str(exports / "p1" / fname))
+
+
+def test_save_pretrained_of_the_class_writes_the_released_layout(tmp_path, expected):
+    model = AutoModelForCausalLM.from_pretrained(REF)
+    model.save_pretrained(tmp_path / "out", max_shard_size="100KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in index["weight_map"]
+    assert len(set(index["weight_map"].values())) > 1
+    assert (tmp_path / "out" / "modeling_deepseek.py").is_file()
+    back = Transformer.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert (back(expected["input_ids"]).logits - expected["logits"]).abs().max().item() <= 2e-5
+
+
+def test_config_reads_the_released_file_unchanged_and_refuses_what_it_cannot_run():
+    released = json.loads((REF.parent / "released-code" / "config.json").read_text())
+    cfg = dt.DeepseekConfig(**released)
+    mc = cfg.to_model_config()
+    assert (mc.hidden_size, mc.num_hidden_layers, mc.n_routed_experts, mc.n_shared_experts) == (2048, 28, 64, 2)
+    assert (mc.num_experts_per_tok, mc.first_k_dense_replace, mc.vocab_size) == (6, 1, 102400)
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        dt.DeepseekConfig(rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ConfigError, match="expert_backend='fast'"):
+        dt.DeepseekConfig(expert_backend="fast")
