@@ -8,7 +8,9 @@ released semantics (one expert at a time). It loads the tensors this project exp
 the reference code's. Checked both ways: an adapter saved here loads with PeftModel.from_pretrained
 and gives this project's logits; an adapter PEFT trained-and-saved loads here with load_adapter and
 gives PEFT's logits. And the names: PEFT's own target selection from our adapter_config.json adapts
-exactly the modules whose tensors we write.
+exactly the modules whose tensors we write. The same two ways on the transformers class of this
+project (deepseekmoe.integrations.transformers.DeepseekForCausalLM, released module names), loaded
+from the exported base with transformers' own from_pretrained.
 """
 
 import pytest
@@ -162,11 +164,7 @@ def test_reference_tree_matches_the_model(tmp_path):
 def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, cfg):
     ours, ref = _pair(tmp_path)
     apply_lora(ours, cfg, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _perturb_trainable(ours, 1)
     save_adapter(ours, tmp_path / "adapter")
     pm = peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter"))
     # PEFT adapted exactly the modules we wrote tensors for (its own target_modules matching)
@@ -183,11 +181,7 @@ def test_peft_adapter_loads_here_with_the_same_logits(tmp_path):
     pcfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=targets,
                            modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")
     pm = peft.get_peft_model(ref, pcfg)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # as if trained: nonzero B, changed embeddings
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _perturb_trainable(pm, 2)  # as if trained: nonzero B, changed embeddings
     pm.eval()
     want = pm.get_base_model()(_ids())  # the tree with PEFT's layers injected
     pm.save_pretrained(str(tmp_path / "peft"))
@@ -205,3 +199,36 @@ def test_config_keys_are_peft_loraconfig_fields(tmp_path):
     assert set(cfg) <= fields
     parsed = peft.LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"})
     assert (parsed.r, parsed.lora_alpha, parsed.lora_dropout, parsed.task_type) == (8, 32.0, 0.1, "CAUSAL_LM")
+
+
+def _perturb_trainable(module, seed, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_adapters_interchange_with_peft_on_the_transformers_class(tmp_path):
+    from deepseekmoe.integrations.transformers import DeepseekForCausalLM
+
+    ours, _ = _pair(tmp_path)
+    ids = _ids()
+    apply_lora(ours, LoraConfig(r=4, alpha=8.0, dropout=0.0, train_embeddings=True), seed=0)
+    _perturb_trainable(ours, 1)
+    save_adapter(ours, tmp_path / "adapter")
+    hf = DeepseekForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    assert any(".experts.7.down_proj.lora_A" in n for n, _ in pm.named_modules())
+    assert rel_err(pm(input_ids=ids).logits, ours(ids).logits) < 1e-5
+
+    hf2 = DeepseekForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm2 = peft.get_peft_model(hf2, peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, task_type="CAUSAL_LM"))
+    _perturb_trainable(pm2, 2)
+    pm2.eval()
+    want = pm2(input_ids=ids).logits
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    fresh = tiny_model(first_k_dense_replace=1, expert_backend="grouped")
+    load_adapter(fresh, tmp_path / "peft")
+    assert rel_err(fresh(ids).logits, want) < 1e-5
