@@ -222,8 +222,9 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         m = d["model"]
         d["model"] = {"preset": m["preset"], **m["overrides"]}
-        if not self.is_sft:  # pretraining configs read as they did before fine-tuning existed
-            del d["sft"], d["lora"]
+        for name, default in (("sft", SFTSection()), ("lora", LoraSection())):
+            if getattr(self, name) == default:  # pretraining configs read as before fine-tuning existed
+                del d[name]
         return d
 
     def validate(self, world_size: int = 1) -> None:

@@ -162,6 +162,9 @@ class SFTTrainer(Trainer):
                               eos_id=eos)
         if self.rt.is_rank0:
             self.echo(data.report)
+        if data.val is None or len(data.val) == 0:
+            raise DataError(f"no held-out conversation left to validate on ({data.report}); give held-out records "
+                            "with --sft.val_data FILE, or records that fit train.seq_len")
         for split in (data.train, data.val):
             top = int(split.ids.max()) if split is not None and len(split.ids) else -1
             if top >= self.mcfg.vocab_size:

@@ -1,0 +1,224 @@
+"""`deepseekmoe sft` end to end on the CPU: a tiny model pretrained by the default job (cut short) is
+fine-tuned on MBPP / ARC-derived chat records (scripts/make_sft_records.py), in full and with
+LoRA; the held-out assistant-token loss falls; a run resumed from a mid-run checkpoint ends
+bitwise identical; `generate` and `chat` load the results. Plus the step's target weighting and
+the configuration errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseekmoe.cli import main
+from deepseekmoe.errors import ConfigError
+from deepseekmoe.train import recipe
+from deepseekmoe.train.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT.parent / "shared" / "data" / "eval"
+RECIPE = str(ROOT / "configs" / "sft-tiny.toml")
+QUIET = ["--log.progress=false", "--log.tensorboard=false", "--log.plot=false"]
+
+
+def _records() -> list[dict]:
+    """ARC-Easy train questions and MBPP training tasks as chat records (the records script), or,
+    without the benchmark files, records of the same form built here."""
+    if (EVAL / "mbpp" / "mbpp.jsonl").is_file() and (EVAL / "arc_easy").is_dir():
+        spec = importlib.util.spec_from_file_location("make_sft_records", ROOT / "scripts" / "make_sft_records.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        arc, mbpp = mod.make_records(EVAL, ["arc_easy"]), mod.make_records(EVAL, ["mbpp"])
+        return arc[:150] + mbpp[:20] + arc[150:180] + mbpp[20:25]  # 170 to train on, 35 held out
+    words = ["red", "blue", "green", "cold", "warm", "iron", "water", "stone", "light", "sound"]
+    out = []
+    for i in range(200):
+        a, b = words[i % 10], words[(3 * i + 1) % 10]
+        q = f"Which word comes first in the list: {a}, {b}?\nA. {a}\nB. {b}"
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"A. {a}"}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """(base run directory, training records, held-out records): the default job cut to 20 steps."""
+    from deepseekmoe.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("sft")
+    over = [("train.steps", "20"), ("train.seq_len", "64"), ("train.batch_size", "8"), ("eval.every", "0"),
+            ("eval.max_batches", "1"), ("checkpoint.every", "0"), ("sample.max_new_tokens", "0"),
+            ("log.progress", "false"), ("log.tensorboard", "false"), ("log.plot", "false")]
+    Trainer(recipe.build(None, over), run_dir=root / "base", echo=lambda s: None).run()
+    recs = _records()
+    train, val = root / "train.jsonl", root / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in recs[:170]))
+    val.write_text("".join(json.dumps(r) + "\n" for r in recs[170:]))
+    return root, train, val
+
+
+def _sft(work, out: Path, *extra: str) -> Path:
+    root, train, val = work
+    rc = main(["sft", RECIPE, "--model", str(root / "base"), "--data", str(train), "--out", str(out),
+               f"--sft.val_data={json.dumps([str(val)])}", *QUIET, *extra])
+    assert rc == 0
+    return out
+
+
+def _val_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+def test_full_sft_lowers_heldout_loss_and_chat_uses_it(work, capsys, monkeypatch):
+    run = _sft(work, work[0] / "full")
+    (s0, before), (s1, after) = _val_losses(run)
+    assert (s0, s1) == (0, 12)
+    assert after < before - 0.5, f"held-out assistant loss {before:.3f} -> {after:.3f}"
+    ckpt = run / "checkpoints" / "step_0000012"
+    assert (ckpt / "model" / "model.safetensors").is_file()  # full fine-tuning saves the model as pretraining
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run), "--prompt", "Which is a liquid?", "--max-new-tokens", "4",
+                 "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Which is a liquid?\nA. ice\nB. water\n")))
+    assert main(["chat", "--model", str(run), "--max-new-tokens", "4"]) == 0
+    assert "Assistant:" in capsys.readouterr().out
+
+
+def test_lora_sft_lowers_heldout_loss_writes_adapter_and_merged(work, capsys):
+    from safetensors.torch import load_file
+
+    # embed_tokens / lm_head trained in full, as the released finetune script does: the adapters
+    # alone move a 20-step base by ~0.15 nats in 12 steps, with them the model learns the answers' tokens.
+    run = _sft(work, work[0] / "lora", "--lora", "--lora.merge=true", "--lora.train_embeddings=true",
+               "--optim.lr=1e-2")
+    (_, before), (_, after) = _val_losses(run)
+    assert after < before - 0.5, f"held-out assistant loss {before:.3f} -> {after:.3f}"
+    ckpt = run / "checkpoints" / "step_0000012"
+    assert not (ckpt / "model").exists()  # the frozen base is not copied into checkpoints
+    trainable = load_file(str(ckpt / "trainable.safetensors"))
+    full = {n for n in trainable if "lora_" not in n}
+    assert full == {"embed_tokens.weight", "lm_head.weight"} and len(trainable) > 20
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert sum(len(g["params"]) for g in state["param_groups"]) == len(trainable)  # AdamW over the adapters only
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and Path(adapter["base_model_name_or_path"]).is_dir()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "merged" / "config.json").is_file()
+
+    def completion(*argv):
+        capsys.readouterr()
+        assert main(["generate", *argv, "--prompt", "Which is a liquid?", "--max-new-tokens", "6", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)[0]["completion"]
+
+    merged = completion("--model", str(run))  # the run directory: its merged model
+    shutil.move(run / "merged", work[0] / "merged-aside")
+    unmerged = completion("--model", str(run))  # no merged/: base + the run's adapter
+    explicit = completion("--model", adapter["base_model_name_or_path"], "--adapter", str(run / "adapter"))
+    assert merged == unmerged == explicit
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_from_mid_run_checkpoint_is_bitwise_identical(work, lora):
+    from deepseekmoe.train.trainer import train
+
+    root, train_file, val = work
+    over = [("sft.model", json.dumps(str(root / "base"))), ("sft.data", json.dumps([str(train_file)])),
+            ("sft.val_data", json.dumps([str(val)])), ("train.steps", "6"), ("checkpoint.every", "3"),
+            ("sample.max_new_tokens", "0"), ("lora.enabled", "true" if lora else "false"),
+            ("log.progress", "false"), ("log.tensorboard", "false"), ("log.plot", "false")]
+    cfg = recipe.build(RECIPE, over)
+    a = root / f"resume-a-{lora}"
+    train(cfg, run_dir=a, echo=lambda s: None)
+    b = root / f"resume-b-{lora}"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_0000006")
+    for d in ("adapter",):
+        shutil.rmtree(b / d, ignore_errors=True)
+    train(recipe.build(base=json.loads(json.dumps(cfg.to_dict()))), resume=b / "checkpoints" / "step_0000003",
+          echo=lambda s: None)
+    name = "trainable.safetensors" if lora else "model/model.safetensors"
+    for f in (name, "optimizer.pt"):
+        assert (a / "checkpoints" / "step_0000006" / f).read_bytes() == \
+            (b / "checkpoints" / "step_0000006" / f).read_bytes(), f
+    if lora:
+        assert (a / "adapter" / "adapter_model.safetensors").read_bytes() == \
+            (b / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert [r for r in read_metrics(a / "metrics.jsonl") if r["kind"] == "eval"] == \
+        [r for r in read_metrics(b / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+def test_sft_micro_batches_are_weighted_by_their_targets():
+    """Two micro-batches with different numbers of assistant tokens accumulate to the gradient of
+    the mean over all their tokens: the same as one forward of both rows together."""
+    from deepseekmoe.data.sft import SFTBatch
+    from deepseekmoe.model.presets import get
+    from deepseekmoe.model.transformer import Transformer
+    from deepseekmoe.train.step import LocalStep
+
+    torch.manual_seed(0)
+    # No balance loss: it is a statistic of each forward's tokens, not a per-token mean.
+    model = Transformer(get("tiny", num_hidden_layers=2, vocab_size=64, aux_loss_alpha=0.0)).float()
+    L = 12
+    ids = torch.randint(0, 64, (2, L))
+    labels = ids.clone()
+    labels[0, :9] = -100  # row 0: 3 targets; row 1: 11
+    pos = torch.arange(L).expand(2, L)
+    mask = torch.ones(L, L, dtype=torch.bool).tril().expand(2, 1, L, L)
+
+    def batch(rows):
+        return SFTBatch(ids[rows], labels[rows], pos[rows], mask[rows])
+
+    def grads(batches, accum):
+        model.zero_grad()
+        stats = LocalStep(model, accum, lambda: torch.autocast("cpu", enabled=False), None, "cpu").run(batches)
+        return stats.lm, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lm_two, two = grads([batch([0]), batch([1])], 2)
+    lm_one, one = grads([batch([0, 1])], 1)
+    assert lm_two == pytest.approx(float(lm_one), rel=1e-5)
+    for n, g in one.items():
+        assert torch.allclose(two[n], g, rtol=1e-4, atol=1e-6), n
+    # 1/accum weighting (pretraining's) would differ: the rows' means are far apart here.
+    with torch.no_grad():
+        naive = sum(float(model(**batch([r]).model_kwargs()).lm_loss) for r in (0, 1)) / 2
+    assert naive != pytest.approx(float(lm_one), rel=1e-3)
+
+
+def test_epochs_set_the_steps(work):
+    from deepseekmoe.data.sft import SFTLoader
+    from deepseekmoe.train.sft import SFTTrainer
+
+    root, train_file, val = work
+    cfg = recipe.build(RECIPE, [("sft.model", json.dumps(str(root / "base"))), ("sft.epochs", "2"),
+                                ("sft.data", json.dumps([str(train_file)])), ("sft.val_data", json.dumps([str(val)]))])
+    t = SFTTrainer(cfg, run_dir=root / "epochs", echo=lambda s: None)
+    rows = SFTLoader(t.data.data.train, 1, seed=cfg.data.seed).rows_in_epoch(0)
+    assert rows > 10 and cfg.train.steps == -(-2 * rows // cfg.train.batch_size)
+    assert not (root / "epochs").exists()  # nothing written before the run starts
+
+
+def test_configuration_errors(work, capsys):
+    root, train_file, _ = work
+    base = [("sft.model", json.dumps(str(root / "base"))), ("sft.data", json.dumps([str(train_file)]))]
+    with pytest.raises(ConfigError, match="parallel.pp=2: fine-tuning does not run pipeline parallel"):
+        recipe.build(RECIPE, base + [("parallel.pp", "2")])
+    with pytest.raises(ConfigError, match="lora.merge=true without lora.enabled"):
+        recipe.build(RECIPE, base + [("lora.merge", "true")])
+    with pytest.raises(ConfigError, match="sft.data is empty"):
+        recipe.build(RECIPE, base[:1])
+    with pytest.raises(ConfigError, match="lora.targets entry='qproj'.*did you mean 'q_proj'"):
+        recipe.build(RECIPE, base + [("lora.enabled", "true"), ("lora.targets", '["qproj"]')])
+    with pytest.raises(ConfigError, match="sft.model='/nonexistent/base'"):
+        recipe.build(RECIPE, [("sft.model", '"/nonexistent/base"'), base[1]])
+    assert main(["sft", RECIPE, "--data", str(train_file), "--out", str(root / "never")]) == 2
+    assert "needs a base model: --model" in capsys.readouterr().err and not (root / "never").exists()
+    assert main(["sft", "--resume", str(root / "base"), "--model", str(root / "base")]) == 2
+    assert "drop --model" in capsys.readouterr().err
