@@ -29,7 +29,7 @@ their gradient reaches A and B through the merge). Merged weights cannot apply d
 input, so while LoRA dropout is active (training with p > 0) `triton` computes with `grouped`.
 
 Shape legend: T tokens, K routed experts per token, S = T*K token slots, E experts,
-D hidden size, F expert width.
+D hidden size, F expert width; LoRA: r rank, R stacked gate|up rank (r or 2r).
 """
 
 from __future__ import annotations
@@ -86,17 +86,17 @@ def _pad_last(t: torch.Tensor, mult: int) -> torch.Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
-def _gmm_nt(a_SK, b_ENK, offs_E):
-    """Per expert segment of rows, a @ b_e^T ([S, N]); K and N zero-padded to grouped_mm's 16-byte
-    alignment when needed (exact), which the LoRA ranks of small tests are not."""
-    align = 16 // a_SK.element_size()
-    N, K = b_ENK.shape[1:]
-    pk, pn = (-K) % align, (-N) % align
-    if pk:
-        a_SK, b_ENK = F.pad(a_SK, (0, pk)), F.pad(b_ENK, (0, pk))
+def _gmm_nt(a_SI, b_ENI, offs_E):
+    """Per expert segment of rows, a @ b_e^T ([S, N]; I the inner dim); I and N zero-padded to
+    grouped_mm's 16-byte alignment when needed (exact), which the LoRA ranks of small tests are not."""
+    align = 16 // a_SI.element_size()
+    N, I = b_ENI.shape[1:]
+    pi, pn = (-I) % align, (-N) % align
+    if pi:
+        a_SI, b_ENI = F.pad(a_SI, (0, pi)), F.pad(b_ENI, (0, pi))
     if pn:
-        b_ENK = F.pad(b_ENK, (0, 0, 0, pn))
-    out_SN = _gmm(a_SK.contiguous(), b_ENK.transpose(-2, -1), offs=offs_E)
+        b_ENI = F.pad(b_ENI, (0, 0, 0, pn))
+    out_SN = _gmm(a_SI.contiguous(), b_ENI.transpose(-2, -1), offs=offs_E)
     return out_SN[:, :N] if pn else out_SN
 
 
