@@ -24,6 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from deepseekmoe.model.moe.lora import ExpertLora
 from deepseekmoe.parallel.expert_parallel import is_expert_parallel
 from deepseekmoe.parallel.mesh import Mesh
 
@@ -39,9 +40,18 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
     early_stop=False: the recomputation runs the whole block, so every rank re-runs the block's
     all-to-alls even when its own saved tensors would let it stop earlier (a rank whose experts
-    got no tokens saves different tensors, and collectives must match across ranks)."""
+    got no tokens saves different tensors, and collectives must match across ranks).
+
+    A block that draws random numbers in training (LoRA dropout) keeps its RNG state, so the
+    recomputation draws the very masks the forward used; the others skip that save/restore."""
     for key, block in _blocks(model):
-        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, early_stop=False)
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=_draws_random(block), early_stop=False)
+
+
+def _draws_random(block: nn.Module) -> bool:
+    """True when the block has a dropout with p > 0 (nn.Dropout, or the experts' LoRA dropout)."""
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or
+               (isinstance(m, ExpertLora) and m.dropout > 0) for m in block.modules())
 
 
 def apply_compile(model: nn.Module) -> None:
