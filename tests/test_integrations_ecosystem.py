@@ -54,7 +54,11 @@ def _merged_by_hand(peft_model, lora_cfg) -> dt.DeepseekForCausalLM:
 
 def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp_path):
     lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
-    model = get_peft_model(_tiny_hf(), lora_cfg)
+    base = _tiny_hf()
+    base(_ids())  # packed and on the fast path before PEFT wraps the expert Linears
+    assert base.model.layers[1].mlp.experts.packed()
+    model = get_peft_model(base, lora_cfg)
+    assert not base.model.layers[1].mlp.experts.plain()  # so each expert module runs, adapters included
     names = [n for n, _ in model.named_modules()]
     assert any(n.endswith("mlp.experts.3.up_proj") for n in names)
     assert any(n.endswith("mlp.shared_experts.gate_proj") for n in names)
