@@ -115,6 +115,19 @@ def test_other_layouts_match_the_project_model(tmp_path, layout):
         assert rel_err(grads[name], g) <= 1e-5, name
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_from_transformer_copies_the_project_model(tied):
+    ours = tiny_model(tie_word_embeddings=tied)
+    model = dt.DeepseekForCausalLM.from_transformer(ours)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert model.model.layers[1].mlp.experts[0].up_proj.weight.data_ptr() != ours.layers[1].mlp.experts.w13.data_ptr()
+    bf16 = dt.DeepseekForCausalLM.from_transformer(ours, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+
+
 def test_labels_loss_is_transformers_causal_lm_loss():
     model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).eval()
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -250,6 +250,24 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_transformer(cls, model, dtype: torch.dtype | None = None) -> DeepseekForCausalLM:
+        """This project's `Transformer` as this class, without a trip through disk: the released
+        tensors (checkpoint.hf.iter_export) copied in, on the Transformer's device, in eval mode."""
+        from deepseekmoe.checkpoint import hf
+
+        first = next(model.parameters())
+        config = DeepseekConfig.from_model_config(model.config, dtype or first.dtype)
+        with torch.device("meta"):
+            out = cls(config)
+        sd = {name: t.detach().to(dtype=dtype or t.dtype, copy=True) for name, t in hf.iter_export(model)}
+        if model.config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        out.load_state_dict(sd, strict=True, assign=True)
+        if model.config.tie_word_embeddings:
+            out.lm_head.weight = out.model.embed_tokens.weight
+        return out.eval()
+
     @property
     def model_config(self):
         """This model's config as the project's ModelConfig."""
