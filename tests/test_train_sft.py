@@ -222,3 +222,29 @@ def test_configuration_errors(work, capsys):
     assert "needs a base model: --model" in capsys.readouterr().err and not (root / "never").exists()
     assert main(["sft", "--resume", str(root / "base"), "--model", str(root / "base")]) == 2
     assert "drop --model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")
+def test_data_parallel_sft_matches_one_process(work):
+    """Full fine-tuning under torchrun (gloo, dp=2, FSDP2): each rank's micro-batch holds another
+    number of assistant tokens, and the step's loss and gradient are still the mean over all of
+    them, as in one process; validation covers the same rows."""
+    import os
+    import subprocess
+
+    root, train_file, val = work
+    flags = [RECIPE, "--model", str(root / "base"), "--data", str(train_file),
+             f"--sft.val_data={json.dumps([str(val)])}", "--train.steps=3", "--log.every=1",
+             "--sample.max_new_tokens=0", *QUIET]
+    assert main(["sft", *flags, "--out", str(root / "dp1")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "deepseekmoe", "sft", *flags, "--out", str(root / "dp2"), "--parallel.dp=2", "--parallel.timeout_s=60"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = {n: read_metrics(root / n / "metrics.jsonl") for n in ("dp1", "dp2")}
+    one, two = ([(r["step"], r["lm_loss"]) for r in recs[n] if r["kind"] == "train"] for n in ("dp1", "dp2"))
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
+    assert [x for _, x in two] == pytest.approx([x for _, x in one], rel=1e-4)
+    assert [v for _, v in _val_losses(root / "dp2")] == pytest.approx([v for _, v in _val_losses(root / "dp1")],
+                                                                      rel=1e-4)

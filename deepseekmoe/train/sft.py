@@ -35,6 +35,7 @@ module's `add_arguments` / `run`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -193,6 +194,11 @@ class SFTTrainer(Trainer):
             model.requires_grad_(True)
         return self.rt.parallelize(model, self.device)
 
+    def _build_local(self, model: Transformer) -> None:
+        super()._build_local(model)
+        if self.rt.loader_world > 1:  # the step's mean over every rank's assistant tokens
+            self.stepper.target_mean = self.rt.mean
+
     def _make_loader(self):
         from deepseekmoe.data.sft import SFTLoader
 
@@ -211,19 +217,27 @@ class SFTTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, None]:
-        """Mean LM loss over the held-out assistant tokens: each rank its share of the split's
-        rows, the same number of batches on every rank (FSDP runs each forward on all of them)."""
+        """Mean LM loss over the held-out assistant tokens, every row of the split once (the first
+        `eval.max_batches` global batches): each rank its share of the rows. Every rank runs the
+        same number of forwards (FSDP's are collective): one whose rows ran out runs a batch
+        without labels, which counts for nothing."""
         from deepseekmoe.data.sft import SFTLoader
 
         cfg = self.cfg
         bs = cfg.eval.batch_size or self.micro
         W, r = self.rt.loader_world, self.rt.loader_rank
         loader = SFTLoader(self.data.data.val, bs, rank=r, world_size=W, pack=cfg.sft.pack, endless=False)
-        n = loader.rows_in_epoch(0) // (bs * W) + (1 if loader.rows_in_epoch(0) % (bs * W) > (W - 1) * bs else 0)
+        n = -(-loader.rows_in_epoch(0) // (bs * W))  # global batches; rank 0 has a row of each
         if cfg.eval.max_batches:
             n = min(n, cfg.eval.max_batches)
+        batches = list(itertools.islice(loader, n))
+        if len(batches) < n:
+            blank = batches[-1] if batches else next(SFTLoader(self.data.data.val, 1, endless=False,
+                                                               pack=cfg.sft.pack))
+            blank = dataclasses.replace(blank, labels=torch.full_like(blank.labels, -100))
+            batches += [blank] * (n - len(batches))
         self.model.eval()
-        total, count = self.stepper.eval_sums(itertools.islice(loader, n))
+        total, count = self.stepper.eval_sums(batches)
         self.model.train()
         total = self.rt.sum(total)
         count = int(self.rt.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device)))

@@ -14,7 +14,9 @@ A micro-batch is a token tensor [B, L] (pretraining: every next token is a targe
 (deepseekmoe/data/sft.py: labels, positions and a per-document mask, `model(**batch.model_kwargs())`;
 only assistant tokens carry loss). SFT micro-batches hold different numbers of target tokens, so
 each one's mean loss is weighted by its share of the step's targets (not 1/grad_accum): the step
-minimises the mean over all its assistant tokens, however the rows are cut into micro-batches.
+minimises the mean over all its assistant tokens, however the rows are cut into micro-batches;
+under data parallelism `target_mean` (the mean of this step's target count over the ranks) makes
+it the mean over every rank's tokens, as one process with the whole batch computes it.
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ def forward(model: torch.nn.Module, x):
     return model(**x.model_kwargs()), x.num_label_tokens
 
 
-def divided(batches, accum: int):
+def divided(batches, accum: int, target_mean=None):
     """(micro-batch, divisor of its loss) for the step's micro-batches: `accum` for token tensors
     (read one at a time, as they are used); for SFT batches, (the step's targets / this batch's),
-    which needs the whole step's batches up front (their labels are small)."""
+    which needs the whole step's batches up front (their labels are small). `target_mean(t)`: the
+    mean of t over the data-parallel ranks, whose gradients are averaged: with it the divisor is
+    (all ranks' targets / ranks) / this batch's."""
     it = iter(batches)
     first = next(it, None)
     if first is None:
@@ -83,6 +87,8 @@ def divided(batches, accum: int):
         return
     group = [first, *it]
     total = sum(b.num_label_tokens for b in group)
+    if target_mean is not None:
+        total = float(target_mean(torch.tensor(float(total), dtype=torch.float64, device=first.input_ids.device)))
     # A batch without targets has a NaN mean loss: the step is then skipped as non-finite.
     yield from ((b, total / b.num_label_tokens if b.num_label_tokens else float("inf")) for b in group)
 
@@ -92,10 +98,11 @@ class LocalStep:
 
     def __init__(self, model: torch.nn.Module, accum: int, autocast, load: ExpertLoad, device: torch.device):
         self.model, self.accum, self.autocast, self.load, self.device = model, accum, autocast, load, device
+        self.target_mean = None  # SFT under data parallelism: Runtime.mean (see divided)
 
     def run(self, batches) -> StepStats:
         stats = StepStats.zeros(self.device)
-        for x, div in divided(batches, self.accum):
+        for x, div in divided(batches, self.accum, self.target_mean):
             with self.autocast():
                 out, _ = forward(self.model, x)
             (out.loss / div).backward()
