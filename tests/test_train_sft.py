@@ -222,6 +222,11 @@ def test_configuration_errors(work, capsys):
     assert "needs a base model: --model" in capsys.readouterr().err and not (root / "never").exists()
     assert main(["sft", "--resume", str(root / "base"), "--model", str(root / "base")]) == 2
     assert "drop --model" in capsys.readouterr().err
+    # the recipe may follow the record files (`--data FILE... RECIPE.toml`); paths are pinned absolute
+    assert main(["sft", "--model", str(root / "base"), "--data", str(train_file), RECIPE, "--print-config"]) == 0
+    cfg = recipe.from_dict(__import__("tomllib").loads(capsys.readouterr().out))
+    assert cfg.name == "sft-tiny" and cfg.sft.data == [str(train_file.resolve())]
+    assert cfg.sft.model == str((root / "base" / "checkpoints" / "step_0000020" / "model").resolve())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")

@@ -188,8 +188,8 @@ SFT_DEFAULTS = {"name": "sft", "optim": {"lr": 2e-5, "weight_decay": 0.0}, "sche
 
 def add_sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default=None,
-                   help="a TOML recipe (path, or a name in configs/ such as sft-16b-chat, sft-tiny); give it before "
-                        "--data; default: AdamW at 2e-5, a cosine schedule, 2 epochs")
+                   help="a TOML recipe (path, or a name in configs/ such as sft-16b-chat, sft-tiny); a .toml after "
+                        "--data is taken as the recipe too; default: AdamW at 2e-5, a cosine schedule, 2 epochs")
     p.add_argument("--model", default=None, metavar="DIR|RUN",
                    help="the base model: a released-format or native model directory, or a `deepseekmoe train` run "
                         "or checkpoint directory (= --sft.model)")
@@ -211,6 +211,12 @@ def add_sft_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sft(args) -> int:
+    recipes = [f for f in args.data or [] if f.endswith(".toml")]  # `--data A B RECIPE.toml`: records are never TOML
+    if recipes:
+        if args.recipe or len(recipes) > 1:
+            raise ConfigError(f"more than one recipe: {', '.join(([args.recipe] if args.recipe else []) + recipes)}; "
+                              "give one")
+        args.recipe, args.data = recipes[0], [f for f in args.data if not f.endswith(".toml")]
     overrides = list(getattr(args, "overrides", []))
     keys = dict(overrides)
     if args.model:
