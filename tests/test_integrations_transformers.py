@@ -271,6 +271,7 @@ def test_export_directory_is_complete(exports):
     tc = json.loads((d / "tokenizer_config.json").read_text())
     assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|bos|>", "<|eos|>", "<|eos|>")
     assert tc["chat_template"] == DEEPSEEK_CHAT_JINJA
+    assert tc["model_input_names"] == ["input_ids", "attention_mask"]  # generate refuses token_type_ids
     gen = json.loads((d / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 1, 1)
     assert not (exports / "p1" / "tokenizer_config.json").exists()  # nothing to describe without a tokenizer
@@ -347,3 +348,35 @@ def test_config_reads_the_released_file_unchanged_and_refuses_what_it_cannot_run
         dt.DeepseekConfig(rope_scaling={"type": "linear", "factor": 2.0})
     with pytest.raises(ConfigError, match="expert_backend='fast'"):
         dt.DeepseekConfig(expert_backend="fast")
+
+
+def test_convert_writes_an_export_transformers_opens(tmp_path):
+    from deepseekmoe import cli
+    from deepseekmoe.checkpoint import native
+
+    ours = tiny_model()
+    native.save_native(tmp_path / "native", ours.config, ours.state_dict())
+    assert cli.main(["convert", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "modeling_deepseek.py").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_dtype_device_map_and_gradient_checkpointing(expected):
+    model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16, device_map="cpu")
+    assert model.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits.float()
+    assert (logits - expected["logits"]).abs().max().item() <= 0.1  # bf16 rounding of a random model
+    model = AutoModelForCausalLM.from_pretrained(REF)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = expected["input_ids"]
+    calls = []
+    model.model.layers[1].mlp.experts.register_forward_hook(lambda *_: calls.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert model.model.gradient_checkpointing and len(calls) == 2  # the experts ran again in backward
+    for name, g in expected["gate_grads"].items():
+        assert rel_err(dict(model.named_parameters())[name].grad, g) <= 1e-4, name

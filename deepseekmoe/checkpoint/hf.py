@@ -612,6 +612,7 @@ def write_transformers_files(path: Path, cfg: ModelConfig) -> None:
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
     tc.setdefault("pad_token", tc.get("eos_token"))
+    tc.setdefault("model_input_names", ["input_ids", "attention_mask"])  # no token_type_ids for generate
     tc.setdefault("model_max_length", cfg.max_position_embeddings)
     tc.setdefault("chat_template", DEEPSEEK_CHAT_JINJA)
     tc_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
