@@ -125,6 +125,20 @@ def test_lora_sft_lowers_heldout_loss_writes_adapter_and_merged(work, capsys):
     assert merged == unmerged == explicit
 
 
+def test_lora_under_bf16_autocast_keeps_the_base_in_bf16(work, capsys):
+    """With autocast (bf16 on GPU, here forced on the CPU) a LoRA run keeps the frozen base in bf16
+    and what trains in fp32; the sample, the merged export (one dtype) and generate run."""
+    from safetensors.torch import load_file
+
+    run = _sft(work, work[0] / "lora-bf16", "--lora", "--lora.merge=true", "--lora.train_embeddings=true",
+               "--system.dtype=bfloat16", "--train.steps=2")
+    trainable = load_file(str(run / "checkpoints" / "step_0000002" / "trainable.safetensors"))
+    assert {v.dtype for v in trainable.values()} == {torch.float32}
+    assert json.loads((run / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert "sample (" in capsys.readouterr().out
+    assert main(["generate", "--model", str(run), "--prompt", "Which is a liquid?", "--max-new-tokens", "3"]) == 0
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_from_mid_run_checkpoint_is_bitwise_identical(work, lora):
     from deepseekmoe.train.trainer import train

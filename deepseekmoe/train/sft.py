@@ -179,17 +179,22 @@ class SFTTrainer(Trainer):
         return SFTInputs(base, {"tokenizer": "tokenizer.json"}, "val", data, tok)
 
     def _materialize(self, model: Transformer) -> Transformer:
-        """The base weights (fp32 master copy; bf16 compute comes from autocast), trainable
-        adapters on top for LoRA, then the parallel layout. The meta model only fixed the config."""
+        """The base weights, trainable adapters on top for LoRA, then the parallel layout (the meta
+        model only fixed the config). Trained weights are fp32 master copies (bf16 compute comes
+        from autocast); a LoRA run's frozen base is kept in the autocast dtype, half the memory of
+        fp32 (what computes with it is cast to that dtype anyway), its trained tensors in fp32."""
         cfg = self.cfg
-        model = Transformer.from_pretrained(self.data.path, dtype=torch.float32, device=self.device,
-                                            **cfg.model.overrides)
+        frozen = self.amp_dtype if cfg.lora.enabled and self.amp_dtype is not None else torch.float32
+        model = Transformer.from_pretrained(self.data.path, dtype=frozen, device=self.device, **cfg.model.overrides)
         model.set_routing(record=True)
         model.train()  # from_pretrained returns eval mode (dropout off)
         if cfg.lora.enabled:
             from deepseekmoe.model.lora import apply_lora
 
             apply_lora(model, lora_config(cfg), seed=cfg.train.seed)
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:  # embeddings / routers trained in full
+                    p.data = p.data.float()
         else:
             model.requires_grad_(True)
         return self.rt.parallelize(model, self.device)
@@ -261,8 +266,9 @@ class SFTTrainer(Trainer):
             return None
         self.model.eval()
         try:
-            new = generate_ids(self.model, [ids], n, temperature=s.temperature, top_k=s.top_k,
-                               eos_token_id=tok.eos_id, seed=self.cfg.train.seed)[0]
+            with self._autocast():  # a LoRA run's frozen base may be in the autocast dtype
+                new = generate_ids(self.model, [ids], n, temperature=s.temperature, top_k=s.top_k,
+                                   eos_token_id=tok.eos_id, seed=self.cfg.train.seed)[0]
         finally:
             self.model.train()
         return tok.decode(new).strip()
@@ -295,6 +301,8 @@ class SFTTrainer(Trainer):
         self.echo(f"adapter written to {adapter} (PEFT format; base {self.data.path})")
         if self.cfg.lora.merge:
             merge_lora(self.model)
+            if len({p.dtype for p in self.model.parameters()}) > 1:  # a bf16 base with fp32 embeddings trained
+                self.model.to(self.amp_dtype)  # one dtype in the released format: the base's compute dtype
             self.model.save_pretrained(self.run_dir / MERGED_DIR, tokenizer_dir=self.data.path)
             self.echo(f"merged model written to {self.run_dir / MERGED_DIR} (released format)")
 
