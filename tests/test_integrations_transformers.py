@@ -380,3 +380,18 @@ def test_dtype_device_map_and_gradient_checkpointing(expected):
     assert model.model.gradient_checkpointing and len(calls) == 2  # the experts ran again in backward
     for name, g in expected["gate_grads"].items():
         assert rel_err(dict(model.named_parameters())[name].grad, g) <= 1e-4, name
+
+
+def test_stacking_in_the_graph_equals_the_packed_path():
+    # What a model compiled before its first eager forward computes with (no packing under tracing).
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).train()
+    experts = model.model.layers[1].mlp.experts
+    w13, w2 = experts._stack_in_graph()
+    packed13, packed2 = experts.stacked()
+    assert torch.equal(w13, packed13) and torch.equal(w2, packed2)
+    (w13.square().sum() + w2.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in experts.named_parameters()}
+    experts.zero_grad()
+    (packed13.square().sum() + packed2.sum()).backward()
+    for n, p in experts.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n

@@ -111,7 +111,7 @@ class ExpertList(nn.Module):
     def packed(self) -> bool:
         """True when every expert weight is still its slice of the stacked tensors (the check a
         forward pays: one data pointer per weight)."""
-        if self._w13_E2FD is None or not self.plain():
+        if not self.plain() or self._w13_E2FD is None:  # plain() first: it refreshes _param_dicts
             return False
         return [d["weight"].data_ptr() for d in self._param_dicts] == self._ptrs
 
@@ -143,11 +143,20 @@ class ExpertList(nn.Module):
         """(w13_E2FD, w2_EDF) for the backends, connected to the per-expert weights for autograd."""
         if not torch.compiler.is_compiling() and not self.packed():
             self.pack()
+        if self._w13_E2FD is None:  # compiled before any eager forward: stack in the graph (a copy)
+            return self._stack_in_graph()
         if torch.is_grad_enabled():
             weights = [d["weight"] for d in self._param_dicts]
             if any(w.requires_grad for w in weights):
                 return _Stacked.apply(self._w13_E2FD, self._w2_EDF, *weights)
         return self._w13_E2FD, self._w2_EDF
+
+    def _stack_in_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lins = self._linears()
+        E = self.n_experts
+        w13_E2FD = torch.cat([torch.stack([lin.weight for lin in lins[:E]]),
+                              torch.stack([lin.weight for lin in lins[E:2 * E]])], dim=1)
+        return w13_E2FD, torch.stack([lin.weight for lin in lins[2 * E:]])
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
