@@ -29,6 +29,9 @@ uninterrupted run's losses and final weights bit for bit (tests/test_train_resum
 tests/test_train_recovery.py; the checkpoint records the thread count and a resume with another
 one says it is not bit-exact). On GPU, atomics in the MoE backward make the last bits vary.
 
+Fine-tuning (`cfg.sft.model` set) is this loop too: train() runs train/sft.py's SFTTrainer, which
+replaces the input hooks (_open_data, _materialize, _make_loader, evaluate, _save_local, _restore).
+
 Every way a run stops leaves a way forward (train/recovery.py): a NaN/inf streak or a diverging
 loss stops with the last good checkpoint named; SIGINT / SIGTERM save a checkpoint at the end of
 the step and print the resume command; a run directory with a config but no checkpoint yet (a run
