@@ -16,7 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import deepseekmoe.integrations.transformers as dt
 from deepseekmoe import cli
-from tests.helpers import tiny_model
+from deepseekmoe.integrations.transformers.experts import ExpertList
+from tests.helpers import rel_err, tiny_model
 from tests.test_eval_lm_eval import TASK_DIR, offline, workdir  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,13 +53,14 @@ def _merged_by_hand(peft_model, lora_cfg) -> dt.DeepseekForCausalLM:
     return plain
 
 
-def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp_path):
+def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp_path, monkeypatch):
     lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
     base = _tiny_hf()
     base(_ids())  # packed and on the fast path before PEFT wraps the expert Linears
     assert base.model.layers[1].mlp.experts.packed()
     model = get_peft_model(base, lora_cfg)
-    assert not base.model.layers[1].mlp.experts.plain()  # so each expert module runs, adapters included
+    experts = base.model.layers[1].mlp.experts
+    assert experts.mode == "peft" and experts.packed()  # PEFT's base layers stay in the stacked tensors
     names = [n for n, _ in model.named_modules()]
     assert any(n.endswith("mlp.experts.3.up_proj") for n in names)
     assert any(n.endswith("mlp.shared_experts.gate_proj") for n in names)
@@ -72,19 +74,38 @@ def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp
         got = model(ids).logits
         want = _merged_by_hand(model, lora_cfg)(ids).logits
         base = _tiny_hf()(ids).logits
-    assert (got - want).abs().max().item() <= 1e-5
+        with model.disable_adapter():  # PEFT's switch, read by the stacked path on every forward
+            off = model(ids).logits
+        with monkeypatch.context() as m:  # the layer's other way: each expert module with PEFT's forward
+            m.setattr(ExpertList, "mode", property(lambda self: "loop"))
+            looped = model(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5 and (looped - want).abs().max().item() <= 1e-5
+    assert (off - base).abs().max().item() <= 1e-5
     assert (got - base).abs().max().item() > 1e-2  # the adapters change the output
     # One training step moves the adapters and nothing else.
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # (weight decay 0: on the stacked path an expert no token chose gets a zero gradient, not None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     out = model(ids, labels=ids)
     assert out.aux_loss.item() > 0
     out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with monkeypatch.context() as m:  # the same step through PEFT's own per-module forward
+        m.setattr(ExpertList, "mode", property(lambda self: "loop"))
+        looped = model(ids, labels=ids)
+    looped.loss.backward()
+    assert abs(looped.loss.item() - out.loss.item()) <= 1e-6
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert rel_err(grads[n], p.grad) <= 1e-5, n
+        elif n in grads:  # an expert no token chose: None there, zero on the stacked path
+            assert grads[n].abs().max().item() == 0, n
     expert_a = next(p for n, p in model.named_parameters() if "experts.3.up_proj.lora_A" in n)
     assert expert_a.grad is not None and expert_a.grad.abs().sum() > 0
     opt.step()
-    for n, p in model.named_parameters():  # (an expert no token chose has no gradient)
+    for n, p in model.named_parameters():
         moved = "lora_" in n and p.grad is not None and p.grad.abs().sum() > 0
         assert torch.equal(p, before[n]) != moved, n
     assert sum("lora_" in n and p.grad is not None for n, p in model.named_parameters()) > 60
@@ -95,6 +116,22 @@ def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp
     back = PeftModel.from_pretrained(_tiny_hf(), tmp_path / "adapter")
     with torch.no_grad():
         assert (back(ids).logits - model(ids).logits).abs().max().item() <= 1e-6
+
+
+def test_other_peft_wrappers_run_each_expert_module():
+    # DoRA is not a plain low-rank term: the layer runs every expert module through PEFT's forward.
+    model = get_peft_model(_tiny_hf(), LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"], use_dora=True))
+    experts = model.base_model.model.model.layers[1].mlp.experts
+    calls = []
+    experts[0].up_proj.register_forward_hook(lambda *_: calls.append(1))
+    assert experts.mode == "loop"
+    ids = _ids()
+    with torch.no_grad():
+        model(ids)
+        with model.disable_adapter():
+            off = model(ids).logits
+    assert (off - _tiny_hf()(ids).logits).abs().max().item() <= 1e-5
+    assert calls  # expert 0's wrapped Linear ran (when a token chose it)
 
 
 def test_hf_trainer_runs_a_few_steps(tmp_path):

@@ -15,9 +15,11 @@ packing of the last eager forward is assumed.
 Gradients. `_Stacked` hands the stacked tensors to the backend as a differentiable function of the
 per-expert weights: its backward slices the stacked gradient back into one gradient per Linear.
 
-Adapters. When any expert projection is not a plain `nn.Linear` (PEFT wrapped it with LoRA, a
-quantised layer, ...), the layer runs each expert module on its own tokens (`module_loop`), so
-whatever wraps the Linear runs too. Correct for any wrapper; slower (one host sync per expert).
+Adapters. PEFT LoRA on the expert Linears keeps the stacked path (peft_lora.py: PEFT's base
+layers stay packed, its factors are stacked per forward and applied by the backends). Any other
+wrapper (DoRA, several active adapters, a quantised layer, hooks) makes the layer run each expert
+module on its own tokens (`module_loop`), so whatever wraps the Linear runs too: correct for any
+wrapper, slower (one host sync per expert).
 
 Shape legend: T tokens, K experts per token, E experts, D hidden, F expert width.
 """
@@ -27,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from deepseekmoe.integrations.transformers.peft_lora import LOOP, PEFT, PLAIN, classify, lora_factors
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import MLP
-from deepseekmoe.model.moe.experts import experts_gather, resolve_backend
+from deepseekmoe.model.moe.experts import experts_gather, experts_with_lora, resolve_backend
 
 # Bumped whenever any module registers a submodule or parameter (PEFT replacing a Linear, a new
 # weight Parameter): ExpertList re-reads its module tree only then, not on every forward.
@@ -77,7 +80,7 @@ class ExpertList(nn.Module):
         self._w13_E2FD: torch.Tensor | None = None
         self._w2_EDF: torch.Tensor | None = None
         self._ptrs: list[int] = []
-        self._epoch, self._plain, self._param_dicts = -1, False, []
+        self._epoch, self._mode, self._bases, self._wrapped, self._param_dicts = -1, LOOP, [], {}, []
 
     def __getitem__(self, e: int) -> nn.Module:
         return self._modules[str(e)]
@@ -89,29 +92,32 @@ class ExpertList(nn.Module):
         return self.n_experts
 
     # ------------------------------------------------------------------ packing
-    def _linears(self) -> list[nn.Module]:
-        experts = list(self._modules.values())
-        return ([m._modules["gate_proj"] for m in experts] + [m._modules["up_proj"] for m in experts]
-                + [m._modules["down_proj"] for m in experts])
-
     def _refresh(self) -> None:
         """Re-read the module tree (after any module or parameter was registered anywhere)."""
-        lins = self._linears()
-        self._plain = all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
-                          and "forward" not in lin.__dict__ for lin in lins)
-        self._param_dicts = [lin._parameters for lin in lins] if self._plain else []
+        self._mode, self._bases, self._wrapped = classify(list(self._modules.values()))
+        self._param_dicts = [lin._parameters for lin in self._bases]
         self._epoch = _EPOCH[0]
+
+    @property
+    def mode(self) -> str:
+        """"plain" (bare Linears), "peft" (PEFT LoRA the stacked path runs) or "loop" (each expert
+        module runs by itself)."""
+        if self._epoch != _EPOCH[0]:
+            self._refresh()
+        return self._mode
 
     def plain(self) -> bool:
         """True when every expert projection is a bare nn.Linear (no adapter, wrapper or hook)."""
-        if self._epoch != _EPOCH[0]:
-            self._refresh()
-        return self._plain
+        return self.mode == PLAIN
+
+    def _linears(self) -> list[nn.Module]:
+        """The 3E Linears holding the expert weights (PEFT's base layers when wrapped), stacked order."""
+        return self._bases if self.mode != LOOP else []
 
     def packed(self) -> bool:
         """True when every expert weight is still its slice of the stacked tensors (the check a
         forward pays: one data pointer per weight)."""
-        if not self.plain() or self._w13_E2FD is None:  # plain() first: it refreshes _param_dicts
+        if self.mode == LOOP or self._w13_E2FD is None:  # mode first: it refreshes _param_dicts
             return False
         return [d["weight"].data_ptr() for d in self._param_dicts] == self._ptrs
 
@@ -160,7 +166,8 @@ class ExpertList(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        if not self.plain():
+        mode = self.mode
+        if mode == LOOP:
             return self.module_loop(x_TD, idx_TK, w_TK)
         dev = x_TD.device.type
         # As RoutedExperts: autocast does not reach the grouped kernels, so run them in its dtype.
@@ -173,6 +180,12 @@ class ExpertList(nn.Module):
         # inference.generate.default_decode_backend).
         if torch.compiler.is_compiling() and not torch.is_grad_enabled() and T * K <= self.n_experts:
             fn = experts_gather
+        if mode == PEFT:
+            lora = lora_factors(self._wrapped, x_TD.dtype)
+            if lora is False:
+                return self.module_loop(x_TD, idx_TK, w_TK)
+            if lora is not None:
+                return experts_with_lora(fn, x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, lora)
         return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)
 
     def module_loop(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
