@@ -364,14 +364,18 @@ def test_convert_writes_an_export_transformers_opens(tmp_path):
         assert (model(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
 
 
-def test_dtype_device_map_and_gradient_checkpointing(expected):
+def test_dtype_and_device_map(expected):
     model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16, device_map="cpu")
     assert model.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits.float()
     assert (logits - expected["logits"]).abs().max().item() <= 0.1  # bf16 rounding of a random model
+
+
+@pytest.mark.parametrize("reentrant", [False, True])  # transformers 4.x defaulted to the reentrant form
+def test_gradient_checkpointing_keeps_the_balance_gradient(expected, reentrant):
     model = AutoModelForCausalLM.from_pretrained(REF)
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     ids = expected["input_ids"]
     calls = []

@@ -25,6 +25,8 @@ What the forward takes and gives, transformers' way:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from deepseekmoe.integrations.transformers.configuration import DeepseekConfig
 from deepseekmoe.integrations.transformers.experts import ExpertList
 from deepseekmoe.model.layers import RMSNorm, rope_cos_sin
-from deepseekmoe.model.moe.router import TopKRouter
+from deepseekmoe.model.moe.router import BalanceLoss, TopKRouter
 from deepseekmoe.model.transformer import BalanceSums, Block
 
 try:  # transformers >= 5 initialises through its own functions, which skip loaded weights
@@ -202,10 +204,15 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 if output_hidden_states:
                     hidden.append(h)
                 if self.gradient_checkpointing and self.training:
-                    h, aux = self._gradient_checkpointing_func(layer.__call__, h, cos, sin, input_ids, mask, kv,
-                                                               cache_position)
+                    # Flat tensors out: a reentrant checkpoint (transformers 4.x's default) passes
+                    # gradients only to the tensors it returns, not to those inside a NamedTuple.
+                    h, *parts = self._gradient_checkpointing_func(functools.partial(_flat_layer, layer), h, cos,
+                                                                  sin, input_ids, mask, kv, cache_position)
+                    aux = BalanceLoss(*parts) if parts else None
                 else:
                     h, aux = layer(h, cos, sin, input_ids, mask, kv, cache_position)
+                if aux is not None and aux.total.device != cos.device:  # device_map over several GPUs
+                    aux = type(aux)(*(None if t is None else t.to(cos.device) for t in aux))
                 balance.add(aux)
         finally:
             for hk in hooks:
@@ -231,6 +238,11 @@ class DeepseekModel(DeepseekPreTrainedModel):
             return sdpa_mask(attention_mask, B, cache_position, L)
         kv_len = _max_cache_len(cache) or (past + L)
         return sdpa_mask(attention_mask, B, cache_position, kv_len)
+
+
+def _flat_layer(layer, *args):
+    h, aux = layer(*args)
+    return (h,) if aux is None else (h, *aux)
 
 
 def _router_logits_hook(store: list):
