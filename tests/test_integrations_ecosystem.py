@@ -1,7 +1,8 @@
 """Tools built on transformers, run on the native class (deepseekmoe.integrations.transformers):
 PEFT LoRA on attention, shared and routed experts (logits against a merge done by hand, one training
-step, adapter save / load), the HF Trainer for a few steps, and lm-eval's `hf` model on an exported
-directory giving the scores and log-likelihoods of this project's own harness.
+step, adapter save / load), the HF Trainer for a few steps, lm-eval's `hf` model on an exported
+directory giving the scores and log-likelihoods of this project's own harness, and the
+text-generation pipeline continuing a prompt as this project's generate does.
 """
 
 from __future__ import annotations
@@ -171,3 +172,18 @@ def test_lm_eval_hf_model_scores_an_export_as_deepseekmoe_eval_does(offline):  #
         for s, mine in zip(samples, ours[task]["samples"], strict=True):
             lls = [ll for ll, _ in s["filtered_resps"]]
             assert mine["loglikelihoods"] == pytest.approx(lls, rel=1e-6, abs=1e-5), (task, s["doc_id"])
+
+
+def test_text_generation_pipeline_on_an_export(workdir):  # noqa: F811 - fixture
+    from transformers import pipeline
+
+    from deepseekmoe import Transformer
+    from deepseekmoe.data.tokenizer import Tokenizer
+    from deepseekmoe.inference.generate import generate_ids
+
+    pipe = pipeline("text-generation", model=str(workdir / "hf"), trust_remote_code=True, device="cpu")
+    out = pipe("the cat sat on", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    tok = Tokenizer.from_file(workdir / "hf" / "tokenizer.json")
+    ours = generate_ids(Transformer.from_pretrained(workdir / "hf"), [tok.encode("the cat sat on")], max_new_tokens=6,
+                        eos_token_id=tok.eos_id)[0]
+    assert out == tok.decode(ours) and out
