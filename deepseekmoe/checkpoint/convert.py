@@ -6,7 +6,11 @@ released-format directory; a released-format directory (config.json with `model_
 "deepseek"`) becomes a native one. A sharded checkpoint of a distributed run (DCP) and a run
 directory (its newest checkpoint) count as native sources. Both sides are written atomically, so
 an interrupted conversion leaves DST as it was, and carry the tokenizer files (hf.TOKENIZER_FILES),
-so the result can `generate`. An unwritable DST is refused before the source is read.
+so the result can `generate`. A released-format DST is complete for transformers as well
+(hf.write_transformers_files: remote code importing deepseekmoe.integrations.transformers,
+tokenizer_config.json with the chat template, generation_config.json), so AutoModelForCausalLM
+(trust_remote_code=True) and AutoTokenizer open it as it is. An unwritable DST is refused before
+the source is read.
 """
 
 from __future__ import annotations
