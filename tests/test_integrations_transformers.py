@@ -128,6 +128,16 @@ def test_from_transformer_copies_the_project_model(tied):
     assert bf16.dtype == torch.bfloat16
 
 
+def test_a_new_model_is_initialised_like_the_project_model():
+    cfg = tiny_model().config  # initializer_range 0.2
+    model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(cfg))
+    for name, p in model.named_parameters():
+        if "layernorm" in name or name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # normal(0, initializer_range), no leftover uninitialised storage
+            assert abs(p.std().item() - 0.2) < 0.05 and abs(p.mean().item()) < 0.05, name
+
+
 def test_labels_loss_is_transformers_causal_lm_loss():
     model = dt.DeepseekForCausalLM(dt.DeepseekConfig.from_model_config(tiny_model().config)).eval()
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
