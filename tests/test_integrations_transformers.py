@@ -409,3 +409,15 @@ def test_stacking_in_the_graph_equals_the_packed_path():
     (packed13.square().sum() + packed2.sum()).backward()
     for n, p in experts.named_parameters():
         assert torch.equal(p.grad, grads[n]), n
+
+
+def test_from_pretrained_builds_the_layers_without_storage(monkeypatch):
+    # The weights are allocated once, when transformers loads them (meta on 5.x's torch.device context
+    # and on 4.x's init_empty_weights alike), never first as uninitialised blocks.
+    import deepseekmoe.integrations.transformers.modeling as md
+
+    seen = []
+    build = md._build_block
+    monkeypatch.setattr(md, "_build_block", lambda cfg, i, device: seen.append(device.type) or build(cfg, i, device))
+    AutoModelForCausalLM.from_pretrained(REF)
+    assert seen == ["meta"] * 3

@@ -159,7 +159,10 @@ class DeepseekModel(DeepseekPreTrainedModel):
         super().__init__(config)
         cfg = config.to_model_config()
         self.model_config = cfg
-        device = torch.empty(0).device  # honours torch.device(...) contexts, transformers' meta included
+        # Where a new parameter would live: honours torch.device(...) contexts (transformers 5 builds
+        # on meta that way) and accelerate's init_empty_weights (transformers 4), which moves each
+        # registered parameter to meta.
+        device = nn.Linear(1, 1, bias=False).weight.device
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([_build_block(cfg, i, device) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
