@@ -235,14 +235,9 @@ class SFTTrainer(Trainer):
         n = -(-loader.rows_in_epoch(0) // (bs * W))  # global batches; rank 0 has a row of each
         if cfg.eval.max_batches:
             n = min(n, cfg.eval.max_batches)
-        batches = list(itertools.islice(loader, n))
-        if len(batches) < n:
-            blank = batches[-1] if batches else next(SFTLoader(self.data.data.val, 1, endless=False,
-                                                               pack=cfg.sft.pack))
-            blank = dataclasses.replace(blank, labels=torch.full_like(blank.labels, -100))
-            batches += [blank] * (n - len(batches))
         self.model.eval()
-        total, count = self.stepper.eval_sums(batches)
+        total, count = self.stepper.eval_sums(_padded(loader, n, lambda: next(SFTLoader(
+            self.data.data.val, 1, endless=False, pack=cfg.sft.pack))))
         self.model.train()
         total = self.rt.sum(total)
         count = int(self.rt.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device)))
@@ -305,6 +300,19 @@ class SFTTrainer(Trainer):
                 self.model.to(self.amp_dtype)  # one dtype in the released format: the base's compute dtype
             self.model.save_pretrained(self.run_dir / MERGED_DIR, tokenizer_dir=self.data.path)
             self.echo(f"merged model written to {self.run_dir / MERGED_DIR} (released format)")
+
+
+def _padded(batches, n: int, first):
+    """The first `n` of `batches` (read as used: 4K-token masks are large), then, if they run out,
+    copies of the last one (or of `first()`) without labels, so that every rank runs `n` forwards."""
+    last, k = None, 0
+    for last in itertools.islice(batches, n):
+        k += 1
+        yield last
+    if k < n:
+        like = last if last is not None else first()
+        blank = dataclasses.replace(like, labels=torch.full_like(like.labels, -100))
+        yield from itertools.repeat(blank, n - k)
 
 
 def _name_base(adapter: Path, base: Path) -> None:
