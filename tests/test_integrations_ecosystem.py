@@ -103,8 +103,8 @@ def test_peft_lora_on_experts_matches_a_merge_by_hand_trains_and_round_trips(tmp
             assert rel_err(grads[n], p.grad) <= 1e-5, n
         elif n in grads:  # an expert no token chose: None there, zero on the stacked path
             assert grads[n].abs().max().item() == 0, n
-    expert_a = next(p for n, p in model.named_parameters() if "experts.3.up_proj.lora_A" in n)
-    assert expert_a.grad is not None and expert_a.grad.abs().sum() > 0
+    routed = [p.grad for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_A" in n]
+    assert sum(g is not None and g.abs().sum().item() > 0 for g in routed) > 10  # the routed adapters learn
     opt.step()
     for n, p in model.named_parameters():
         moved = "lora_" in n and p.grad is not None and p.grad.abs().sum() > 0

@@ -173,6 +173,9 @@ class ExpertList(nn.Module):
         # As RoutedExperts: autocast does not reach the grouped kernels, so run them in its dtype.
         if torch.is_autocast_enabled(dev) and x_TD.dtype == torch.float32:
             x_TD = x_TD.to(torch.get_autocast_dtype(dev))
+        lora = lora_factors(self._wrapped, x_TD.dtype) if mode == PEFT else None
+        if lora is False:  # adapters the stacked path cannot express right now (e.g. two active)
+            return self.module_loop(x_TD, idx_TK, w_TK)
         w13_E2FD, w2_EDF = self.stacked()
         fn = resolve_backend(self.backend, x_TD.device)
         T, K = idx_TK.shape
@@ -180,12 +183,8 @@ class ExpertList(nn.Module):
         # inference.generate.default_decode_backend).
         if torch.compiler.is_compiling() and not torch.is_grad_enabled() and T * K <= self.n_experts:
             fn = experts_gather
-        if mode == PEFT:
-            lora = lora_factors(self._wrapped, x_TD.dtype)
-            if lora is False:
-                return self.module_loop(x_TD, idx_TK, w_TK)
-            if lora is not None:
-                return experts_with_lora(fn, x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, lora)
+        if lora is not None:
+            return experts_with_lora(fn, x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, lora)
         return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)
 
     def module_loop(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:

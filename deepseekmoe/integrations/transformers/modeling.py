@@ -152,6 +152,12 @@ def _build_block(cfg, layer_idx: int, device: torch.device) -> Block:
     return block if device.type == "meta" else block.to_empty(device=device)
 
 
+def _new_parameter_device() -> torch.device:
+    probe = nn.Module()  # a registered empty parameter: no storage, no draw from the RNG
+    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
+    return probe.p.device
+
+
 class DeepseekModel(DeepseekPreTrainedModel):
     """Embedding, the decoder layers (`Block`s), the final norm: hidden states out."""
 
@@ -162,7 +168,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         # Where a new parameter would live: honours torch.device(...) contexts (transformers 5 builds
         # on meta that way) and accelerate's init_empty_weights (transformers 4), which moves each
         # registered parameter to meta.
-        device = nn.Linear(1, 1, bias=False).weight.device
+        device = _new_parameter_device()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([_build_block(cfg, i, device) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
