@@ -228,7 +228,7 @@ def test_configuration_errors(work, capsys):
         recipe.build(RECIPE, base + [("lora.merge", "true")])
     with pytest.raises(ConfigError, match="sft.data is empty"):
         recipe.build(RECIPE, base[:1])
-    with pytest.raises(ConfigError, match="lora.targets entry='qproj'.*did you mean 'q_proj'"):
+    with pytest.raises(ConfigError, match="lora.targets: 'qproj' is not a module LoRA can adapt.*q_proj"):
         recipe.build(RECIPE, base + [("lora.enabled", "true"), ("lora.targets", '["qproj"]')])
     with pytest.raises(ConfigError, match="sft.model='/nonexistent/base'"):
         recipe.build(RECIPE, [("sft.model", '"/nonexistent/base"'), base[1]])

@@ -29,6 +29,7 @@ from deepseekmoe.errors import ConfigError, suggest, utf8_text
 from deepseekmoe.model import presets
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
+from deepseekmoe.model.lora import LORA_TARGETS
 from deepseekmoe.parallel.mesh import ParallelConfig
 
 try:  # Python >= 3.11
@@ -157,9 +158,6 @@ class SFTSection:
     pack: bool = True  # several conversations per sequence (per-document attention); false = one per row, padded
     overlong: str = "truncate"  # a conversation longer than train.seq_len: truncate | drop (counted either way)
     epochs: int = 0  # > 0: train.steps = epochs over the packed training rows (batch_size rows per step)
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -295,11 +293,9 @@ class TrainConfig:
                               "packed per-document attention masks do not cross stages); use parallel.pp=1 "
                               "with FSDP (parallel.dp) and expert parallel (parallel.ep)")
         if lo.enabled:
-            if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1:
-                raise ConfigError(f"lora.r={lo.r}, lora.alpha={lo.alpha}, lora.dropout={lo.dropout}: need r >= 1, "
-                                  "alpha > 0 and dropout in [0, 1)")
-            for t in lo.targets:
-                _choice("lora.targets entry", t, LORA_TARGETS)
+            from deepseekmoe.train.sft import lora_config
+
+            lora_config(self)  # model/lora.py's LoraConfig checks r, alpha, dropout and the targets
         elif lo.merge:
             raise ConfigError("lora.merge=true without lora.enabled=true: there is no adapter to merge; enable "
                               "LoRA (--lora) or drop --lora.merge")
