@@ -62,7 +62,8 @@ def _max_cache_len(cache) -> int | None:
     """A static cache's slot count, None for a growing one (API spelled differently across versions)."""
     if not getattr(cache, "is_compileable", False):
         return None
-    for name in ("get_max_cache_shape", "get_max_length"):
+    # get_max_length first: 5.x warns on get_max_cache_shape (a graph break under torch.compile).
+    for name in ("get_max_length", "get_max_cache_shape"):
         fn = getattr(cache, name, None)
         if fn is not None:
             n = fn()
