@@ -224,6 +224,8 @@ def test_configuration_errors(work, capsys):
     base = [("sft.model", json.dumps(str(root / "base"))), ("sft.data", json.dumps([str(train_file)]))]
     with pytest.raises(ConfigError, match="parallel.pp=2: fine-tuning does not run pipeline parallel"):
         recipe.build(RECIPE, base + [("parallel.pp", "2")])
+    with pytest.raises(ConfigError, match="lora.enabled with parallel.ep=2"):
+        recipe.build(RECIPE, base + [("lora.enabled", "true"), ("parallel.ep", "2")])
     with pytest.raises(ConfigError, match="lora.merge=true without lora.enabled"):
         recipe.build(RECIPE, base + [("lora.merge", "true")])
     with pytest.raises(ConfigError, match="sft.data is empty"):
@@ -267,3 +269,26 @@ def test_data_parallel_sft_matches_one_process(work):
     assert [x for _, x in two] == pytest.approx([x for _, x in one], rel=1e-4)
     assert [v for _, v in _val_losses(root / "dp2")] == pytest.approx([v for _, v in _val_losses(root / "dp1")],
                                                                       rel=1e-4)
+
+    # LoRA under torchrun: the sharded adapters are gathered into adapter/ and merged/, which score
+    # the held-out records as the run's last validation did.
+    cmd = [*cmd[:cmd.index("--out")], "--out", str(root / "dp2-lora"), "--parallel.dp=2", "--lora",
+           "--lora.merge=true", "--optim.lr=1e-2", "--train.steps=2", "--parallel.timeout_s=60"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from deepseekmoe.data.sft import SFTDataConfig, SFTLoader, build_sft_data
+    from deepseekmoe.model.transformer import Transformer
+    from deepseekmoe.train.sft import load_base_tokenizer, resolve_base
+
+    run, base = root / "dp2-lora", resolve_base(root / "base")
+    for model in (Transformer.from_pretrained(base, adapter=run / "adapter"),
+                  Transformer.from_pretrained(run / "merged")):
+        tok = load_base_tokenizer(base, model.config)
+        data = build_sft_data([val], tok, SFTDataConfig(seq_len=128, template="deepseek-chat"), bos_id=tok.bos_id,
+                              eos_id=tok.eos_id)
+        total = count = 0
+        with torch.no_grad():
+            for b in SFTLoader(data.train, 4, endless=False):
+                total, count = total + float(model(**b.model_kwargs()).lm_loss) * b.num_label_tokens, \
+                    count + b.num_label_tokens
+        assert total / count == pytest.approx(_val_losses(run)[-1][1], rel=1e-5)

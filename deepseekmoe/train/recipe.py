@@ -296,6 +296,10 @@ class TrainConfig:
             from deepseekmoe.train.sft import lora_config
 
             lora_config(self)  # model/lora.py's LoraConfig checks r, alpha, dropout and the targets
+            if self.parallel.ep > 1:
+                raise ConfigError(f"lora.enabled with parallel.ep={self.parallel.ep}: the routed experts' LoRA factors "
+                                  "are not split over expert-parallel ranks; use data parallel (parallel.dp), or one "
+                                  "GPU (a LoRA run of the released 16B fits one)")
         elif lo.merge:
             raise ConfigError("lora.merge=true without lora.enabled=true: there is no adapter to merge; enable "
                               "LoRA (--lora) or drop --lora.merge")

@@ -151,9 +151,6 @@ class SFTTrainer(Trainer):
         from deepseekmoe.data.sft import SFTDataConfig, build_sft_data
 
         cfg, s = self.cfg, self.cfg.sft
-        if cfg.lora.enabled and self.rt.distributed:
-            raise ConfigError("lora.enabled under torchrun is not supported yet (the adapter export reads whole "
-                              "tensors); LoRA fine-tuning of the released 16B fits one GPU: run it in one process")
         base = resolve_base(s.model)
         tok = load_base_tokenizer(base, self.mcfg)
         dcfg = SFTDataConfig(seq_len=cfg.train.seq_len, pack=s.pack, overlong=s.overlong, template=s.template,
@@ -282,24 +279,44 @@ class SFTTrainer(Trainer):
 
     def _finish(self, loop):
         result = super()._finish(loop)
-        if self.cfg.lora.enabled and self.rt.is_rank0:
+        if self.cfg.lora.enabled:
             self._export_lora()
         return result
 
     def _export_lora(self) -> None:
-        """adapter/ (PEFT format, naming the base) and, with lora.merge, merged/ (released format)."""
-        from deepseekmoe.model.lora import merge_lora, save_adapter
+        """adapter/ (PEFT format, naming the base) and, with lora.merge, merged/ (released format).
+        Under torchrun the trained tensors are gathered (collective) and rank 0 puts them on a CPU
+        copy of the base (sharded parameters have no whole tensor to save)."""
+        from deepseekmoe.model.lora import apply_lora, merge_lora, save_adapter
 
+        model = self.model
+        if self.rt.distributed:
+            whole = {_canonical(n): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                     for n, p in self.model.named_parameters() if p.requires_grad}
+            if not self.rt.is_rank0:
+                return
+            model = apply_lora(Transformer.from_pretrained(self.data.path), lora_config(self.cfg))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in whole.items():
+                    params[n].copy_(t)
         adapter = self.run_dir / ADAPTER_DIR
-        save_adapter(self.model, adapter)
+        save_adapter(model, adapter)
         _name_base(adapter, self.data.path)
         self.echo(f"adapter written to {adapter} (PEFT format; base {self.data.path})")
         if self.cfg.lora.merge:
-            merge_lora(self.model)
-            if len({p.dtype for p in self.model.parameters()}) > 1:  # a bf16 base with fp32 embeddings trained
-                self.model.to(self.amp_dtype)  # one dtype in the released format: the base's compute dtype
-            self.model.save_pretrained(self.run_dir / MERGED_DIR, tokenizer_dir=self.data.path)
+            merge_lora(model)
+            if len({p.dtype for p in model.parameters()}) > 1:  # a bf16 base with fp32 embeddings trained
+                model.to(self.amp_dtype)  # one dtype in the released format: the base's compute dtype
+            model.save_pretrained(self.run_dir / MERGED_DIR, tokenizer_dir=self.data.path)
             self.echo(f"merged model written to {self.run_dir / MERGED_DIR} (released format)")
+
+
+def _canonical(name: str) -> str:
+    """A parameter name without the activation-checkpoint / compile wrappers' prefixes."""
+    from deepseekmoe.model.init import _canonical_name
+
+    return _canonical_name(name)
 
 
 def _padded(batches, n: int, first):
