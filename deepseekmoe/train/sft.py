@@ -346,8 +346,9 @@ def _name_base(adapter: Path, base: Path) -> None:
 
 # ---------------------------------------------------------------------- LoRA training checkpoints
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (adapters, and embeddings / router when they train), by name."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train (adapters, and embeddings / router when they train), by their plain
+    names (without activation-checkpoint / compile wrappers, so a resume may toggle those)."""
+    return {_canonical(n): p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep: int,
@@ -385,7 +386,7 @@ def load_trainable(ckpt: Path, model: torch.nn.Module, optimizer, device: torch.
         raise CheckpointError(f"checkpoint {ckpt} has no {TRAINABLE_FILE}: it is not a LoRA checkpoint; resume it "
                               "with its own config (--lora.enabled=false)")
     saved = load_file(str(ckpt / TRAINABLE_FILE))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {_canonical(n): p for n, p in model.named_parameters() if p.requires_grad}
     if saved.keys() != params.keys() or any(saved[n].shape != p.shape for n, p in params.items()):
         diff = sorted(set(saved) ^ set(params))[:3] or [n for n in params if saved[n].shape != params[n].shape][:3]
         raise CheckpointError(f"checkpoint {ckpt}: its trainable tensors do not match this run's adapters (first "
