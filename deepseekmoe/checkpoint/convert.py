@@ -5,9 +5,9 @@ The direction is read off SRC: a native model directory (config.json with
 released-format directory; a released-format directory (config.json with `model_type:
 "deepseek"`) becomes a native one. A sharded checkpoint of a distributed run (DCP) and a run
 directory (its newest checkpoint) count as native sources. Both sides are written atomically, so
-an interrupted conversion leaves DST as it was, and carry the tokenizer files (hf.TOKENIZER_FILES),
+an interrupted conversion leaves DST as it was, and carry the tokenizer files (hf_files.TOKENIZER_FILES),
 so the result can `generate`. A released-format DST is complete for transformers as well
-(hf.write_transformers_files: remote code importing deepseekmoe.integrations.transformers,
+(hf_files.write_transformers_files: remote code importing deepseekmoe.integrations.transformers,
 tokenizer_config.json with the chat template, generation_config.json), so AutoModelForCausalLM
 (trust_remote_code=True) and AutoTokenizer open it as it is. An unwritable DST is refused before
 the source is read.
@@ -40,7 +40,7 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
             overwrite: bool = False) -> str:
     """Convert `src` into the other format at `dst`; return the direction ('hf' or 'native' written).
     The tokenizer files (of `tokenizer`, else of the source) are copied along either way."""
-    from deepseekmoe.checkpoint import hf, native
+    from deepseekmoe.checkpoint import hf, hf_files, native
     from deepseekmoe.checkpoint.files import check_output
     from deepseekmoe.model.transformer import Transformer
 
@@ -64,7 +64,7 @@ def convert(src, dst, dtype: torch.dtype | None = None, max_shard_size="5GB", to
         return "hf"
     src_dir = Path(tokenizer or path)
     native.save_native(dst, model.config, model.state_dict(),
-                       companions=[src_dir / f for f in hf.TOKENIZER_FILES if (src_dir / f).is_file()])
+                       companions=[src_dir / f for f in hf_files.TOKENIZER_FILES if (src_dir / f).is_file()])
     return "native"
 
 

@@ -3,7 +3,7 @@ exchange), written atomically (deepseekmoe.checkpoint.files):
 
     config.json        {"format": "deepseekmoe", "model": ModelConfig.to_dict()}
     model.safetensors  the Transformer's state_dict under this project's parameter names
-    tokenizer.json     (and the other hf.TOKENIZER_FILES) when the model has a tokenizer
+    tokenizer.json     (and the other hf_files.TOKENIZER_FILES) when the model has a tokenizer
 """
 
 from __future__ import annotations

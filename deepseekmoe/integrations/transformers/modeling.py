@@ -116,18 +116,18 @@ class DeepseekPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained (released tensor names, shards, safetensors), plus the remote
-        code config.json's auto_map names (checkpoint.hf.write_remote_code): the directory opens with
+        code config.json's auto_map names (checkpoint.hf_files.write_remote_code): the directory opens with
         trust_remote_code=True on any machine with this package. A class that transformers loaded as
         remote code would copy this package's source files instead; that copy is switched off."""
-        from deepseekmoe.checkpoint import hf
+        from deepseekmoe.checkpoint import hf_files
 
-        self.config.auto_map = dict(hf.AUTO_MAP)
+        self.config.auto_map = dict(hf_files.AUTO_MAP)
         self._auto_class = self.config._auto_class = None
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             del self._auto_class, self.config._auto_class
-        hf.write_remote_code(save_directory)
+        hf_files.write_remote_code(save_directory)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
