@@ -1,8 +1,10 @@
 """parallel/launch.py on gloo ranks: whichever rank dies, is hung or gets torchrun's SIGTERM, every
-other rank ends with one line naming the last complete checkpoint (and, on a timeout, the knob)."""
+other rank ends with one line naming the last complete checkpoint (and, on a timeout, the knob); a
+hung peer is announced by the watchdog before the timeout."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from tests.dist_utils import run_ranks
@@ -10,23 +12,24 @@ from tests.dist_utils import run_ranks
 CKPT = "runs/x/checkpoints/step_0000005"
 
 
-def _job(rank, world, plan):
+def _job(rank, world, plan, warn_after=None):
     """One all-reduce, then `plan[rank]`: "die" (SIGKILL itself, after sending torchrun's SIGTERM to
     the ranks marked "term"), "hang" (sleep past the peer's timeout), "term" (sleep until the SIGTERM)
-    or "wait" (the next all-reduce)."""
+    or "wait" (the next all-reduce). `warn_after`: the watchdog's stall notice."""
     import os
     import signal
 
     import torch
     import torch.distributed as dist
 
-    from deepseekmoe.parallel.launch import fail_fast
+    from deepseekmoe.parallel.launch import fail_fast, heartbeat
 
     pids = [None] * world
     dist.all_gather_object(pids, os.getpid())
-    with fail_fast("training", last_checkpoint=lambda: CKPT, timeout_s=3):
+    with fail_fast("training", last_checkpoint=lambda: CKPT, timeout_s=3, warn_after=warn_after):
         t = torch.ones(4)
         dist.all_reduce(t)
+        heartbeat(7)
         if plan[rank] == "die":
             for r, p in enumerate(plan):
                 if p == "term":
@@ -60,10 +63,20 @@ def test_rank0_dying_leaves_every_survivor_naming_the_last_checkpoint():
     assert time.monotonic() - t0 < 45
 
 
-def test_a_hung_rank_is_reported_at_the_timeout_with_its_knob():
-    waiting, hung = run_ranks(_job, 2, ["wait", "hang"], timeout=40, pg_timeout=3, check=False)
+def test_a_hung_rank_is_announced_early_then_reported_at_the_timeout_with_its_knob():
+    # the peer hangs for 6 s; the process group's timeout is 3 s and the watchdog's notice comes
+    # after 1 s without a heartbeat: both well inside the hang, however loaded the machine
+    waiting, hung = run_ranks(_job, 2, ["wait", "hang"], 1.0, timeout=40, pg_timeout=3, check=False)
     assert waiting.exitcode == 1, waiting
     assert waiting.elapsed < hung.elapsed and hung.exitcode == 1  # woken up into a dead collective
-    line = waiting.stderr.strip().splitlines()[-1]
+    lines = waiting.stderr.strip().splitlines()
+    notices = [i for i, s in enumerate(lines) if "no progress for" in s]
+    assert len(notices) == 1, lines  # once per stall
+    notice = lines[notices[0]]
+    assert re.match(r"deepseekmoe: rank 0/2: no progress for \d+ s at step 7 \(waiting in a collective\? "
+                    r"a peer rank may be hung or slow\)", notice), notice
+    assert notice.endswith("the job aborts after parallel.timeout_s=3 s"), notice
+    assert notices[0] < len(lines) - 1
+    line = lines[-1]
     assert "a peer rank did not reach this collective within parallel.timeout_s=3 s" in line, line
     assert "raise --parallel.timeout_s" in line and line.endswith(f"last complete checkpoint: {CKPT}"), line

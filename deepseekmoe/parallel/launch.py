@@ -17,6 +17,14 @@ before the survivors reach their next collective; `fail_fast` turns that signal 
 naming the last complete checkpoint, instead of a silent exit. (A rank blocked inside a C++
 collective runs the handler only when the call returns.)
 
+A hung rank is noticed long before the timeout: `fail_fast` runs a `Watchdog` thread that the
+trainer beats (`heartbeat(step)`) once per optimizer step and around validation and checkpoints;
+from the first beat on (building and loading come before it), after `warn_after` seconds without a
+beat (default max(60 s, timeout_s / 5)) it prints one line per stall, re-armed by the next beat.
+It adds no collective. A rank that got SIGINT / SIGTERM while the trainer's own stop handler runs
+(`signalled`) and then stalls for `warn_after` is stuck in a collective: the watchdog prints the
+signal line naming the last checkpoint and exits 128 + signal.
+
 Checkpoints stay consistent because a checkpoint directory only appears once every rank has
 written its shards (see checkpoint/dcp.py).
 """
@@ -28,6 +36,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -42,6 +51,68 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class Watchdog:
+    """A daemon thread that prints one line when no `beat` came for `warn_after` seconds (once per
+    stall), and ends the process when a stall follows a signal (`signalled`)."""
+
+    def __init__(self, what: str, warn_after: float, timeout_s: float | None,
+                 last_checkpoint: Callable[[], str | None]):
+        self.what, self.warn_after, self.timeout_s, self.newest = what, warn_after, timeout_s, last_checkpoint
+        self.last, self.step, self.warned, self.signum = None, None, False, None  # armed by the first beat
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="deepseekmoe-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int | None = None) -> None:
+        self.last, self.warned = time.monotonic(), False
+        if step is not None:
+            self.step = step
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.warn_after / 4)):
+            if self.last is None:
+                continue
+            idle = time.monotonic() - self.last
+            if idle < self.warn_after:
+                continue
+            if self.signum is not None:  # signalled, then no progress: stuck, the stop cannot finish
+                print(signal_message(self.signum, self.what, self.newest()), file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(128 + self.signum)
+            if not self.warned:
+                self.warned = True
+                print(stall_message(idle, self.step, self.timeout_s), file=sys.stderr, flush=True)
+
+
+_watchdog: Watchdog | None = None
+
+
+def heartbeat(step: int | None = None) -> None:
+    """The trainer made progress (at `step`): re-arm the stall notice. A no-op without fail_fast."""
+    if _watchdog is not None:
+        _watchdog.beat(step)
+
+
+def signalled(signum: int) -> None:
+    """The trainer's stop handler got `signum`: from now on a stall ends the process (see Watchdog)."""
+    if _watchdog is not None:
+        _watchdog.signum = signum
+
+
+def default_warn_after(timeout_s: float | None) -> float:
+    return max(60.0, (timeout_s or 0) / 5)
+
+
+def stall_message(idle: float, step: int | None, timeout_s: float | None) -> str:
+    at = f"at step {step}" if step is not None else "before the first step"
+    limit = f"parallel.timeout_s={timeout_s:g} s" if timeout_s else "parallel.timeout_s"
+    return (f"deepseekmoe: rank {rank()}/{world_size()}: no progress for {idle:.0f} s {at} (waiting in a collective? "
+            f"a peer rank may be hung or slow); the job aborts after {limit}")
 
 
 def _checkpoint_clause(last_checkpoint: str | None) -> str:
@@ -68,14 +139,17 @@ def signal_message(signum: int, what: str, last_checkpoint: str | None) -> str:
 
 @contextlib.contextmanager
 def fail_fast(what: str = "training", last_checkpoint: Callable[[], str | None] | None = None,
-              exit_code: int = 1, timeout_s: float | None = None):
+              exit_code: int = 1, timeout_s: float | None = None, warn_after: float | None = None,
+              passthrough: tuple[type[BaseException], ...] = ()):
     """Run a distributed job's body; on an error from a collective (or any other non-user error
     while several ranks run), print the traceback and one summary line, and exit at once. SIGTERM
     prints the same kind of line and exits 143. `timeout_s` is the process group's timeout, named
-    in the message when a collective times out.
+    in the message when a collective times out. While several ranks run, a Watchdog prints a line
+    after `warn_after` seconds without a `heartbeat` (default: default_warn_after(timeout_s)).
 
-    UserError and KeyboardInterrupt pass through (the CLI reports them); in a single process
-    nothing is caught."""
+    UserError, KeyboardInterrupt and the `passthrough` exceptions pass through (the CLI reports
+    them); in a single process nothing is caught."""
+    global _watchdog
     newest = last_checkpoint or (lambda: None)
 
     def on_sigterm(signum, frame):
@@ -85,9 +159,12 @@ def fail_fast(what: str = "training", last_checkpoint: Callable[[], str | None] 
 
     handle = world_size() > 1 and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if handle else None
+    outer = _watchdog
+    if world_size() > 1:
+        _watchdog = Watchdog(what, warn_after or default_warn_after(timeout_s), timeout_s, newest)
     try:
         yield
-    except (UserError, KeyboardInterrupt):
+    except (UserError, KeyboardInterrupt, *passthrough):
         raise
     except Exception as e:
         if world_size() <= 1:
@@ -97,5 +174,8 @@ def fail_fast(what: str = "training", last_checkpoint: Callable[[], str | None] 
         sys.stdout.flush()
         os._exit(exit_code)
     finally:
+        if _watchdog is not outer:
+            _watchdog.stop()
+            _watchdog = outer
         if handle:
             signal.signal(signal.SIGTERM, previous)

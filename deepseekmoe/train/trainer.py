@@ -56,6 +56,7 @@ from deepseekmoe.errors import ConfigError, DataError
 from deepseekmoe.model.dtypes import TRAINING_NAMES, parse_dtype
 from deepseekmoe.model.moe.router import device_loss_groups
 from deepseekmoe.model.transformer import Transformer
+from deepseekmoe.parallel.launch import heartbeat
 from deepseekmoe.parallel.runtime import Runtime
 from deepseekmoe.train.metrics import (
     ExpertLoad,
@@ -477,6 +478,7 @@ class Trainer:
         """One optimizer step: forward + backward over its micro-batches, clipping, the finiteness
         check, the update (or its skip), then the metrics record, validation and checkpoint due."""
         cfg = self.cfg
+        heartbeat(loop.step)  # progress, for the distributed watchdog (a stall notice otherwise)
         lr = self.schedule.set(self.optimizer, loop.step)
         stats = self.stepper.run(self._step_batches())
         gnorm = self.rt.clip_grad_norm_(self.params, self.clip)
@@ -501,11 +503,13 @@ class Trainer:
         evaluate = due(loop.step, cfg.eval.every, cfg.train.steps)
         save = due(loop.step, cfg.checkpoint.every, cfg.train.steps)
         if evaluate:
+            heartbeat(loop.step)
             loop.last_eval = self.evaluate()
             log.write({"kind": "eval", "step": loop.step, "val_loss": loop.last_eval[0], "val_bpb": loop.last_eval[1]})
             bpb = f", {loop.last_eval[1]:.3f} bits/byte" if loop.last_eval[1] is not None else ""
             log.print(f"step {loop.step}: validation loss {loop.last_eval[0]:.4f}{bpb}")
         if save:
+            heartbeat(loop.step)
             self._save(loop)
         if evaluate or save:
             meter.restart()  # keep evaluation and saving out of tokens/s
@@ -552,6 +556,7 @@ class Trainer:
         if cfg.log.plot and self.rt.is_rank0:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
                         title=f"{cfg.name}: {self.mcfg.name} on {self.data.path.name}")
+        heartbeat(loop.step)
         result.sample = self.sample()
         return result
 
