@@ -15,7 +15,8 @@ CKPT = "runs/x/checkpoints/step_0000005"
 def _job(rank, world, plan, warn_after=None):
     """One all-reduce, then `plan[rank]`: "die" (SIGKILL itself, after sending torchrun's SIGTERM to
     the ranks marked "term"), "hang" (sleep past the peer's timeout), "term" (sleep until the SIGTERM)
-    or "wait" (the next all-reduce). `warn_after`: the watchdog's stall notice."""
+    "wait" (the next all-reduce) or "stuck" (SIGTERM while the trainer's StopSignals handler is
+    installed, then the next all-reduce). `warn_after`: the watchdog's stall notice."""
     import os
     import signal
 
@@ -23,6 +24,7 @@ def _job(rank, world, plan, warn_after=None):
     import torch.distributed as dist
 
     from deepseekmoe.parallel.launch import fail_fast, heartbeat
+    from deepseekmoe.train.recovery import StopSignals
 
     pids = [None] * world
     dist.all_gather_object(pids, os.getpid())
@@ -40,7 +42,11 @@ def _job(rank, world, plan, warn_after=None):
             time.sleep(60)  # ended by the SIGTERM
         if plan[rank] == "hang":
             time.sleep(6)  # past the 3 s timeout of its peer's all-reduce
-        dist.all_reduce(t)
+        with StopSignals(second_kills=False) as stop:
+            if plan[rank] == "stuck":
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert stop.received == signal.SIGTERM  # recorded, not ended: the trainer would save now
+            dist.all_reduce(t)
         time.sleep(60)  # not reached
     return "finished"
 
@@ -80,3 +86,13 @@ def test_a_hung_rank_is_announced_early_then_reported_at_the_timeout_with_its_kn
     line = lines[-1]
     assert "a peer rank did not reach this collective within parallel.timeout_s=3 s" in line, line
     assert "raise --parallel.timeout_s" in line and line.endswith(f"last complete checkpoint: {CKPT}"), line
+
+
+def test_a_signalled_rank_stuck_in_a_collective_is_ended_by_the_watchdog_naming_the_last_checkpoint():
+    stuck, hung = run_ranks(_job, 2, ["stuck", "hang"], 1.0, timeout=40, pg_timeout=3, check=False)
+    assert stuck.exitcode == 143, stuck
+    assert "failed in a collective" not in stuck.stderr  # ended before the collective's 3 s timeout (exit 1)
+    assert stuck.elapsed < hung.elapsed
+    line = stuck.stderr.strip().splitlines()[-1]
+    assert line.startswith("deepseekmoe: rank 0/2: training stopped by SIGTERM (torchrun sends it"), line
+    assert line.endswith(f"last complete checkpoint: {CKPT}"), line

@@ -1,14 +1,17 @@
 """The trainer under a real `torchrun --nproc-per-node 2 -m deepseekmoe train` (gloo, ep=2):
 its losses match the single-process trainer on the same global batches, only rank 0 writes the
 run directory, checkpoints are DCP, and one of them resumes in a single process (world size 1)
-on the same loss trajectory."""
+on the same loss trajectory; SIGTERM stops every rank after the same step with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,53 @@ def test_torchrun_trainer_matches_single_process_and_resumes_at_world_size_1(tmp
     assert sorted(again) == [3, 4]
     for step in (3, 4):
         assert abs(again[step] - ref[step]) <= 1e-5 * ref[step], f"resumed step {step}: {again[step]} vs {ref[step]}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo; /proc for the worker pids")
+@pytest.mark.parametrize("target", ["agent", "workers"])
+def test_torchrun_sigterm_saves_the_same_step_on_every_rank_and_prints_the_resume_command(tmp_path, target):
+    """SIGTERM to torchrun's agent (it forwards it to every rank) or to every rank (as Slurm does
+    before preempting): the ranks agree on a step through the step's stats all-reduce, save it (DCP)
+    and exit 143 with the resume command, printed once; the run then continues in one process."""
+    from deepseekmoe.data import default_dataset
+
+    default_dataset()
+    run, steps = tmp_path / "ep2", 40
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "deepseekmoe", "train", "--out", str(run), *FLAGS, f"--train.steps={steps}",
+           "--checkpoint.every=0", "--parallel.ep=2", "--parallel.timeout_s=60"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics, t0 = run / "metrics.jsonl", time.monotonic()
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() - t0 < 120, proc.communicate()[1][-4000:]
+        time.sleep(0.1)
+    if target == "agent":
+        os.killpg(proc.pid, signal.SIGTERM)  # the workers run in sessions of their own
+    else:
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(int(pid), signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    resume = [line for line in err.splitlines() if "continue with: deepseekmoe train --resume" in line]
+    assert len(resume) == 1, err[-4000:]  # rank 0 only
+    m = re.search(r"SIGTERM received: stopped after step (\d+) of 40, checkpoint (\S+) saved; continue with: "
+                  r"deepseekmoe train --resume (\S+)$", resume[0])
+    assert m and m.group(3) == str(run), resume[0]
+    stop = int(m.group(1))
+    assert 1 <= stop < steps
+    ckpt = run / "checkpoints" / f"step_{stop:07d}"
+    assert m.group(2) == str(ckpt) and (ckpt / ".metadata").is_file()  # DCP, written by both ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt.name]
+    assert proc.returncode == 1, err[-4000:]  # torchrun's own status for a failed (or signalled) job
+    if target == "agent":
+        assert "Received 15 death signal, shutting down workers" in err
+    else:  # the workers' status in torchrun's failure summary: it lists one or both, as they end in turn
+        codes = re.findall(r"exitcode  : (\d+)", err)
+        assert codes and set(codes) == {"143"}, err[-4000:]
+    assert "no progress for" not in err and "stopped by SIGTERM" not in err  # the stop, not the watchdog
+
+    assert cli.main(["train", "--resume", str(run), "--parallel.ep=1"]) == 0
+    assert sorted(_losses(run)) == list(range(1, steps + 1))

@@ -21,9 +21,13 @@ A hung rank is noticed long before the timeout: `fail_fast` runs a `Watchdog` th
 trainer beats (`heartbeat(step)`) once per optimizer step and around validation and checkpoints;
 from the first beat on (building and loading come before it), after `warn_after` seconds without a
 beat (default max(60 s, timeout_s / 5)) it prints one line per stall, re-armed by the next beat.
-It adds no collective. A rank that got SIGINT / SIGTERM while the trainer's own stop handler runs
-(`signalled`) and then stalls for `warn_after` is stuck in a collective: the watchdog prints the
-signal line naming the last checkpoint and exits 128 + signal.
+It adds no collective.
+
+While the trainer loop runs, its own SIGINT / SIGTERM handler takes precedence over fail_fast's:
+the ranks agree on a step, save a checkpoint and exit 130 / 143 with the resume command (see
+train/recovery.py). A rank that got the signal (`signalled`) is stuck when no beat follows for
+`GIVE_UP_S` (20 s, under the 30 s after which torchrun's agent SIGKILLs the workers it SIGTERMed):
+the watchdog then prints fail_fast's signal line naming the last checkpoint and exits 128 + signal.
 
 Checkpoints stay consistent because a checkpoint directory only appears once every rank has
 written its shards (see checkpoint/dcp.py).
@@ -53,14 +57,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+GIVE_UP_S = 20.0  # a signalled rank with no progress for this long is stuck (see the top)
+
+
 class Watchdog:
     """A daemon thread that prints one line when no `beat` came for `warn_after` seconds (once per
-    stall), and ends the process when a stall follows a signal (`signalled`)."""
+    stall), and ends the process when no beat came for `give_up` seconds after a signal."""
 
     def __init__(self, what: str, warn_after: float, timeout_s: float | None,
                  last_checkpoint: Callable[[], str | None]):
         self.what, self.warn_after, self.timeout_s, self.newest = what, warn_after, timeout_s, last_checkpoint
         self.last, self.step, self.warned, self.signum = None, None, False, None  # armed by the first beat
+        self.give_up, self.signal_at = min(warn_after, GIVE_UP_S), None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="deepseekmoe-watchdog", daemon=True)
         self._thread.start()
@@ -70,23 +78,23 @@ class Watchdog:
         if step is not None:
             self.step = step
 
+    def signalled(self, signum: int) -> None:
+        self.signum, self.signal_at = signum, time.monotonic()
+
     def stop(self) -> None:
         self._done.set()
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.warn_after / 4)):
-            if self.last is None:
-                continue
-            idle = time.monotonic() - self.last
-            if idle < self.warn_after:
-                continue
-            if self.signum is not None:  # signalled, then no progress: stuck, the stop cannot finish
+            now = time.monotonic()
+            if self.signum is not None and now - max(self.last or 0.0, self.signal_at) >= self.give_up:
+                # signalled, then no progress: stuck in a collective, the stop cannot finish
                 print(signal_message(self.signum, self.what, self.newest()), file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 os._exit(128 + self.signum)
-            if not self.warned:
+            if self.last is not None and now - self.last >= self.warn_after and not self.warned:
                 self.warned = True
-                print(stall_message(idle, self.step, self.timeout_s), file=sys.stderr, flush=True)
+                print(stall_message(now - self.last, self.step, self.timeout_s), file=sys.stderr, flush=True)
 
 
 _watchdog: Watchdog | None = None
@@ -101,7 +109,7 @@ def heartbeat(step: int | None = None) -> None:
 def signalled(signum: int) -> None:
     """The trainer's stop handler got `signum`: from now on a stall ends the process (see Watchdog)."""
     if _watchdog is not None:
-        _watchdog.signum = signum
+        _watchdog.signalled(signum)
 
 
 def default_warn_after(timeout_s: float | None) -> float:

@@ -13,6 +13,7 @@ single-device behaviour, so the one-process trainer (and its bit-exact resume) i
   .clip_grad_norm_(params, c) global norm over sharded gradients (all stages: the squares are
                               summed over every rank, pp included)
   .mean(t)                    average over data-parallel ranks (losses for logging, finiteness)
+  .mean_and_any(t, flag)      the same, plus whether any rank raised a flag (a stop signal)
   .eval_share(batches) / .sum(t)   split validation batches over ranks, sum the results
   .save(...) / load via deepseekmoe.checkpoint.dcp (DCP, any world size)
   .guard(...)                 fail fast with one message when a peer dies (launch.fail_fast)
@@ -155,6 +156,15 @@ class Runtime:
         dist.all_reduce(t, group=self.mesh.group("dp_ep"))
         return t / self.loader_world
 
+    def mean_and_any(self, t: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mean(t)`, and whether any rank of the job passed `flag` (a 0-dim bool tensor): one
+        all-reduce when the data-parallel ranks are the whole job, a second (of the flag) otherwise."""
+        f = torch.tensor([float(flag)], device=t.device)
+        if self.loader_world == self.world_size:
+            both = self.mean(torch.cat([t, f]))
+            return both[:-1], both[-1] > 0
+        return self.mean(t), self.sum(f)[0] > 0
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
             return t
@@ -193,9 +203,9 @@ class Runtime:
             dist.barrier()
         return Path(path)
 
-    def guard(self, last_checkpoint=None):
-        return fail_fast("training", last_checkpoint, timeout_s=self.cfg.timeout_s) if self.distributed \
-            else contextlib.nullcontext()
+    def guard(self, last_checkpoint=None, passthrough: tuple = ()):
+        return fail_fast("training", last_checkpoint, timeout_s=self.cfg.timeout_s, passthrough=passthrough) \
+            if self.distributed else contextlib.nullcontext()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -150,7 +150,8 @@ def _launch(args, cfg, resume, restart, command: str) -> int:
         res = train(cfg, run_dir=Path(args.out) if args.out else restart, resume=resume,
                     echo=lambda s: print(s, file=sys.stderr, flush=True), restart=restart is not None)
     except Interrupted as e:  # SIGINT / SIGTERM: checkpoint saved; exit as the signal would (130 / 143)
-        print(f"deepseekmoe {command}: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every rank stopped at that step, rank 0 says so
+            print(f"deepseekmoe {command}: {e}", file=sys.stderr)
         return e.exit_code
     _report(cfg, res, time.perf_counter() - t0)
     return 0

@@ -4,11 +4,15 @@
                 `train.divergence_factor` x its running minimum for `train.divergence_steps`
                 consecutive logged steps stops the run (DivergedError) naming the last checkpoint
                 whose weights still gave a loss below that, which is kept out of pruning meanwhile
-  StopSignals   SIGINT / SIGTERM (one process): the trainer finishes the current step, saves a
-                checkpoint and raises Interrupted, whose message is the exact resume command; the
-                command exits 128 + the signal number (130 / 143), as a shell reports the signal.
+  StopSignals   SIGINT / SIGTERM: the trainer finishes the current step, saves a checkpoint and
+                raises Interrupted, whose message is the exact resume command; the command exits
+                128 + the signal number (130 / 143), as a shell reports the signal. Under torchrun
+                each rank's "signal received" flag rides on the step's stats all-reduce, so every
+                rank stops after the same step and the DCP save is collective as usual.
                 A second signal acts as it would without the trainer (kill at once: the atomic
-                checkpoint writes never leave a torn checkpoint behind).
+                checkpoint writes never leave a torn checkpoint behind); not under torchrun, where
+                a cluster may signal each rank twice (directly and through the agent): there the
+                watchdog ends a rank that stays stuck, and the agent SIGKILLs 30 s after its SIGTERM.
   restartable   a run directory with a config.toml but no checkpoint (stopped before its first
                 save): `train --resume DIR` restarts it from step 0 with that config
   check_new_run_dir  a new run goes into a new or empty folder, never over a run or among
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.errors import ConfigError, UserError
+from deepseekmoe.parallel.launch import signalled
 
 # What a run directory holds (a new run refuses a folder holding anything else).
 RUN_FILES = {"config.toml", "metrics.jsonl", "checkpoints", "loss.png", "tensorboard"}
@@ -47,6 +52,18 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    @classmethod
+    def stopped(cls, signum: int | None, step: int, steps: int, ckpt: Path | None, run_dir: Path) -> Interrupted:
+        """The stop after `step` (checkpoint `ckpt`; None: nothing trained). `signum` None: this rank
+        got no signal, its peers did (SIGTERM, as torchrun or a cluster sends it to all ranks)."""
+        signum = signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        if ckpt is None:
+            return cls(signum, f"{name} received before step 1, nothing to save; restart with: deepseekmoe train "
+                               f"--resume {run_dir}")
+        return cls(signum, f"{name} received: stopped after step {step} of {steps}, checkpoint {ckpt} saved; "
+                           f"continue with: deepseekmoe train --resume {run_dir}")
 
 
 @dataclass
@@ -120,18 +137,25 @@ class Divergence:
 
 class StopSignals:
     """`with StopSignals(on) as stop:` ... `stop.received` is the first SIGINT/SIGTERM's number (or
-    None). Installed only in the main thread of a single process (`on`): under torchrun every rank
-    would have to agree on the step to stop at, so distributed runs keep the default handlers."""
+    None). Installed in the main thread only (and when `on`). The handler only records the signal
+    (and tells the distributed watchdog, which ends a rank that then stays stuck: parallel/launch.py);
+    the trainer decides when to stop. `second_kills`: a second signal restores the previous handlers
+    at once (kill at once); otherwise every signal is only recorded."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, on: bool = True):
+    def __init__(self, on: bool = True, second_kills: bool = True):
         self.on = on and threading.current_thread() is threading.main_thread()
+        self.second_kills = second_kills
         self.received: int | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            signalled(signum)
+        if not self.second_kills:
+            return
         for s, h in self._previous.items():  # a second signal: the default behaviour, at once
             signal.signal(s, h)
 
@@ -144,9 +168,6 @@ class StopSignals:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
-
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
 
 
 def restartable(run_dir: Path) -> bool:

@@ -125,6 +125,7 @@ class _Loop:
     last_ckpt: Path | None = None
     last_eval: tuple = (None, None)  # (val_loss, val_bpb)
     div: Divergence | None = None
+    stop: bool = False  # distributed: some rank got SIGINT / SIGTERM by this step (all ranks agree)
 
 
 class Trainer:
@@ -379,12 +380,12 @@ class Trainer:
         # index_put backward of the expert permutation accumulates in a varying order. Different
         # thread counts still differ in the last bits (other kernels split their sums by thread),
         # hence the warning at a resume with another count. No measurable cost on CPU; GPUs keep
-        # the fast kernels. SIGINT / SIGTERM stop the run at the end of a step (one process).
+        # the fast kernels. SIGINT / SIGTERM stop the run at the end of a step.
         previous = torch.are_deterministic_algorithms_enabled()
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         try:
-            with StopSignals(on=not self.rt.distributed) as self.stop:
+            with StopSignals(second_kills=not self.rt.distributed) as self.stop:
                 return self._run()
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -406,18 +407,14 @@ class Trainer:
         return self._finish(loop)
 
     def _stop_if_signalled(self, loop: _Loop) -> None:
-        """After SIGINT / SIGTERM: a checkpoint of this step (unless one was just saved), then
-        Interrupted carrying the resume command."""
-        if not self.stop.received:
+        """After SIGINT / SIGTERM: a checkpoint of this step (unless just saved), then Interrupted with the
+        resume command. Distributed: once any rank got one (`loop.stop`), so all save the same step."""
+        if not (loop.stop if self.rt.distributed else self.stop.received):
             return
-        if loop.step == 0 and loop.last_ckpt is None:  # nothing trained: --resume restarts the run
-            raise Interrupted(self.stop.received, f"{self.stop.name()} received before step 1, nothing to save; "
-                              f"restart with: deepseekmoe train --resume {self.run_dir}")
-        if loop.last_ckpt is None or loop.last_ckpt.name != ckpt_io.step_dir(self.run_dir, loop.step).name:
+        saved = loop.last_ckpt is not None and loop.last_ckpt.name == ckpt_io.step_dir(self.run_dir, loop.step).name
+        if loop.step > 0 and not saved:  # at step 0 nothing was trained: --resume restarts the run
             self._save(loop)
-        raise Interrupted(self.stop.received, f"{self.stop.name()} received: stopped after step {loop.step} of "
-                          f"{self.cfg.train.steps}, checkpoint {loop.last_ckpt} saved; continue with: "
-                          f"deepseekmoe train --resume {self.run_dir}")
+        raise Interrupted.stopped(self.stop.received, loop.step, self.cfg.train.steps, loop.last_ckpt, self.run_dir)
 
     def _start(self, loop: _Loop) -> None:
         """Restore the checkpoint when resuming; read the first batch, so that a bad one fails
@@ -482,8 +479,9 @@ class Trainer:
         lr = self.schedule.set(self.optimizer, loop.step)
         stats = self.stepper.run(self._step_batches())
         gnorm = self.rt.clip_grad_norm_(self.params, self.clip)
-        if self.rt.distributed:  # global means, so every rank takes the same finiteness decision
-            stats = StepStats.from_stacked(self.rt.mean(stats.stacked()))
+        if self.rt.distributed:  # global means, so every rank takes the same finiteness (and stop) decision
+            stacked, stop = self.rt.mean_and_any(stats.stacked(), self.stop.received is not None)
+            stats, loop.stop = StepStats.from_stacked(stacked), bool(stop)  # the one wait for the all-reduce
         finite = bool(torch.isfinite(stats.loss + gnorm))  # the one host sync per step
         loop.step += 1
         ntok = self.micro * self.accum * cfg.train.seq_len * self.rt.loader_world
@@ -589,8 +587,9 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: Path | None = N
     else:
         cls = Trainer
     trainer = cls(cfg, run_dir, resume, echo, restart)
-    # Distributed: a peer that dies ends this rank at once with one message (no hang).
-    with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None)):
+    # Distributed: a peer that dies ends this rank at once with one message (no hang); Interrupted passes.
+    with trainer.rt.guard(lambda: next(iter(reversed(ckpt_io.list_checkpoints(trainer.run_dir))), None),
+                          passthrough=(Interrupted,)):
         result = trainer.run()
         trainer.rt.close()
     return result
