@@ -124,6 +124,20 @@ def test_lora_sft_lowers_heldout_loss_writes_adapter_and_merged(work, capsys):
     explicit = completion("--model", adapter["base_model_name_or_path"], "--adapter", str(run / "adapter"))
     assert merged == unmerged == explicit
 
+    text = work[0] / "heldout.txt"
+    text.write_text("Which is a liquid? Water is a liquid at room temperature.\n" * 4)
+
+    def bits_per_byte(model_dir):
+        capsys.readouterr()
+        assert main(["eval", "--model", str(model_dir), "--lm-text", str(text), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["results"]
+
+    # eval on the run directory loads base + adapter (no merged/ now) and scores as the merged model
+    got, want = bits_per_byte(run), bits_per_byte(work[0] / "merged-aside")
+    assert got.keys() == want.keys()
+    flat = [(k, v) for k, v in _numbers(got)]
+    assert flat and all(abs(v - w) <= 1e-4 * max(1.0, abs(w)) for (_, v), (_, w) in zip(flat, _numbers(want)))
+
 
 def test_lora_under_bf16_autocast_keeps_the_base_in_bf16(work, capsys):
     """With autocast (bf16 on GPU, here forced on the CPU) a LoRA run keeps the frozen base in bf16
@@ -292,3 +306,12 @@ def test_data_parallel_sft_matches_one_process(work):
                 total, count = total + float(model(**b.model_kwargs()).lm_loss) * b.num_label_tokens, \
                     count + b.num_label_tokens
         assert total / count == pytest.approx(_val_losses(run)[-1][1], rel=1e-5)
+
+
+def _numbers(d, prefix=""):
+    """The numeric leaves of a JSON report, in order, with their dotted keys."""
+    if isinstance(d, dict):
+        return [x for k in sorted(d) for x in _numbers(d[k], f"{prefix}{k}.")]
+    if isinstance(d, list):
+        return [x for i, v in enumerate(d) for x in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix, float(d))] if isinstance(d, (int, float)) and not isinstance(d, bool) else []

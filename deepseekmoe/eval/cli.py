@@ -82,14 +82,16 @@ def open_model(args):
     """(model in eval mode, tokenizer, tokenizer directory, generation mode) from the model flags,
     through the loader `deepseekmoe generate` uses."""
     from deepseekmoe.checkpoint import hf
+    from deepseekmoe.checkpoint.finetuned import finetuned_model
     from deepseekmoe.inference.cli import load_for_inference
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    _, model_dir = hf.find_checkpoint(args.model)
+    found = finetuned_model(args.model)  # a LoRA fine-tuning run: its merged model, or base + adapter
+    model_dir, adapter = found or (hf.find_checkpoint(args.model)[1], None)
     ns = argparse.Namespace(model=str(model_dir), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                             expert_backend=args.expert_backend, mode="auto", max_new_tokens=1, temperature=0.0,
-                            top_k=0, top_p=1.0)
+                            top_k=0, top_p=1.0, adapter=str(adapter) if adapter else None)
     model, tok, mode = load_for_inference(ns)
     return model, tok, Path(args.tokenizer) if args.tokenizer else model_dir, mode
 

@@ -91,7 +91,7 @@ def load_for_inference(args):
     dtype = parse_dtype(args.dtype, "--dtype")  # any spelling: the lm-eval adapter passes torch names too
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # CPU bf16 matmuls are slow and lose digits
-    from deepseekmoe.train.sft import finetuned_model
+    from deepseekmoe.checkpoint.finetuned import finetuned_model
 
     adapter = getattr(args, "adapter", None)  # eval and the lm-eval adapter pass no --adapter
     found = None if adapter else finetuned_model(args.model)  # a LoRA fine-tuning run directory

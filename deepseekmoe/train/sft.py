@@ -28,7 +28,8 @@ A fine-tuned run directory:
     adapter/     LoRA runs: adapter_config.json + adapter_model.safetensors (PEFT)
     merged/      LoRA runs with lora.merge=true: the merged model, released format
 
-`finetuned_model(path)` says what `generate` / `chat --model RUN` load from such a directory.
+`checkpoint/finetuned.py:finetuned_model(path)` says what `generate` / `chat` / `eval --model RUN` load from
+such a directory.
 The `deepseekmoe sft` command (train/cli.py: add_sft_arguments, run_sft) is reached through this
 module's `add_arguments` / `run`.
 """
@@ -46,6 +47,7 @@ import torch
 
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.checkpoint.files import atomic_directory, prune, write_failure
+from deepseekmoe.checkpoint.finetuned import ADAPTER_DIR, MERGED_DIR
 from deepseekmoe.errors import CheckpointError, ConfigError, DataError
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.transformer import Transformer
@@ -53,8 +55,6 @@ from deepseekmoe.train.cli import add_sft_arguments as add_arguments  # noqa: F4
 from deepseekmoe.train.cli import run_sft as run  # noqa: F401
 from deepseekmoe.train.trainer import Trainer
 
-ADAPTER_DIR = "adapter"
-MERGED_DIR = "merged"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
@@ -104,31 +104,6 @@ def lora_config(cfg):
     return LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets), experts=lo.experts,
                       shared_experts=lo.shared_experts, train_embeddings=lo.train_embeddings,
                       train_router=lo.train_router)
-
-
-# ---------------------------------------------------------------------- what generate / chat load
-def finetuned_model(path: str | Path) -> tuple[Path, Path | None] | None:
-    """For a fine-tuned LoRA run directory: (model directory, adapter directory or None) to load,
-    the merged model when the run wrote one, else the base and the run's adapter. None for any
-    other path (a model directory, a full fine-tuning or pretraining run: find_checkpoint's)."""
-    run_dir = Path(path)
-    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        return None
-    if (run_dir / MERGED_DIR / "config.json").is_file():
-        return run_dir / MERGED_DIR, None
-    base = _adapter_base(run_dir / ADAPTER_DIR)
-    if base is None or not base.exists():
-        raise CheckpointError(f"{run_dir}: its adapter's base model {base} is gone; load the base with --model BASE "
-                              f"--adapter {run_dir / ADAPTER_DIR}")
-    return base, run_dir / ADAPTER_DIR
-
-
-def _adapter_base(adapter: Path) -> Path | None:
-    try:
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(base) if base else None
 
 
 # ---------------------------------------------------------------------- the trainer
