@@ -45,6 +45,14 @@ FIXTURES = {
     "RECIPES": "a directory holding a.toml (a recipe)",
     "BADTOML": "a .toml recipe that is not valid TOML",
     "FILE": "an existing plain file",
+    "CHAT": "chat.jsonl, eight one-turn chat records",
+    "NOASSIST": "a .jsonl record with a user turn and no assistant turn",
+    "BADROLE": "a .jsonl record whose first message has the role \"usr\"",
+    "LONGCHAT": "a .jsonl record of about 300 tokens (MODEL's context is 96)",
+    "SYSCHAT": "a .jsonl record with a system message",
+    "BADJINJA": "a chat template file that is not valid Jinja",
+    "RAISEJINJA": "a chat template that raises on system messages (raise_exception)",
+    "ADAPTER": "a LoRA adapter (PEFT format) made for a model of hidden size 48",
 }
 
 
@@ -151,6 +159,32 @@ CASES = [
     Case("convert {BADTYPE} {OUT}", "hidden_size='big': must be a positive integer"),
     Case("convert {MODEL} {FILE}/sub", "file is a file, not a folder"),
     Case("convert {MODEL} {OUT} --dtype int8", "argument --dtype: invalid choice: 'int8'"),
+    # sft
+    Case("sft --data {CHAT} --out {OUT}", "deepseekmoe sft needs a base model: --model DIR|RUN"),
+    Case("sft --model {CORPUS}/missing --data {CHAT} --out {OUT}", "missing: no such checkpoint directory"),
+    Case("sft --model {MODEL} --out {OUT}", "sft.data is empty: give the record files to fine-tune on"),
+    Case("sft --model {MODEL} --data {CORPUS} --out {OUT}", "corpus.txt: text files hold no chat records"),
+    Case("sft --model {MODEL} --data {FILE} --out {OUT}", "file: unsupported file type for chat records"),
+    Case("sft --model {MODEL} --data {CHAT}/missing.jsonl --out {OUT}", "missing.jsonl: no such file or directory"),
+    Case("sft --model {MODEL} --data {NOASSIST} --out {OUT}", "line 1: no assistant turn, so nothing to learn from"),
+    Case("sft --model {MODEL} --data {BADROLE} --out {OUT}", "message 0 has role 'usr' (did you mean 'user'?)"),
+    Case("sft --model {MODEL} --data {LONGCHAT} --out {OUT} --sft.overlong=drop",
+         "no training conversation left (train: 1 records -> 0 conversations kept (0 truncated), dropped: 1 longer "
+         "than seq_len=96"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --sft.template=nope", "template 'nope': choose one of"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --sft.template=jinja:{BADJINJA}",
+         "the chat template is not valid Jinja (line 1"),
+    Case("sft --model {MODEL} --data {SYSCHAT} --out {OUT} --sft.template=jinja:{RAISEJINJA}",
+         "does not render this conversation: TemplateError: system messages are not supported"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --sft.overlong=cut", "sft.overlong='cut': must be one of"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --lora --lora.r=0", "lora.r=0: the rank must be a positive"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --lora --lora.targets=[qq_proj,v_proj]",
+         "lora.targets: 'qq_proj' is not a module LoRA can adapt"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --parallel.pp=2", "fine-tuning does not run pipeline parallel"),
+    Case("sft --model {MODEL} --data {CHAT} --out {OUT} --sft.val_fraction=2", "sft.val_fraction=2.0: must be"),
+    Case("generate --model {MODEL} --adapter {ADAPTER} --prompt hi", "the adapter was made for another base model"),
+    Case("generate --model {MODEL} --adapter {EMPTYDIR} --prompt hi", "emptydir: not a LoRA adapter directory"),
+    Case("chat --model {MODEL} --adapter {ADAPTER}", "has shape [4, 48], this model needs [4, 32]", stdin=b"hi\n"),
     # eval / analyze
     Case("eval --model {CORPUS}/missing", "missing: no such checkpoint directory"),
     Case("eval --model {TRUNC}", "model.safetensors: truncated or corrupted safetensors file"),
@@ -215,12 +249,38 @@ def env(tmp_path_factory) -> dict[str, str]:
     (d / "recipes" / "a.toml").write_text("[train]\nsteps = 2\n")
     (d / "bad.toml").write_text("[train\nsteps = = 2\n")
     (d / "file").write_text("x")
+    _chat_fixtures(d)
     paths = {"MODEL": "model", "SMALL": "small", "TOK": "tok", "DATA": "data", "CORPUS": "corpus.txt",
              "CORPUS2": "corpus2.txt", "LATIN1": "latin1.txt", "EMPTY": "empty.txt", "EMPTYDIR": "emptydir",
              "BINARY": "binary", "TRUNC": "trunc", "GARBAGE": "garbage", "BADTYPE": "badtype", "LLAMA": "llama",
-             "STUFF": "stuff", "RECIPES": "recipes", "BADTOML": "bad.toml", "FILE": "file"}
+             "STUFF": "stuff", "RECIPES": "recipes", "BADTOML": "bad.toml", "FILE": "file", "CHAT": "chat.jsonl",
+             "NOASSIST": "noassist.jsonl", "BADROLE": "badrole.jsonl", "LONGCHAT": "long.jsonl",
+             "SYSCHAT": "sys.jsonl", "BADJINJA": "bad.jinja", "RAISEJINJA": "raise.jinja", "ADAPTER": "adapter48"}
     assert set(paths) == set(FIXTURES)
     return {k: str(d / v) for k, v in paths.items()}
+
+
+def _chat_fixtures(d: Path) -> None:
+    """The fine-tuning fixtures of FIXTURES (CHAT ... ADAPTER)."""
+    from deepseekmoe.model.lora import LoraConfig, apply_lora, save_adapter
+    from tests.helpers import tiny_model
+
+    def jsonl(name, *conversations):
+        (d / name).write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+
+    user, reply = ({"role": "user", "content": "Say it"}, {"role": "assistant", "content": "It."})
+    jsonl("chat.jsonl", *[[{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i}"}]
+                          for i in range(8)])
+    jsonl("noassist.jsonl", [user])
+    jsonl("badrole.jsonl", [{"role": "usr", "content": "hi"}, reply])
+    jsonl("long.jsonl", [{"role": "user", "content": "word " * 300}, reply])
+    jsonl("sys.jsonl", [{"role": "system", "content": "Be brief."}, user, reply])
+    (d / "bad.jinja").write_text("{% for m in messages %}{{ m.content }")
+    (d / "raise.jinja").write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('system "
+                                   "messages are not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    other = tiny_model(vocab=300, hidden_size=48)
+    apply_lora(other, LoraConfig(r=4, alpha=8.0, dropout=0.0), seed=0)
+    save_adapter(other, d / "adapter48")
 
 
 def _argv(case: Case, env: dict[str, str], out: Path) -> list[str]:

@@ -171,3 +171,11 @@ def test_bad_dtypes_name_the_field_and_the_choices(key, value, msg):
     with pytest.raises(ConfigError, match=msg):
         recipe.build(None, [(key, value)])
     assert recipe.build(None, [(key, "bfloat16")]) is not None
+
+
+def test_a_string_list_whose_quotes_the_shell_removed_still_parses():
+    for text in ('["q_proj", "v_proj"]', "[q_proj,v_proj]", "q_proj, v_proj"):
+        cfg = recipe.build(overrides=[("lora.targets", text)])
+        assert cfg.lora.targets == ["q_proj", "v_proj"], text
+    with pytest.raises(ConfigError, match=r"schedule.decay_at='soon': expected a list such as \[0.8, 0.9\]"):
+        recipe.build(overrides=[("schedule.decay_at", "soon")])

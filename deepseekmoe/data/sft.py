@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from deepseekmoe.data.chat import IGNORE_INDEX, Template, encode_conversation, get_template, normalize_record
-from deepseekmoe.data.readers import Source, _pyarrow, _Raw, _utf8_error, discover
+from deepseekmoe.data.readers import Source, _pyarrow, _Raw, _utf8_error, classify, discover
 from deepseekmoe.errors import ConfigError, DataError
 
 STATE_FORMAT = "deepseekmoe-sft-loader"
@@ -100,6 +100,9 @@ def collate(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], length: int
 
 
 # ---------------------------------------------------------------------- reading records
+RECORD_FORMATS = "give .jsonl (.gz/.xz), .parquet, .arrow, or a dataset saved with save_to_disk"
+
+
 def record_sources(inputs) -> list[Source]:
     """The record files named by `inputs` (files or directories; see the module docstring)."""
     if isinstance(inputs, (str, Path)):
@@ -110,11 +113,12 @@ def record_sources(inputs) -> list[Source]:
             splits = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
             raise DataError(f"{p}: a saved DatasetDict with splits {', '.join(splits)}; name one split "
                             f"directory, e.g. {p / (splits[0] if splits else 'train')}")
+        if p.is_file() and classify(p) is None:  # discover's message would list the pretraining text types
+            raise DataError(f"{p}: unsupported file type for chat records; {RECORD_FORMATS}")
     srcs = discover(inputs)
     for s in srcs:
         if s.kind not in RECORD_KINDS:
-            raise DataError(f"{s.path}: {s.kind} files hold no chat records; give .jsonl (.gz/.xz), .parquet, "
-                            "or a dataset saved with save_to_disk")
+            raise DataError(f"{s.path}: {s.kind} files hold no chat records; {RECORD_FORMATS}")
     return srcs
 
 
@@ -322,7 +326,7 @@ def build_sft_data(files, tokenizer, cfg: SFTDataConfig | None = None, *, val_fi
     if val_files:
         val = SFTDataset.from_conversations(iter_conversations(val_files), template, tokenizer, cfg, bos_id,
                                             eos_id, name="val")
-    elif cfg.val_fraction > 0:
+    elif cfg.val_fraction > 0 and len(train):  # nothing kept: the message below says why
         n = len(train)
         n_val = math.ceil(n * float(cfg.val_fraction))
         if n_val >= n:

@@ -185,12 +185,14 @@ def _hms(s: float) -> str:
 SFT_DEFAULTS = {"name": "sft", "optim": {"lr": 2e-5, "weight_decay": 0.0}, "schedule": {"kind": "cosine",
                 "warmup_steps": 10}, "sft": {"epochs": 2}, "eval": {"every": 0, "max_batches": 0},
                 "checkpoint": {"every": 0}, "sample": {"prompt": "Hello! Who are you?", "temperature": 0.0}}
+SFT_SEQ_LEN = 4096  # without a recipe: packed rows of the base's context, at most this long
 
 
 def add_sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default=None,
                    help="a TOML recipe (path, or a name in configs/ such as sft-16b-chat, sft-tiny); a .toml after "
-                        "--data is taken as the recipe too; default: AdamW at 2e-5, a cosine schedule, 2 epochs")
+                        "--data is taken as the recipe too; default: AdamW at 2e-5, a cosine schedule, 2 epochs, rows "
+                        "of the base's context up to 4096 tokens")
     p.add_argument("--model", default=None, metavar="DIR|RUN",
                    help="the base model: a released-format or native model directory, or a `deepseekmoe train` run "
                         "or checkpoint directory (= --sft.model)")
@@ -228,6 +230,12 @@ def run_sft(args) -> int:
         overrides.append(("lora.enabled", "true"))
     if "train.steps" in keys and "sft.epochs" not in keys:  # a step count asked for replaces the recipe's epochs
         overrides.append(("sft.epochs", "0"))
+    if args.model and not args.recipe and args.resume is None and "train.seq_len" not in keys:
+        from deepseekmoe.train.sft import base_model_config
+
+        # no recipe: rows of the base's context, up to 4K (the packed length chat fine-tuning usually takes)
+        context = base_model_config(args.model).max_position_embeddings
+        overrides.append(("train.seq_len", str(min(SFT_SEQ_LEN, context))))
     resume, restart = None, None
     if args.resume is not None:
         if args.model or args.data:

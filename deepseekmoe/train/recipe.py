@@ -382,8 +382,11 @@ def _coerce(key: str, value, typ):
             return str(value)
         raise ConfigError(f"{key}={value!r}: expected a string")
     if origin is list:
+        if isinstance(value, str) and args and args[0] is str:  # the shell ate the quotes: [a,b] or a,b
+            value = [w.strip() for w in value.strip().removeprefix("[").removesuffix("]").split(",") if w.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r}: expected a list such as [0.8, 0.9]")
+            example = '["q_proj", "v_proj"]' if args and args[0] is str else "[0.8, 0.9]"
+            raise ConfigError(f"{key}={value!r}: expected a list such as {example}")
         return [_coerce(key, v, args[0]) for v in value] if args else value
     if typ is dict or origin is dict:
         return value
