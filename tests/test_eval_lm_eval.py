@@ -157,3 +157,13 @@ def test_model_args_as_hf_takes_them(workdir):
         A.make_lm(pretrained=str(workdir / "hf"), parallelize=True)
     with pytest.raises(ConfigError, match="batch_size='big'"):
         A.make_lm(pretrained=str(workdir / "hf"), batch_size="big")
+
+
+def test_registering_ours_keeps_lm_evals_own_models():
+    # lm-eval fills its registry with hf, vllm, ... only when it finds it empty: ours must not be first alone
+    from lm_eval.api.registry import get_model
+
+    from deepseekmoe.eval.lm_eval_adapter import register
+
+    assert register() is get_model("deepseekmoe")
+    assert get_model("hf").__name__ == "HFLM"

@@ -207,6 +207,7 @@ def make_lm(**kwargs):
 def register(name: str = "deepseekmoe"):
     """Register the class under `name` in lm-eval's model registry (idempotent); return it."""
     cls = lm_eval_class()
+    import lm_eval.models  # noqa: F401 - lm-eval registers its own models (hf, ...) only into an empty registry
     from lm_eval.api import registry
 
     if name not in getattr(registry, "MODEL_REGISTRY", {}):
