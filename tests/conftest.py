@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
+
+
+def _kernels_for_the_interpreter() -> None:
+    """On a machine without CUDA the Triton kernels are tested under Triton's interpreter, which
+    must be chosen before triton is first imported, and transformers, lm-eval and torch.compile
+    import it too: so the kernels are imported here, once, with TRITON_INTERPRET=1, and the variable
+    is restored (other tests check the no-interpreter path). tests/test_kernels.py and
+    tests/test_lora_triton.py then run in this process whatever ran before them."""
+    if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import deepseekmoe.kernels.moe_kernels  # noqa: F401
+    finally:
+        if prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+_kernels_for_the_interpreter()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 # In process when triton is not imported yet, or when the kernels were already built for the
-# interpreter (tests/test_kernels.py imports them so, earlier in the same run).
+# interpreter (tests/conftest.py does that first on machines without CUDA).
 _built = sys.modules.get("deepseekmoe.kernels.moe_kernels")
 IN_PROCESS = ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
               or bool(getattr(_built, "INTERPRET", False)))

@@ -207,8 +207,12 @@ def make_lm(**kwargs):
 def register(name: str = "deepseekmoe"):
     """Register the class under `name` in lm-eval's model registry (idempotent); return it."""
     cls = lm_eval_class()
-    import lm_eval.models  # noqa: F401 - lm-eval registers its own models (hf, ...) only into an empty registry
     from lm_eval.api import registry
+
+    try:  # lm-eval fills its registry with its own models (hf, ...) only while it is empty: first theirs
+        import lm_eval.models  # noqa: F401
+    except ImportError:  # an lm-eval without that package: nothing of its own to keep
+        pass
 
     if name not in getattr(registry, "MODEL_REGISTRY", {}):
         registry.register_model(name)(cls)
