@@ -58,8 +58,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(of --out if given, else runs/<name>-*)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    # Dotted overrides are open-ended (every ModelConfig field), so they are split off before
-    # argparse sees the rest; their keys are checked in run(), where errors print as one line.
+    _take_overrides(p)
+
+
+def _take_overrides(p: argparse.ArgumentParser) -> None:
+    """Dotted overrides are open-ended (every ModelConfig field), so they are split off before
+    argparse sees the rest (into `args.overrides`); their keys are checked in run(), where errors
+    print as one line."""
     parse = p.parse_args
 
     def parse_args(args=None, namespace=None):
@@ -202,15 +207,6 @@ def add_sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning (= --lora.enabled)")
     _add_run_arguments(p)
     p.epilog = _key_listing((*SECTIONS, "sft", "lora"))
-    parse = p.parse_args
-
-    def parse_args(args=None, namespace=None):
-        rest, overrides = split_overrides(list(sys.argv[1:] if args is None else args))
-        ns = parse(rest, namespace)
-        ns.overrides = overrides
-        return ns
-
-    p.parse_args = parse_args
 
 
 def run_sft(args) -> int:
