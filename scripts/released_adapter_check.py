@@ -53,26 +53,31 @@ def ours(checkpoint: Path, adapter_dir: Path, ids_file: Path) -> None:
         torch.save({"ids": ids, "logits": model(ids).logits, "base_logits": base_model(ids).logits}, ids_file)
 
 
-def released(checkpoint: Path, code: Path, adapter_dir: Path, ids_file: Path, out_file: Path) -> None:
-    """The child's side: the released modeling code + PEFT on the same weights and adapter."""
+def import_released(code: Path, where: Path):
+    """(DeepseekConfig, DeepseekForCausalLM) of the released files in `code`. They import each other
+    relatively (as transformers' remote-code loader packs them), so they are loaded as a package of
+    their own, copied into the folder `where`."""
     import importlib
     import shutil
 
-    import peft
-    import torch
-    import transformers
-    from safetensors.torch import load_file
-
-    # The released files import each other relatively (as transformers' remote-code loader packs
-    # them): load them as a package of their own.
-    pkg = out_file.parent / "released_deepseek"
+    pkg = where / "released_deepseek"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
         shutil.copyfile(code / name, pkg / name)
     sys.path.insert(0, str(pkg.parent))
-    DeepseekConfig = importlib.import_module("released_deepseek.configuration_deepseek").DeepseekConfig
-    DeepseekForCausalLM = importlib.import_module("released_deepseek.modeling_deepseek").DeepseekForCausalLM
+    return (importlib.import_module("released_deepseek.configuration_deepseek").DeepseekConfig,
+            importlib.import_module("released_deepseek.modeling_deepseek").DeepseekForCausalLM)
+
+
+def released(checkpoint: Path, code: Path, adapter_dir: Path, ids_file: Path, out_file: Path) -> None:
+    """The child's side: the released modeling code + PEFT on the same weights and adapter."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    DeepseekConfig, DeepseekForCausalLM = import_released(code, out_file.parent)
 
     raw = json.loads((checkpoint / "config.json").read_text())
     cfg = DeepseekConfig(**{k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
