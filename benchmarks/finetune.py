@@ -154,13 +154,16 @@ def measure(run, steps: list, warmup: int, dev: torch.device) -> dict:
             attempts.append({**setting, "outcome": "ok"})
             return {**res, **setting, "attempts": attempts}
         except torch.cuda.OutOfMemoryError as e:
-            attempts.append({**setting, "outcome": f"out of memory: {str(e).splitlines()[0][:200]}"})
-            log(f"  out of memory with {setting}")
-            run.zero_grad()
-            gc.collect()
+            why = str(e).splitlines()[0][:200]
+        # Out here the exception's traceback, which holds the failed step's activations, is gone.
+        attempts.append({**setting, "outcome": f"out of memory: {why}"})
+        log(f"  out of memory with {setting}")
+        run.zero_grad()
+        gc.collect()
+        if dev.type == "cuda":
             torch.cuda.empty_cache()
-            if not run.shrink():
-                return {"status": "oom", "error": "out of memory in every setting", **setting, "attempts": attempts}
+        if not run.shrink():
+            return {"status": "oom", "error": "out of memory in every setting", **setting, "attempts": attempts}
 
 
 class Trainee:
@@ -506,6 +509,9 @@ def run_case(name: str, args, dev: torch.device) -> None:
     except Exception as e:  # noqa: BLE001 - one failing run must not hide the others
         case["ours"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         log(traceback.format_exc())
+    gc.collect()  # the failed run's tensors (held by its traceback until here) go before the child starts
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     log(f"{name}: ours {case['ours'].get('status')}, {case['ours'].get('tokens_per_s', 0):,.0f} tokens/s")
     save(args.out)
     if args.released:
