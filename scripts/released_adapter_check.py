@@ -12,7 +12,7 @@ Two processes, because the released modeling code does not import on current tra
 
 Runs on CPU in fp32 (the comparison is of the format and the arithmetic, not of speed):
 
-    pip download transformers==4.46.3 huggingface_hub==0.36.2 tokenizers==0.20.3 peft==0.13.2 \\
+    pip download transformers==4.46.3 huggingface_hub==0.36.2 tokenizers==0.20.3 peft==0.13.2 accelerate==1.1.1 \\
         --no-deps -d wheels/
     pip install --no-deps --target site446 wheels/*.whl
     python scripts/released_adapter_check.py --site site446 \\
