@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 import pytest
@@ -18,15 +17,10 @@ def _kernels_for_the_interpreter() -> None:
     tests/test_lora_triton.py then run in this process whatever ran before them."""
     if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
         return
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    from tests.helpers import triton_interpreter
+
+    with triton_interpreter():
         import deepseekmoe.kernels.moe_kernels  # noqa: F401
-    finally:
-        if prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
 
 
 _kernels_for_the_interpreter()

@@ -4,10 +4,15 @@
 `tiny_model` is the seeded, eval-mode tiny MoE most tests run on (a test passes only the fields
 its check depends on); `tiny_cfg` is the config of the gloo parallel tests. `rel_err` is the one
 relative-error measure the tolerances are stated in. `clean_name` / `full_tensor` read a
-parallelized model back as one process's model.
+parallelized model back as one process's model. `triton_interpreter` / `kernels_in_process` are the
+one rule for running the Triton kernels under Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
 
 import torch
 
@@ -51,3 +56,28 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """TRITON_INTERPRET=1 inside the block, the previous value (or none) after: the interpreter is
+    chosen when triton is imported and when a kernel is first called, while other tests check the
+    no-interpreter path."""
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+def kernels_in_process() -> bool:
+    """Whether this process can run the Triton kernels under the interpreter: triton is not imported
+    yet, or the kernels were built for it (tests/conftest.py does that first on machines without
+    CUDA). Else a kernel test module re-runs itself in a fresh process."""
+    built = sys.modules.get("deepseekmoe.kernels.moe_kernels")
+    return ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+            or bool(getattr(built, "INTERPRET", False)))

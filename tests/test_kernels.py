@@ -13,6 +13,7 @@ bf16 accuracy bound (~1e-2, no worse than grouped) is checked on the GPU by
 scripts/gpu_kernels_check.py.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,23 +21,13 @@ import sys
 import pytest
 import torch
 
-# In process when triton is not imported yet, or when the kernels were already built for the
-# interpreter (tests/conftest.py does that first on machines without CUDA).
-_built = sys.modules.get("deepseekmoe.kernels.moe_kernels")
-IN_PROCESS = ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-              or bool(getattr(_built, "INTERPRET", False)))
-_prev = os.environ.get("TRITON_INTERPRET")
-if IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+from tests.helpers import kernels_in_process, triton_interpreter
+
+IN_PROCESS = kernels_in_process()
+with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
     pytest.importorskip("triton")
     from deepseekmoe.kernels import moe_kernels as mk
     from deepseekmoe.kernels import moe_triton as mt
-finally:
-    if _prev is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
 
 from deepseekmoe import kernels  # noqa: E402
 from deepseekmoe.errors import ConfigError  # noqa: E402
@@ -52,13 +43,8 @@ needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported wi
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # the interpreter rewrites each kernel at its first call
-    yield
-    if prev is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = prev
+    with triton_interpreter():  # the interpreter rewrites each kernel at its first call
+        yield
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")

@@ -5,6 +5,7 @@ The interpreter must be chosen before triton is imported; as in tests/test_kerne
 sets TRITON_INTERPRET=1 first when it can, else re-runs itself in a fresh process.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,22 +13,12 @@ import sys
 import pytest
 import torch
 
-# In process when triton is not imported yet, or when the kernels were already built for the
-# interpreter (tests/conftest.py does that first on machines without CUDA).
-_built = sys.modules.get("deepseekmoe.kernels.moe_kernels")
-IN_PROCESS = ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-              or bool(getattr(_built, "INTERPRET", False)))
-_prev = os.environ.get("TRITON_INTERPRET")
-if IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+from tests.helpers import kernels_in_process, triton_interpreter
+
+IN_PROCESS = kernels_in_process()
+with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
     pytest.importorskip("triton")
     from deepseekmoe.kernels import moe_kernels as mk
-finally:
-    if _prev is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
 
 from deepseekmoe import kernels  # noqa: E402
 from deepseekmoe.model.lora import LoraConfig, apply_lora  # noqa: E402
@@ -41,13 +32,8 @@ needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported wi
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if prev is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = prev
+    with triton_interpreter():  # the interpreter rewrites each kernel at its first call
+        yield
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
