@@ -12,25 +12,30 @@ Measured (greedy, random prompts, median of --reps runs after a warm-up):
             `generate_ids` in --ours-mode (compile: torch.compile + CUDA graph, the project's fastest);
             the class: `model.generate` with its DynamicCache (eager) and with a static cache
             (cache_implementation="static", which transformers compiles on a GPU).
-Both sides must produce the same greedy tokens (checked and recorded). The released remote code
-(transformers 4.46.3, ../shared/reference/released-code) needs its own environment and is not run
-here; its figures on the H200 are in that folder's README. The table prints last; JSON is written
-after every phase.
+Both sides must produce the same greedy tokens (checked and recorded). With --site and --code, the
+released remote code (its own random bf16 weights, transformers 4.46.3 from --site, which it needs)
+runs the same prefill and decode figures in a child process after ours are freed: its own column,
+fewer new tokens (--released-tokens) and one timed repeat, since it decodes at a few tokens/s. The
+table prints last; JSON is written after every phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.checkpoint import hf  # noqa: E402
@@ -149,17 +154,86 @@ def phase_decode(args, cfg, ours, theirs, dev, B: int) -> None:
         RESULTS["errors"][f"decode_b{B}"] = "the class and deepseekmoe generate produced different tokens"
 
 
+# ------------------------------------------------------------------------------------ the released code
+def released_child(spec_file: Path, out_file: Path) -> int:
+    """Child process (transformers 4.46.3 first on its path): the released modeling code with its own
+    random bf16 weights, prefill and decode timed as above; writes its figures (or its error)."""
+    import importlib.util
+
+    spec = json.loads(spec_file.read_text())
+    dev = torch.device(spec["device"])
+    res: dict = {}
+    try:
+        # By file path: scripts/ is no package, and an installed one of that name would shadow it.
+        loader = importlib.util.spec_from_file_location("released_adapter_check",
+                                                        ROOT / "scripts" / "released_adapter_check.py")
+        check = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(check)
+        with tempfile.TemporaryDirectory() as where:
+            DeepseekConfig, DeepseekForCausalLM = check.import_released(Path(spec["code"]), Path(where))
+            cfg = DeepseekConfig(**{k: v for k, v in spec["hf_config"].items()
+                                    if k not in ("auto_map", "architectures")})
+            cfg._attn_implementation = "sdpa"
+            torch.set_default_dtype(torch.bfloat16)
+            with torch.device(dev):
+                model = DeepseekForCausalLM(cfg).eval()
+            torch.set_default_dtype(torch.float32)
+            import transformers
+
+            res["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
+            L, reps = spec["prompt_len"], spec["reps"]
+            ids = torch.randint(2, cfg.vocab_size, (1, L), device=dev)
+            with torch.no_grad():
+                res["prefill_tok_s"] = L / wall(lambda: model(ids, use_cache=True).logits[:, -1], dev, reps)
+            for B in spec["batches"]:
+                ids = torch.randint(2, cfg.vocab_size, (B, spec["decode_prompt"]), device=dev)
+                n = spec["new_tokens"]
+                t1 = wall(lambda x=ids: _hf_generate(model, x, 1, False), dev, reps)
+                tn = wall(lambda x=ids, k=n: _hf_generate(model, x, k, False), dev, reps)
+                res[f"decode_b{B}_tok_s"] = rate(B * (n - 1), t1, tn)
+    except Exception as e:  # noqa: BLE001 - the parent records it
+        res["error"] = f"{type(e).__name__}: {e}"
+        res["traceback"] = traceback.format_exc()[-3000:]
+    out_file.write_text(json.dumps(res, default=str))
+    return 0
+
+
+def phase_released(args, cfg, dev, batches: list[int]) -> None:
+    from deepseekmoe.checkpoint.hf import config_to_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        spec = {"hf_config": config_to_hf(cfg, torch.bfloat16), "device": str(dev),
+                "code": str(Path(args.code).resolve()), "prompt_len": args.prompt_len,
+                "decode_prompt": args.decode_prompt, "batches": batches,
+                "new_tokens": args.released_tokens, "reps": 1}
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(args.site).resolve()), str(ROOT)]))
+        r = subprocess.run([sys.executable, __file__, "--released-child", str(tmp / "spec.json"),
+                            str(tmp / "out.json")], env=env, capture_output=True, text=True)
+        out = json.loads((tmp / "out.json").read_text()) if (tmp / "out.json").is_file() else \
+            {"error": f"the child exited {r.returncode}: {r.stderr[-2000:]}"}
+    RESULTS["released"] = {"new_tokens": args.released_tokens, "reps": 1, **out}
+    if "error" in out:
+        RESULTS["errors"]["released"] = out["error"]
+    log("released code: " + ", ".join(f"{k} {v:,.1f}" for k, v in out.items() if isinstance(v, float)))
+
+
 def table() -> str:
-    lines = ["| figure | ours (deepseekmoe generate) | class, DynamicCache | class, static cache |",
-             "|---|---|---|---|"]
+    lines = ["| figure | ours (deepseekmoe generate) | class, DynamicCache | class, static cache "
+             "| released code (4.46.3) |", "|---|---|---|---|---|"]
+    rel = RESULTS.get("released", {})
+
+    def cell(v, fmt=",.1f"):
+        return format(v, fmt) if isinstance(v, float) else "-"
+
     p = RESULTS.get("prefill")
     if p:
         lines.append(f"| prefill {p['prompt']} tok/s (batch 1) | {p['ours_tok_s']:,.0f} | {p['class_tok_s']:,.0f} "
-                     "| - |")
+                     f"| - | {cell(rel.get('prefill_tok_s'), ',.0f')} |")
     for key, d in RESULTS.get("decode", {}).items():
-        cells = [f"{d[k]:,.1f}" if d.get(k) is not None else "-"
-                 for k in ("ours_tok_s", "class_dynamic_tok_s", "class_static_tok_s")]
-        lines.append(f"| decode {key} tok/s | " + " | ".join(cells) + " |")
+        cells = [cell(d.get(k)) for k in ("ours_tok_s", "class_dynamic_tok_s", "class_static_tok_s")]
+        lines.append(f"| decode {key} tok/s | " + " | ".join(cells) + f" | {cell(rel.get(f'decode_{key}_tok_s'))} |")
     return "\n".join(lines)
 
 
@@ -175,7 +249,19 @@ def main(argv=None) -> int:
     ap.add_argument("--ours-mode", default=None, choices=["eager", "cuda_graph", "compile"],
                     help="deepseekmoe generate's mode (default compile on a GPU, eager on CPU)")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache rows")
+    ap.add_argument("--site", default=None, help="folder holding transformers 4.46.3 + tokenizers 0.20 + "
+                    "huggingface_hub 0.36 (pip --target): runs the released column (needs --code)")
+    ap.add_argument("--code", default=None, help="the released remote-code folder (modeling_deepseek.py)")
+    ap.add_argument("--released-tokens", type=int, default=16, help="new tokens timed on the released code")
+    ap.add_argument("--released-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.released_child:
+        return released_child(Path(args.released_child[0]), Path(args.released_child[1]))
+    if (args.site is None) != (args.code is None):
+        ap.error("--site and --code go together (the released column needs both)")
+    for flag in ("site", "code"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
+            ap.error(f"--{flag} {getattr(args, flag)}: no such folder")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     t = args.tiny
     args.prompt_len = args.prompt_len or (32 if t else 2048)
@@ -202,6 +288,12 @@ def main(argv=None) -> int:
     save(args.json)
     for B in batches:
         phase_decode(args, cfg, ours, theirs, dev, B)
+        save(args.json)
+    if args.site:
+        del ours, theirs
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        phase_released(args, cfg, dev, batches)
         save(args.json)
     print(table())
     save(args.json)
