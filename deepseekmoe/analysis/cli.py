@@ -6,6 +6,8 @@
 
 Writes into --out (default runs/analyze-<time>/): routing.json + routing_load.png, and for each
 experiment fig4_redundancy / fig5_shared / fig6_topk .json + .png; prints a table for each.
+An experiment the model's architecture cannot run (Fig 5 on a model without shared experts) is
+skipped with one line and the others run; only when none of the chosen ones can run is it an error.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def run(args) -> int:
     data = None if args.text else lm.resolve_dataset(args.data)
     model, tok, tok_dir, mode = open_model(args)
     check_routed(model)
+    skipped = {n: r for n in chosen if (r := X.not_applicable(n, model))}
+    if len(skipped) == len(chosen):
+        raise ConfigError("nothing to run: " + "; ".join(f"{n}: {r}" for n, r in skipped.items()))
     limit = model.config.max_position_embeddings
     if args.seq_len is not None and args.seq_len > limit:
         raise ConfigError(f"--seq-len {args.seq_len}: beyond this model's context of {limit} tokens "
@@ -122,6 +127,9 @@ def run(args) -> int:
         b[0].shape[0] for b in batches), "seq_len": seq_len, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     written = []
     for name in chosen:
+        if name in skipped:  # the model lacks what the experiment acts on: one line, the others still run
+            print(f"{name}: skipped ({skipped[name]})\n")
+            continue
         if name == "routing":
             stats = routing_statistics(model, batches, tokenizer=tok, top_n=args.top_n)
             layer = args.layer if args.layer is not None else stats["layers"][-1]["layer"]

@@ -72,8 +72,9 @@ def shared_ablation(scorer, batches, to_bpb=None) -> dict:
     model = scorer.model
     check_routed(model)
     cfg = model.config
-    if not cfg.n_shared_experts:
-        raise ConfigError(f"model {cfg.name!r} has no shared experts: the Fig 5 ablation needs them")
+    reason = not_applicable("shared", model)
+    if reason:
+        raise ConfigError(reason)
     k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     settings = [("as trained", dict(), k, True)]
     if k + 1 <= E:
@@ -83,6 +84,16 @@ def shared_ablation(scorer, batches, to_bpb=None) -> dict:
             for label, kw, kk, sh in settings]
     return {"experiment": "shared", "figure": "Fig 5", "n_shared_experts": cfg.n_shared_experts, "top_k": k,
             "x": "setting", "rows": rows}
+
+
+def not_applicable(name: str, model) -> str | None:
+    """Why experiment `name` cannot run on this model's architecture (None: it can). A model
+    without shared experts has no Fig 5 ablation; that is a property of the model, not a bad flag,
+    so `deepseekmoe analyze` skips it with this reason and runs the other experiments."""
+    cfg = model.config
+    if name == "shared" and not cfg.n_shared_experts:
+        return f"model {cfg.name!r} has no shared experts: the Fig 5 ablation needs them"
+    return None
 
 
 def default_topk_values(model) -> list[int]:
