@@ -1,0 +1,134 @@
+"""The decode fast path's Triton kernels on the CPU, through Triton's interpreter, against their
+reference twins: the fused routed experts (deepseekmoe.kernels.decode_moe) against the `gather`
+backend and the `loop` reference, and the decode router (decode_router) against TopKRouter.
+
+Decode is inference only, so these are forward checks (the kernels have no backward). The
+interpreter rule (TRITON_INTERPRET=1 before triton is imported, else a fresh process) is the one
+of tests/test_kernels.py, from tests/helpers.py.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import kernels_in_process, triton_interpreter
+
+IN_PROCESS = kernels_in_process()
+with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
+    pytest.importorskip("triton")
+    from deepseekmoe.kernels import decode_moe as dm
+    from deepseekmoe.kernels import decode_router as dr
+
+from deepseekmoe.model.moe.experts import experts_gather, experts_loop  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
+                                  "test_in_subprocess runs this module in a fresh process")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    with triton_interpreter():
+        yield
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
+def test_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _inputs(T, K, E, D, F, seed=0, idx=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, F, generator=g) / F**0.5
+    if idx is None:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    return x.to(dtype), idx, w, w13.to(dtype), w2.to(dtype)
+
+
+@needs_interp
+@pytest.mark.parametrize("T,K,E,D,F", [
+    (1, 3, 8, 40, 24),    # batch 1: the GEMV path, D and F not multiples of the tiles
+    (2, 2, 5, 32, 16),    # GEMV path with two tokens
+    (5, 3, 6, 32, 48),    # the tl.dot path, tokens sharing experts
+    (19, 2, 4, 48, 32),   # more slots than experts: every expert read once for many tokens
+])
+def test_decode_experts_match_gather_and_loop(T, K, E, D, F):
+    assert dm.INTERPRET, "the kernels were jitted without TRITON_INTERPRET=1"
+    x, idx, w, w13, w2 = _inputs(T, K, E, D, F)
+    out = dm.decode_experts(x, idx, w, w13, w2)
+    assert out.shape == (T, D) and out.dtype == x.dtype
+    ref = experts_gather(x, idx, w, w13, w2)
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+    assert rel_err(out, experts_loop(x, idx, w, w13, w2)) < 1e-5
+    assert rel_err(dm.decode_experts_reference(x, idx, w, w13, w2), ref) == 0
+
+
+@needs_interp
+def test_decode_experts_every_token_on_one_expert_and_bf16():
+    x, _, w, w13, w2 = _inputs(6, 1, 4, 32, 16, seed=1)
+    idx = torch.full((6, 1), 3)
+    assert rel_err(dm.decode_experts(x, idx, w, w13, w2), experts_loop(x, idx, w, w13, w2)) < 1e-5
+    # bf16 in, fp32 accumulate: against the fp32 loop on the same bf16 values. (The interpreter
+    # truncates fp32 -> bf16 where the GPU rounds, hence the loose bound.)
+    x, idx, w, w13, w2 = _inputs(4, 2, 6, 32, 32, seed=2, dtype=torch.bfloat16)
+    out = dm.decode_experts(x, idx, w, w13, w2)
+    assert out.dtype == torch.bfloat16
+    ref = experts_loop(x.float(), idx, w, w13.float(), w2.float())
+    assert rel_err(out, ref) < 3e-2, rel_err(out, ref)
+
+
+@needs_interp
+def test_decode_experts_write_every_slot_once():
+    """Slot outputs are the per-slot gated expert outputs (no slot left unwritten, none summed twice)."""
+    T, K, E, D, F = 3, 2, 4, 32, 16
+    x, idx, w, w13, w2 = _inputs(T, K, E, D, F, seed=4)
+    y_SD = dm.decode_experts_op(x, idx, w, w13, w2)
+    for t in range(T):
+        for k in range(K):
+            e = idx[t, k]
+            h = x[t] @ w13[e].T
+            ref = w[t, k] * ((torch.nn.functional.silu(h[:F]) * h[F:]) @ w2[e].T)
+            assert rel_err(y_SD[t * K + k], ref) < 1e-5
+
+
+@needs_interp
+def test_decode_experts_refuses_prefill_sizes():
+    x, idx, w, w13, w2 = _inputs(dm.MAX_TOKENS + 1, 1, 2, 16, 16)
+    with pytest.raises(ValueError, match="at most"):
+        dm.decode_experts(x, idx, w, w13, w2)
+
+
+@needs_interp
+@pytest.mark.parametrize("T,E,D,k,normalize", [(1, 8, 40, 2, False), (5, 6, 32, 3, True), (3, 5, 16, 1, True),
+                                               (4, 64, 48, 6, False)])
+def test_decode_router_matches_reference_and_topk_router(T, E, D, k, normalize):
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, D, generator=g)
+    w_ED = torch.randn(E, D, generator=g)
+    idx, gate = dr.decode_router(x, w_ED, k, normalize)
+    ref_idx, ref_gate = dr.decode_router_reference(x, w_ED, k, normalize)
+    assert idx.dtype == torch.int64 and gate.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    assert rel_err(gate, ref_gate) < 1e-5
+    if normalize and k > 1:
+        assert torch.allclose(gate.sum(-1), torch.ones(T))
+    # the model's router: same ids and gate values
+    from deepseekmoe import ModelConfig
+    from deepseekmoe.model.moe.router import TopKRouter
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=D, n_routed_experts=E, num_experts_per_tok=k,
+                      norm_topk_prob=normalize, num_attention_heads=2, moe_intermediate_size=16)
+    router = TopKRouter(cfg)
+    router.weight.data.copy_(w_ED)
+    r = router(x)
+    assert torch.equal(idx, r.idx_TK) and rel_err(gate, r.w_TK) < 1e-5
