@@ -132,3 +132,107 @@ def test_decode_router_matches_reference_and_topk_router(T, E, D, k, normalize):
     router.weight.data.copy_(w_ED)
     r = router(x)
     assert torch.equal(idx, r.idx_TK) and rel_err(gate, r.w_TK) < 1e-5
+
+
+# ---------------------------------------------------------------------- the Decoder's fused path
+def _decode_logits(model, backend, B=2, steps=4, mode="eager"):
+    from deepseekmoe.inference.generate import Decoder
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=g)
+    pad = torch.tensor([0, 2][:B])
+    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend)
+    nxt = dec.prefill(ids, pad).argmax(-1)
+    out = []
+    for _ in range(steps):
+        logits = dec.step(nxt).clone()
+        out.append(logits)
+        nxt = logits.argmax(-1)
+    return torch.stack(out), dec
+
+
+@needs_interp
+@pytest.mark.parametrize("B", [1, 2])
+def test_fused_decode_steps_match_gather(B):
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    fused, dec = _decode_logits(model, "fused", B)
+    assert dec.decode_backend == "fused"
+    ref, _ = _decode_logits(model, "gather", B)
+    assert rel_err(fused, ref) < 1e-5, rel_err(fused, ref)
+    assert all("forward" not in m.__dict__ for m in model.moe_layers()), "the fused forward outlived its block"
+
+
+@needs_interp
+def test_fused_greedy_generation_equals_gather():
+    from deepseekmoe.inference.generate import generate_ids
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    prompts = [[0, 5, 9, 3], [0, 7], [0, 11, 12, 13, 14, 2]]
+    assert generate_ids(model, prompts, 6, decode_backend="fused") == generate_ids(model, prompts, 6,
+                                                                                    decode_backend="gather")
+
+
+@needs_interp
+def test_fused_path_honours_knobs_and_falls_back():
+    from deepseekmoe.inference.fast_path import fused_moe_path, layer_takes_fused
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    ids = torch.tensor([[0, 5, 9]])
+    model.set_routing(top_k=1, record=True)
+    ref = model(ids).logits
+    ref_ids = [m.last_routing.idx_TK for m in model.moe_layers()]
+    with torch.no_grad(), fused_moe_path(model):
+        got = model(ids).logits
+    assert rel_err(got, ref) < 1e-5
+    assert all(torch.equal(m.last_routing.idx_TK, r) for m, r in zip(model.moe_layers(), ref_ids))
+    model.set_routing(mask_top_fraction=0.25)
+    assert not any(layer_takes_fused(m) for m in model.moe_layers())  # the knob stays on the model's path
+    with torch.no_grad(), fused_moe_path(model):
+        assert rel_err(model(ids).logits, model(ids).logits) == 0
+
+
+@needs_interp
+def test_fused_step_traces_in_one_graph_without_recompiling():
+    """torch.compile(fullgraph=True) takes the patched forward and both custom ops in one graph, and
+    entering the block again (as every decode step does) does not retrace."""
+    from deepseekmoe.inference.fast_path import fused_moe_path
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    ids = torch.tensor([[0, 5, 9], [0, 3, 4]])
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda t: model(t).logits, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+        for _ in range(2):
+            with fused_moe_path(model):
+                got = fn(ids)
+    assert len(graphs) == 1
+    assert "decode_experts" in graphs[0].code and "decode_router" in graphs[0].code
+    assert rel_err(got, ref) < 1e-5
+
+
+@needs_interp
+def test_fused_backend_is_refused_where_it_cannot_run(monkeypatch):
+    from deepseekmoe.errors import ConfigError
+    from deepseekmoe.inference.generate import Decoder, default_decode_backend
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    assert default_decode_backend(model, 1, "compile") != "fused"  # CPU stays on the readable path
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        Decoder(model, 1, 16, decode_backend="fused")
+    hashed = tiny_model(router="hash", n_shared_experts=0, num_experts_per_tok=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ConfigError, match="top-k router"):
+        Decoder(hashed, 1, 16, decode_backend="fused")

@@ -19,9 +19,12 @@ Design, for speed without surprises:
 - Modes: "eager"; "cuda_graph" (capture the step after one warm-up); "compile" (torch.compile
   the step with fullgraph=True, then capture it). On CPU the graph modes run the same step
   eagerly (compile still compiles).
-- The MoE backend used for decode steps can differ from prefill: compiled steps with few token
-  slots (batch x top-k <= E) use "gather" (read only the selected experts' weights, the gather
-  fused into the reduction); otherwise the model's own backend ("grouped").
+- The MoE path of decode steps can differ from prefill's. On a CUDA GPU with triton, batches of
+  up to 64 rows take "fused" (inference/fast_path.py: the router and the routed experts as two
+  Triton kernels per layer that read only the selected experts' weights; graph- and
+  compile-safe). Elsewhere compiled steps with few token slots (batch x top-k <= E) use
+  "gather" (the gather fused into the reduction), and the rest the model's own backend
+  ("grouped"). CPU stays on the readable path.
 
 The 16b-chat template: bos, then "User: {msg}\\n\\n", "Assistant: {reply}<eos>" per turn, and
 "Assistant:" to prompt the reply (a system message is its content followed by "\\n\\n").
@@ -98,14 +101,34 @@ def expert_backend(model, name: str | None):
             e.backend = b
 
 
+@contextlib.contextmanager
+def decode_path(model, name: str | None):
+    """The MoE path of a decode step: "fused" (the decode kernels, inference/fast_path.py), else
+    the routed-expert backend `name` (None: the model's own)."""
+    if name == "fused":
+        from deepseekmoe.inference.fast_path import fused_moe_path
+
+        with fused_moe_path(model):
+            yield
+    else:
+        with expert_backend(model, name):
+            yield
+
+
 def default_decode_backend(model, batch_size: int, mode: str = "eager") -> str | None:
-    """'gather' for compiled decode steps that touch few experts, else the model's own backend.
+    """'fused' on a CUDA GPU with the decode kernels (batch <= 64, a learned top-k router);
+    otherwise 'gather' for compiled decode steps that touch few experts, else the model's own backend.
 
     Compiled, `gather` fuses the weight gather into its reduction and reads only the selected
     experts (measured on an H100 at batch 1: 263 tok/s vs 138 for grouped + CUDA graph). Uncompiled
     it copies the selected weights first, which loses to grouped_mm (127 vs 138 tok/s at batch 1,
     294 vs 613 at batch 8), so eager and plain CUDA-graph steps keep the model's backend."""
     cfg = model.config
+    if model.embed_tokens.weight.device.type == "cuda":
+        from deepseekmoe.inference.fast_path import fused_unavailable_reason
+
+        if fused_unavailable_reason(model, batch_size) is None:
+            return "fused"
     if mode != "compile" or not cfg.n_routed_experts or cfg.router == "hash":
         return None
     return "gather" if batch_size * cfg.num_experts_per_tok <= cfg.n_routed_experts else None
@@ -129,6 +152,12 @@ class Decoder:
         self.slot_S = torch.arange(max_len, device=dev)
         self.decode_backend = (default_decode_backend(model, batch_size, mode) if decode_backend == "default"
                                else decode_backend)
+        if self.decode_backend == "fused":
+            from deepseekmoe.inference.fast_path import fused_unavailable_reason
+
+            reason = fused_unavailable_reason(model, batch_size)
+            if reason:
+                raise ConfigError(f"decode_backend='fused' is not usable here: {reason}; use 'gather' or None")
         self.use_graph = mode != "eager" and dev.type == "cuda"
         self._fn = self._step
         if mode == "compile":
@@ -165,7 +194,7 @@ class Decoder:
         """Feed one token per row; return next-token logits [B, V] fp32 (a static buffer in graph
         modes: read it before the next step)."""
         self.tokens_B1.copy_(tokens_B.view(-1, 1))
-        with expert_backend(self.model, self.decode_backend):
+        with decode_path(self.model, self.decode_backend):
             if not self.use_graph:
                 return self._fn()
             if self.graph is None:
