@@ -74,6 +74,15 @@ def test_decode_experts_match_gather_and_loop(T, K, E, D, F):
 
 
 @needs_interp
+def test_decode_experts_shared_experts_on_the_slot_grid():
+    """Fewer slots than experts (programs are slots) while tokens share experts, on both paths."""
+    for idx in ([[0, 1], [1, 2], [0, 2]], [[3, 1], [1, 3]]):  # 3 tokens: tl.dot; 2 tokens: GEMV
+        idx = torch.tensor(idx)
+        x, _, w, w13, w2 = _inputs(idx.shape[0], 2, 8, 32, 16, seed=5)
+        assert rel_err(dm.decode_experts(x, idx, w, w13, w2), experts_loop(x, idx, w, w13, w2)) < 1e-5
+
+
+@needs_interp
 def test_decode_experts_every_token_on_one_expert_and_bf16():
     x, _, w, w13, w2 = _inputs(6, 1, 4, 32, 16, seed=1)
     idx = torch.full((6, 1), 3)

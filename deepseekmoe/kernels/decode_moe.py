@@ -11,11 +11,12 @@ call that needs a gradient raises).
 Two kernels, no sort, no host sync, fixed launch grids (CUDA-graph safe):
 
   gateup   grid (S slots, F blocks). The program of slot s is the expert's owner when no earlier
-           slot chose the same expert; the others exit at once. The owner finds every token that
-           chose its expert (a [T, K] compare), reads a [BLOCK_F, D] slice of that expert's gate
-           and up rows once, multiplies it by those tokens' rows (tl.dot for T >= 4, a broadcast
-           multiply-and-sum GEMV below that), and writes a = silu(g) * u for each of them in slot
-           order, in the compute dtype. So each activated expert is read once per step, however
+           slot chose the same expert; the others exit at once. (With more slots than experts,
+           S > E, the grid is (E, F blocks) instead: program e owns e when some slot chose it.)
+           The owner finds every token that chose its expert (a [T, K] compare), reads a
+           [BLOCK_F, D] slice of that expert's gate and up rows once, multiplies it by those
+           tokens' rows (tl.dot for T >= 3, a broadcast multiply-and-sum GEMV below that), and
+           writes a = silu(g) * u for each of them in slot order, in the compute dtype. So each activated expert is read once per step, however
            many tokens share it.
   down     grid (S slots, D blocks), same ownership: y_slot = w_tk * (a_slot @ W2_e^T) in fp32,
            written to each slot's own row (no atomics: deterministic). The K slots of a token are
@@ -59,13 +60,20 @@ def _mm(a, b_t, acc, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2: tl.constexpr, BLOCK_M: tl.constexpr,
-                  K_P2: tl.constexpr):
-    """Slot s's expert e, whether s owns it (first slot choosing e), and per token m: chose e,
-    the slot (m*K + k) where it did, and that slot's gate value."""
-    e = tl.load(idx_ptr + s)
+                  K_P2: tl.constexpr, BY_EXPERT: tl.constexpr):
+    """Program s's expert e and whether it owns it, and per token m: chose e, the slot (m*K + k)
+    where it did, and that slot's gate value. Programs are slots (e = the slot's expert, owner =
+    no earlier slot chose e) or, with BY_EXPERT (more slots than experts), experts (e = s, owner =
+    some slot chose e)."""
     offs_s = tl.arange(0, S_P2)
-    before = tl.load(idx_ptr + offs_s, mask=offs_s < s, other=-1)
-    owner = tl.sum((before == e).to(tl.int32), 0) == 0
+    if BY_EXPERT:
+        e = s.to(tl.int64)
+        chosen = tl.load(idx_ptr + offs_s, mask=offs_s < T * K_TOP, other=-1)
+        owner = tl.sum((chosen == e).to(tl.int32), 0) > 0
+    else:
+        e = tl.load(idx_ptr + s).to(tl.int64)
+        before = tl.load(idx_ptr + offs_s, mask=offs_s < s, other=-1)
+        owner = tl.sum((before == e).to(tl.int32), 0) == 0
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, K_P2)
     mk = (offs_m[:, None] < T) & (offs_k[None, :] < K_TOP)
@@ -81,10 +89,10 @@ def _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2: tl.constexpr, BLOCK_M: tl.c
 @triton.jit
 def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
                    S_P2: tl.constexpr, BLOCK_M: tl.constexpr, K_P2: tl.constexpr, USE_DOT: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+                   PREC: tl.constexpr, BY_EXPERT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
     """a[slot(m)] = silu(x_m W1_e^T) * (x_m W3_e^T) for the F block, every token m that chose e."""
     s = tl.program_id(0)
-    e, owner, offs_m, chose_m, slot_m, _ = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2)
+    e, owner, offs_m, chose_m, slot_m, _ = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2, BY_EXPERT)
     if owner:
         offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = offs_f < F
@@ -110,10 +118,11 @@ def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
 @triton.jit
 def _decode_down(a_ptr, w2_ptr, idx_ptr, w_ptr, y_ptr, T, D, F, K_TOP,
                  S_P2: tl.constexpr, BLOCK_M: tl.constexpr, K_P2: tl.constexpr, USE_DOT: tl.constexpr,
-                 PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                 PREC: tl.constexpr, BY_EXPERT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
     """y[slot(m)] = w_m * (a[slot(m)] @ W2_e^T) (fp32) for the D block, every token m that chose e."""
     s = tl.program_id(0)
-    e, owner, offs_m, chose_m, slot_m, gate_m = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2)
+    e, owner, offs_m, chose_m, slot_m, gate_m = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2,
+                                                              BY_EXPERT)
     if owner:
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -140,7 +149,7 @@ GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (16, 256, 4, 3), (16, 512, 4, 2), (3
                     (64, 128, 8, 3))
 DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3),
                   (16, 512, 4, 2))
-_KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC"]
+_KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC", "BY_EXPERT"]
 _RAW = {"gateup": _decode_gateup, "down": _decode_down}
 _TUNED = {} if INTERPRET else {"gateup": triton.autotune(GATEUP_CFGS, key=_KEY)(_decode_gateup),
                                "down": triton.autotune(DOWN_CFGS, key=_KEY)(_decode_down)}
@@ -177,15 +186,17 @@ def decode_experts_impl(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     if S == 0:
         return torch.zeros(0, D, dtype=torch.float32, device=x_TD.device), x_TD.new_empty(0, F_)
     BLOCK_M, use_dot = token_tile(T)
+    by_expert = S > E
+    n_prog = E if by_expert else S
     meta = dict(S_P2=triton.next_power_of_2(S), BLOCK_M=BLOCK_M, K_P2=triton.next_power_of_2(K),
-                USE_DOT=use_dot, PREC="ieee" if x_TD.dtype == torch.float32 else "tf32")
+                USE_DOT=use_dot, PREC="ieee" if x_TD.dtype == torch.float32 else "tf32", BY_EXPERT=by_expert)
     x_TD, idx_TK, w_TK = x_TD.contiguous(), idx_TK.contiguous(), w_TK.float().contiguous()
     w13, w2 = w13_E2FD.to(x_TD.dtype).contiguous(), w2_EDF.to(x_TD.dtype).contiguous()
     a_SF = x_TD.new_empty(S, F_)
-    _launch("gateup", lambda m: (S, triton.cdiv(F_, m["BLOCK_F"])),
+    _launch("gateup", lambda m: (n_prog, triton.cdiv(F_, m["BLOCK_F"])),
             (x_TD, w13, idx_TK, w_TK, a_SF, T, D, F_, K), meta)
     y_SD = torch.empty(S, D, dtype=torch.float32, device=x_TD.device)
-    _launch("down", lambda m: (S, triton.cdiv(D, m["BLOCK_D"])),
+    _launch("down", lambda m: (n_prog, triton.cdiv(D, m["BLOCK_D"])),
             (a_SF, w2, idx_TK, w_TK, y_SD, T, D, F_, K), meta)
     return y_SD, a_SF
 
