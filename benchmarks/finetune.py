@@ -17,8 +17,8 @@ Each case runs twice:
             experts' LoRA to grouped: deepseekmoe/model/moe/experts.py)
   released  in a child process with --site first on PYTHONPATH (transformers 4.46.3, huggingface_hub,
             tokenizers, peft 0.13.2): the released DeepseekForCausalLM (--code, imported as a package as
-            scripts/released_adapter_check.py does), sdpa attention, bf16 weights under bf16 autocast
-            (its MoE training path fails with fp32 weights under autocast); LoRA through PEFT
+            scripts/released_adapter_check.py does), sdpa attention, bf16 weights without autocast, as the released
+            script runs under DeepSpeed (its MoE training path fails under autocast on a GPU); LoRA through PEFT
             (target_modules q/k/v/o/gate/up/down_proj, modules_to_save embed_tokens, lm_head); the same
             conversations unpacked, one per row, right-padded (the script does not pack);
             `model(input_ids, attention_mask, labels)`
@@ -322,7 +322,10 @@ class Released(Trainee):
                 modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        self.amp = True  # the finetune script's bf16=True: autocast over bf16 weights, also on CPU
+        # The finetune script's bf16=True under DeepSpeed: bf16 weights and no autocast (DeepSpeed's engine
+        # runs the cast model as it is). Its MoE training path fails under autocast on a GPU (index_put
+        # of a bf16 expert output into an fp32 buffer), which is also why the HF Trainer alone cannot run it.
+        self.amp = False
         super().__init__(model, params, dev, spec["rows_per_forward"], False)
         if spec["activation_checkpointing"]:
             self.enable_ac()
@@ -331,8 +334,9 @@ class Released(Trainee):
 
         self.info = {"trainable_params": sum(p.numel() for p in params),
                      "total_params": sum(p.numel() for p in model.parameters()),
-                     "weights": "bf16, bf16 autocast (PEFT adapters fp32)" if spec["mode"] == "lora" else
-                                "bf16, bf16 autocast", "attention": "sdpa",
+                     "weights": "bf16, no autocast, as under DeepSpeed (PEFT adapters fp32)"
+                                if spec["mode"] == "lora" else "bf16, no autocast, as under DeepSpeed",
+                     "attention": "sdpa",
                      "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
                                   "torch": torch.__version__}}
 
