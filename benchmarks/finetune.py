@@ -173,7 +173,7 @@ class Trainee:
     def __init__(self, model, params, dev, micro: int, ac: bool):
         self.model, self.params, self.dev, self.micro, self.ac = model, params, dev, micro, ac
         fused = dev.type == "cuda"
-        self.amp = dev.type == "cuda" or getattr(self, "amp", False)
+        self.amp = getattr(self, "amp", dev.type == "cuda")  # a subclass that set it keeps its choice
         self.opt = self.make_optimizer(fused)
 
     def make_optimizer(self, fused: bool):
