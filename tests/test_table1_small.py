@@ -39,6 +39,22 @@ def test_shrunk_models_keep_the_paper_proportions():
         assert act_ffn == 2 * ffn_params, c
     shape = lambda c: (c.n_shared_experts, c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size)
     assert shape(ds) == (1, 63, 7, 172) and shape(m1) == (1, 15, 1, 688) and shape(m2) == (1, 31, 3, 344)
+    # Table 2: GShard x1.5 activates 1.5 x GShard's expert parameters; Dense x16 holds (and activates)
+    # all 16 FFN widths of an MoE layer.
+    g15, d16 = _cfg("gshard-2.9b"), _cfg("dense-2b-x16")
+    assert g15.num_ffn_params(active=True) * 2 == gs.num_ffn_params(active=True) * 3
+    assert d16.num_ffn_params() == d16.num_ffn_params(active=True) == gs.num_ffn_params()
+    assert t1.parse_models("dense,gshard-x1.5,dense-x16") == ["dense-2b", "gshard-2.9b", "dense-2b-x16"]
+
+
+def test_shards_are_picked_by_number(tmp_path):
+    for i in (0, 1, 2, 10):
+        (tmp_path / f"train_{i:03d}.jsonl.xz").write_bytes(b"")
+    names = lambda spec: [p.name[6:9] for p in t1.parse_shards(spec, tmp_path)]
+    assert names("all") == ["000", "001", "002", "010"] and names("1-2") == ["001", "002"]
+    assert names("0,10") == ["000", "010"]
+    with pytest.raises(SystemExit, match="no train_"):
+        t1.parse_shards("5-9", tmp_path)
 
 
 @pytest.mark.timeout(300)
@@ -48,9 +64,10 @@ def test_smoke_run_writes_the_table(tmp_path):
                        timeout=280, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "table1_small.json").read_text())
-    assert set(res["rows"]) == {"dense-2b", "shared-m2"}
-    for row in res["rows"].values():
-        assert 0 < row["val_loss"] < 10 and row["step"] == 6
+    assert {(r["model"], r["seed"]) for r in res["runs"]} == {("dense-2b", 0), ("shared-m2", 0)}
+    for row in res["runs"]:
+        assert row["finished"] and 0 < row["val_loss"] < 10 and row["step"] == 6
+        assert row["tokens_per_active_param"] == pytest.approx(6 * 4 * 32 / row["active_params"])
     assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table1_small.py"), "--smoke", "--models", "moe-x",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -2,6 +2,8 @@
 
   plot_experiment(result, path)   Fig 4 / 6 as loss-against-setting lines, Fig 5 as bars
   plot_load(stats, path)          expert load per MoE layer as a heatmap (load / uniform share)
+  plot_training(runs, path)       every diagnosed run's curves (analysis/training.py) in one figure
+  plot_curves(curves, path)       validation-loss curves of many runs, coloured by model
 """
 
 from __future__ import annotations
@@ -78,4 +80,84 @@ def plot_load(stats: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("routed expert")
     fig.colorbar(im, ax=ax, label="load / uniform share")
     ax.set_title(title or f"expert load per layer ({stats['tokens']} tokens, top-{stats['top_k']} of {E})")
+    return _save(fig, Path(path))
+
+
+def _smooth(ys: list[float], w: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - w] if i >= w else 0.0)
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def _colours(labels):
+    """One colour per model (the label's part before the first '_'), in order of appearance."""
+    import matplotlib
+
+    models = list(dict.fromkeys(lb.split("_")[0] for lb in labels))
+    cmap = matplotlib.colormaps["tab10"]
+    return {lb: cmap(models.index(lb.split("_")[0]) % 10) for lb in labels}
+
+
+def plot_training(runs: dict, path: str | Path, title: str = "") -> Path:
+    """Six panels over steps, one line per run (label -> train_with_diagnostics result): training
+    LM loss (moving mean), validation loss, max/mean expert load and dead experts (worst / summed
+    over MoE layers), router entropy / log E, and the router's balance / LM gradient-norm ratio."""
+    fig = _figure(13, 7.5)
+    axes = [fig.add_subplot(2, 3, i + 1) for i in range(6)]
+    col = _colours(list(runs))
+    for label, r in runs.items():
+        kw = dict(color=col[label], lw=0.9, alpha=0.85, label=label)
+        tr = r["train"]
+        w = max(1, len(tr) // 40)
+        axes[0].plot([t["step"] for t in tr], _smooth([t["lm_loss"] for t in tr], w), **kw)
+        axes[1].plot([e["step"] for e in r["eval"]], [e["val_loss"] for e in r["eval"]], marker=".", **kw)
+        pr = r["probes"]
+        if not pr:
+            continue
+        s = [p["step"] for p in pr]
+        axes[2].plot(s, [max(L["max_over_mean"] for L in p["layers"]) for p in pr], **kw)
+        axes[3].plot(s, [sum(L["dead"] for L in p["layers"]) for p in pr], **kw)
+        ent = [[L["router_entropy"] for L in p["layers"] if L["router_entropy"] is not None] for p in pr]
+        if all(ent):
+            axes[4].plot(s, [sum(e) / len(e) for e in ent], **kw)
+        ratio = [[L["grad_bal_router"] / L["grad_lm_router"] for L in p["layers"] if L.get("grad_lm_router")]
+                 for p in pr]
+        if all(ratio):
+            axes[5].plot(s, [sum(x) / len(x) for x in ratio], **kw)
+    names = ["training LM loss (moving mean)", "validation loss", "expert load max/mean (worst layer)",
+             "dead experts (all layers)", "router entropy / log E (mean of layers)",
+             "|grad balance| / |grad LM| on the router"]
+    for ax, name in zip(axes, names):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[5].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(labels) <= 24:
+        axes[1].legend(handles, labels, fontsize=5, ncol=2)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, Path(path))
+
+
+def plot_curves(curves: dict, path: str | Path, title: str = "", ylabel: str = "validation loss (nats/token)"
+                ) -> Path:
+    """curves: label -> [(step, value), ...]; one colour per model (label before the first '_')."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    col = _colours(list(curves))
+    seen = set()
+    for label, pts in curves.items():
+        model = label.split("_")[0]
+        xs, ys = zip(*pts) if pts else ((), ())
+        ax.plot(xs, ys, color=col[label], lw=1, marker=".", ms=3, label=None if model in seen else model)
+        seen.add(model)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, Path(path))
