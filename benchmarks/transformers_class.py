@@ -10,7 +10,9 @@ Measured (greedy, random prompts, median of --reps runs after a warm-up):
   decode    at each --batches size, tokens/s of the decode steps alone: B * (N - 1) / (t(N) - t(1)),
             t(n) the wall time of generating n new tokens after a --decode-prompt token prompt. Ours:
             `generate_ids` in --ours-mode (compile: torch.compile + CUDA graph, the project's fastest);
-            the class: `model.generate` with its DynamicCache (eager) and with a static cache
+            the class: `model.generate` as users call it (on a GPU: its fast path, this project's
+            decoder over the class's modules), and transformers' own generate loop on the class
+            (fast_generate=False) with a DynamicCache (eager) and with a static cache
             (cache_implementation="static", which transformers compiles on a GPU).
 Both sides must produce the same greedy tokens (checked and recorded). With --site and --code, the
 released remote code (its own random bf16 weights, transformers 4.46.3 from --site, which it needs)
@@ -136,9 +138,14 @@ def phase_decode(args, cfg, ours, theirs, dev, B: int) -> None:
     row["ours_tok_s"] = rate(B * (N - 1), wall(lambda: ours_gen(1), dev, args.reps),
                              wall(lambda: ours_gen(N), dev, args.reps))
     want = ours_gen(N)
-    for name, static in (("class_dynamic", False), ("class_static", True)):
+    # class: model.generate as users call it (on a GPU its fast path, the project's decoder:
+    # fast_generate.py); class_hf_*: transformers' own generate loop (fast_generate=False) with a
+    # DynamicCache (eager) and a static cache (which transformers compiles on a GPU).
+    for name, static, fast in (("class", False, "auto"), ("class_hf_dynamic", False, False),
+                               ("class_hf_static", True, False)):
         if static and args.no_static:
             continue
+        theirs.fast_generate = fast
         try:
             row[f"{name}_tok_s"] = rate(B * (N - 1), wall(lambda s=static: _hf_generate(theirs, ids, 1, s), dev,
                                                           args.reps),
@@ -147,6 +154,8 @@ def phase_decode(args, cfg, ours, theirs, dev, B: int) -> None:
         except Exception as e:  # noqa: BLE001 - record and go on with the other rows
             RESULTS["errors"][f"decode_b{B}_{name}"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+        finally:
+            theirs.fast_generate = "auto"
     RESULTS.setdefault("decode", {})[f"b{B}"] = {"prompt": P, "new_tokens": N, **row}
     log(f"decode batch {B}: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in row.items()))
@@ -220,8 +229,9 @@ def phase_released(args, cfg, dev, batches: list[int]) -> None:
 
 
 def table() -> str:
-    lines = ["| figure | ours (deepseekmoe generate) | class, DynamicCache | class, static cache "
-             "| released code (4.46.3) |", "|---|---|---|---|---|"]
+    lines = ["| figure | ours (deepseekmoe generate) | class (model.generate) | class, transformers loop, "
+             "DynamicCache | class, transformers loop, static cache | released code (4.46.3) |",
+             "|---|---|---|---|---|---|"]
     rel = RESULTS.get("released", {})
 
     def cell(v, fmt=",.1f"):
@@ -230,9 +240,10 @@ def table() -> str:
     p = RESULTS.get("prefill")
     if p:
         lines.append(f"| prefill {p['prompt']} tok/s (batch 1) | {p['ours_tok_s']:,.0f} | {p['class_tok_s']:,.0f} "
-                     f"| - | {cell(rel.get('prefill_tok_s'), ',.0f')} |")
+                     f"| - | - | {cell(rel.get('prefill_tok_s'), ',.0f')} |")
     for key, d in RESULTS.get("decode", {}).items():
-        cells = [cell(d.get(k)) for k in ("ours_tok_s", "class_dynamic_tok_s", "class_static_tok_s")]
+        cells = [cell(d.get(k)) for k in ("ours_tok_s", "class_tok_s", "class_hf_dynamic_tok_s",
+                                             "class_hf_static_tok_s")]
         lines.append(f"| decode {key} tok/s | " + " | ".join(cells) + f" | {cell(rel.get(f'decode_{key}_tok_s'))} |")
     return "\n".join(lines)
 

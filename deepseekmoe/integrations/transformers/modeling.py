@@ -295,6 +295,17 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         """This model's config as the project's ModelConfig."""
         return self.model.model_config
 
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """transformers' generate; calls the project's decoder computes the same way (greedy or
+        plain sampling, one beam, no streamer or custom processors) run on it when `fast_generate`
+        allows (by default: CUDA weights, eval mode). See fast_generate.py."""
+        from deepseekmoe.integrations.transformers import fast_generate
+
+        p = None if args else fast_generate.plan(self, inputs, {"generation_config": generation_config, **kwargs})
+        if p is None:
+            return super().generate(inputs, generation_config, *args, **kwargs)
+        return fast_generate.fast_generate(self, p)
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
