@@ -31,7 +31,7 @@ def test_tiny_smoke_run_writes_the_table_and_json(tmp_path):
     assert r["prefill"]["ours_tok_s"] > 0 and r["prefill"]["class_tok_s"] > 0
     assert set(r["decode"]) == {"b1", "b2"}
     for row in r["decode"].values():
-        assert row["class_dynamic_same_tokens"] is True and row["class_static_same_tokens"] is True
+        assert all(row[f"{k}_same_tokens"] is True for k in ("class", "class_hf_dynamic", "class_hf_static"))
     assert "| decode b2 tok/s |" in proc.stdout.splitlines()[-1]
 
 
