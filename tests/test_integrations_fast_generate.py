@@ -65,7 +65,8 @@ def test_calls_with_other_features_go_to_transformers(model):
         base = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 4}
         assert fast_generate.plan(model, None, base) is not None
         for extra in ({"num_beams": 2}, {"repetition_penalty": 1.3}, {"streamer": TextStreamer(tokenizer=None)},
-                      {"min_new_tokens": 3, "eos_token_id": 2}, {"output_scores": True, "return_dict_in_generate": True},
+                      {"min_new_tokens": 3, "eos_token_id": 2},
+                      {"output_scores": True, "return_dict_in_generate": True},
                       {"logits_processor": [lambda i, s: s]}):
             assert fast_generate.plan(model, None, {**base, **extra}) is None, extra
         model.fast_generate = False
@@ -74,3 +75,25 @@ def test_calls_with_other_features_go_to_transformers(model):
         model.fast_generate = "auto"
     model.fast_generate = "auto"  # CPU weights: transformers' loop by default
     assert fast_generate.plan(model, None, {"input_ids": ids, "max_new_tokens": 4}) is None
+
+
+def test_class_layers_offer_the_decode_fast_path_only_when_plain(model):
+    """The decode kernels read `experts.w13` / `w2` (the class's packed stacked tensors) and take a
+    layer only while its experts are bare Linears; PEFT LoRA on them keeps the layer's own forward."""
+    import peft
+
+    from deepseekmoe.inference.fast_path import layer_takes_fused
+
+    moes = [layer.mlp for layer in model.model.layers if layer.is_moe]
+    assert moes and all(layer_takes_fused(m) for m in moes)
+    with torch.no_grad():  # decode: no autograd wrapper around the stacked storage
+        w13, w2 = moes[0].experts.stacked()
+        assert moes[0].experts.w13 is w13 and moes[0].experts.w2 is w2
+    F = moes[0].experts.width
+    assert torch.equal(w13[1, F:], moes[0].experts[1].up_proj.weight)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["up_proj"]))
+    try:
+        assert not any(layer_takes_fused(m) for m in moes)
+    finally:
+        lora.unload()
+    assert all(layer_takes_fused(m) for m in moes)

@@ -110,6 +110,20 @@ class ExpertList(nn.Module):
         """True when every expert projection is a bare nn.Linear (no adapter, wrapper or hook)."""
         return self.mode == PLAIN
 
+    # What the decode fast path (inference/fast_path.py) reads of the project's RoutedExperts: the
+    # stacked weights, and `lora` None only where they are the whole computation.
+    @property
+    def lora(self) -> str | None:
+        return None if self.plain() else self.mode
+
+    @property
+    def w13(self) -> torch.Tensor:
+        return self.stacked()[0]
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return self.stacked()[1]
+
     def _linears(self) -> list[nn.Module]:
         """The 3E Linears holding the expert weights (PEFT's base layers when wrapped), stacked order."""
         return self._bases if self.mode != LOOP else []
