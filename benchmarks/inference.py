@@ -1,6 +1,7 @@
 """Inference benchmark: load, prefill and decode of the deepseek-moe-16b architecture.
 
     python benchmarks/inference.py --json out.json            # GPU: the full 16B, random bf16 weights
+    python benchmarks/inference.py --quick --decode-backends gather fused   # GPU, ~3-4 minutes (below)
     python benchmarks/inference.py --smoke                    # CPU: a tiny shape, every code path
 
 What it does, in one process (results are written to JSON after every phase, so a run cut short
@@ -12,12 +13,20 @@ still reports what it finished):
      written; a cold read of the first GiB of one shard gives the disk's own rate);
   3. prefill of a 2,048-token prompt (batch 1), tokens/s;
   4. decode at batch 1, 8, 32 (prompt 256 tokens, greedy), per execution mode (eager, CUDA
-     graph, torch.compile + CUDA graph) and decode expert backend (grouped, gather), tokens/s;
-     the eager step is also run under torch.cuda.set_sync_debug_mode("error") to prove it has no
-     host sync, and graph / compiled logits are compared with eager ones;
-  5. batch-1 decode against the memory-bandwidth bound: activated bytes per token (every weight
+     graph, torch.compile + CUDA graph) and decode MoE path (`--decode-backends`: grouped, gather,
+     fused = the decode kernels of inference/fast_path.py), tokens/s; each step function is also
+     run once under torch.cuda.set_sync_debug_mode("error") to prove it has no host sync, and
+     every step's first logits are compared with the eager reference step's (the model's own
+     backend); with --profile, the kernel launches per step and a per-kernel device-time table;
+  5. greedy parity: --greedy-tokens tokens of a fixed prompt set at batch --greedy-batch on each
+     compiled path against the eager reference, token for token (first divergence and both
+     logit margins there when they differ; inference/parity.py);
+  6. batch-1 decode against the memory-bandwidth bound: activated bytes per token (every weight
      a token multiplies through: attention, dense / shared / its K routed experts, router, norms,
      lm_head; the embedding table contributes one row) over the measured copy bandwidth.
+--quick (GPU): bandwidth, prefill 2K, no disk round trip, no uncompiled modes; compiled decode at
+batch 1, 8, 32 for each of --decode-backends (b1 first, then fused before the baselines, while the
+time budget lasts), with kernel profiles, then greedy parity of 256 tokens at batch 8.
 Anchors (the released remote code on one H100, random bf16 weights): 5.5 tok/s decode at batch
 1, 16 tok/s at batch 8, 4,350 tok/s prefill at a 2K prompt.
 """
@@ -43,7 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.checkpoint import files as dio  # noqa: E402
 from deepseekmoe.checkpoint import hf  # noqa: E402
-from deepseekmoe.inference.generate import Decoder  # noqa: E402
+from deepseekmoe.inference.fast_path import fused_unavailable_reason  # noqa: E402
+from deepseekmoe.inference.generate import Decoder, decode_path, expert_backend  # noqa: E402
+from deepseekmoe.inference.parity import compare_greedy, greedy_run  # noqa: E402
 
 ANCHORS = {"decode_b1": 5.5, "decode_b8": 16.0, "prefill_2k": 4350.0}
 T0 = time.time()
@@ -178,8 +189,6 @@ def phase_prefill(model, dev, L: int, backend: str) -> None:
     ids = torch.randint(0, V, (1, L), device=dev)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     dec = Decoder(model, 1, L + 64, decode_backend=None)
-    from deepseekmoe.inference.generate import expert_backend
-
     with expert_backend(model, backend):
         t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
     RESULTS.setdefault("prefill", {})[backend] = {"prompt": L, "seconds": t, "tok_s": L / t}
@@ -190,9 +199,7 @@ def kernel_profile(dec, n: int = 4) -> dict:
     """Device time per decode step by kernel (the step run outside its graph, same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from deepseekmoe.inference.generate import expert_backend
-
-    with torch.no_grad(), expert_backend(dec.model, dec.decode_backend):
+    with torch.no_grad(), decode_path(dec.model, dec.decode_backend):
         dec._fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -211,16 +218,35 @@ def kernel_profile(dec, n: int = 4) -> dict:
             "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:25]}
 
 
-def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: int, check_sync: bool = False,
-               profile: bool = False):
-    """tokens/s of `steps` greedy decode steps at batch B after a prompt of `prompt` tokens."""
+def decode_max_len(args) -> int:
+    """Cache slots of a timing decoder: prompt, warm-up, sync check, timed steps, profile, and the
+    greedy parity run (which reuses the compiled decoders), rounded up to 64."""
+    need = max(args.prompt + 3 * args.steps + 16, max(GREEDY_LENGTHS) + args.greedy_tokens + 1)
+    return -(-need // 64) * 64
+
+
+def sync_free(dec) -> dict:
+    """Run the step function once (outside any graph) under sync-debug 'error'."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad(), decode_path(dec.model, dec.decode_backend):
+            dec._fn()
+        return {"host_sync_free": True}
+    except RuntimeError as e:
+        return {"host_sync_free": False, "sync_error": str(e).splitlines()[0][:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def decode_run(model, dev, B: int, mode: str, backend: str, args, profile: bool = False):
+    """tokens/s of `args.steps` greedy decode steps at batch B after a prompt of `args.prompt`
+    tokens; returns (info, first step's logits, the decoder)."""
     V = model.config.vocab_size
     g = torch.Generator(device=dev).manual_seed(B)
-    ids = torch.randint(0, V, (B, prompt), device=dev, generator=g)
+    ids = torch.randint(0, V, (B, args.prompt), device=dev, generator=g)
     pad = torch.zeros(B, dtype=torch.long, device=dev)
-    reps = 3
-    max_len = -(-(prompt + reps * steps + 16) // 64) * 64
-    dec = Decoder(model, B, max_len, mode=mode, decode_backend=backend)
+    dec = Decoder(model, B, decode_max_len(args), mode=mode, decode_backend=backend)
     nxt = dec.prefill(ids, pad).argmax(-1)
     first = None
     for i in range(3):  # warm-up; in graph modes the first call captures
@@ -228,99 +254,152 @@ def decode_run(model, dev, B: int, mode: str, backend: str, prompt: int, steps: 
         if i == 0:
             first = logits.clone()
         nxt = logits.argmax(-1)
-    info = {}
-    if check_sync and dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            nxt = dec.step(nxt).argmax(-1)
-            info["host_sync_free"] = True
-        except RuntimeError as e:
-            info["host_sync_free"] = False
-            info["sync_error"] = str(e).splitlines()[0][:300]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    info = sync_free(dec) if dev.type == "cuda" else {}
 
     def run():
         nonlocal nxt
-        for _ in range(steps):
+        for _ in range(args.steps):
             nxt = dec.step(nxt).argmax(-1)
 
-    t = timed(run, dev, reps=reps, warmup=0)
-    info.update({"batch": B, "mode": mode, "backend": backend, "prompt": prompt, "steps": steps,
-                 "ms_per_step": t / steps * 1e3, "tok_s": B * steps / t,
+    t = timed(run, dev, reps=3, warmup=0)
+    info.update({"batch": B, "mode": mode, "backend": backend, "prompt": args.prompt, "steps": args.steps,
+                 "ms_per_step": t / args.steps * 1e3, "tok_s": B * args.steps / t,
                  "graph": dec.graph is not None, "graph_error": dec.graph_error,
                  "finite": bool(torch.isfinite(first).all())})
     if profile and dev.type == "cuda" and mode != "eager":
         try:
             info["profile"] = kernel_profile(dec)
-            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f}us" for r in info["profile"]["top"][:6])
             log(f"  kernels: {info['profile']['kernel_us_per_step'] / 1e3:.2f} ms of device time in "
-                f"{info['profile']['kernels_per_step']:.0f} launches per step; top: {top}")
+                f"{info['profile']['kernels_per_step']:.0f} launches per step")
         except Exception as e:  # noqa: BLE001
             info["profile_error"] = f"{type(e).__name__}: {e}"[:300]
-    return info, first
+    return info, first, dec
 
 
-def phase_decode(model, dev, args, batches) -> None:
-    rows = RESULTS.setdefault("decode", [])
-    on_gpu = dev.type == "cuda"
-    modes = [m for m in args.modes if m == "eager" or on_gpu]
-    for B in batches:
-        first_logits = {}
+def reference_logits(model, dev, B: int, args):
+    """First decode step's logits of the eager reference path (the model's own backend) on the
+    prompt decode_run uses at batch B."""
+    V = model.config.vocab_size
+    g = torch.Generator(device=dev).manual_seed(B)
+    ids = torch.randint(0, V, (B, args.prompt), device=dev, generator=g)
+    dec = Decoder(model, B, decode_max_len(args), decode_backend=None)
+    nxt = dec.prefill(ids, torch.zeros(B, dtype=torch.long, device=dev)).argmax(-1)
+    return dec.step(nxt).clone()
+
+
+def backends_at(model, B: int, names, compiled: bool) -> list[str]:
+    """The decode paths of `names` that apply at batch B. gather reads every slot's expert, so
+    past E slots it is replaced by grouped (compiled runs) or skipped; fused needs the decode
+    kernels (a CUDA GPU, B <= 64); compiled runs skip grouped where gather applies."""
+    cfg = model.config
+    gather_ok = B * cfg.num_experts_per_tok <= cfg.n_routed_experts
+    out = []
+    for name in names:
+        if name == "gather" and not gather_ok:
+            name = "grouped" if compiled else None
+        elif name == "fused" and fused_unavailable_reason(model, B):
+            RESULTS["errors"][f"b{B}/fused"] = f"skipped: {fused_unavailable_reason(model, B)}"
+            name = None
+        elif name == "grouped" and compiled and gather_ok and "gather" in names:
+            name = None
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def record_decode(model, dev, args, B, mode, backend, refs, keep) -> None:
+    """One decode variant: run, compare its first logits with the eager reference, log, keep."""
+    name = f"b{B}/{mode}/{backend}"
+    t = time.time()
+    try:
+        info, first, dec = decode_run(model, dev, B, mode, backend, args, profile=args.profile)
+    except Exception as e:  # noqa: BLE001 - record and go on to the next variant
+        RESULTS["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+        log(f"{name}: FAILED {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return
+    if mode != "eager":
+        info["compile_and_capture_s" if mode == "compile" else "capture_s"] = time.time() - t
+    if B not in refs:
+        refs[B] = reference_logits(model, dev, B, args)
+    info["max_abs_diff_vs_eager_reference"] = (first - refs[B]).abs().max().item()
+    info["logit_scale"] = refs[B].abs().max().item()
+    RESULTS.setdefault("decode", []).append(info)
+    log(f"decode {name}: {info['ms_per_step']:.2f} ms/step, {info['tok_s']:,.1f} tok/s, max |logit diff| vs "
+        f"eager {info['max_abs_diff_vs_eager_reference']:.3g}"
+        + (f", sync-free={info.get('host_sync_free')}" if "host_sync_free" in info else "")
+        + (f" ({info['compile_and_capture_s']:.0f}s to compile)" if "compile_and_capture_s" in info else ""))
+    if B == args.greedy_batch and args.greedy_tokens and mode != "eager":
+        keep[name] = dec
+    save_json(args.json)
+
+
+def phase_decode(model, dev, args, refs, keep) -> None:
+    """Uncompiled modes (eager, CUDA graph) for every batch and decode path."""
+    modes = [m for m in args.modes if m == "eager" or dev.type == "cuda"]
+    for B in args.batches:
         for mode in modes:
-            for backend in ("grouped", "gather"):
-                if backend == "gather" and B * model.config.num_experts_per_tok > model.config.n_routed_experts:
-                    continue  # gather reads every slot's expert; past E slots grouped reads less
-                name = f"b{B}/{mode}/{backend}"
-                try:
-                    info, first = decode_run(model, dev, B, mode, backend, args.prompt, args.steps,
-                                             check_sync=(mode == "eager"), profile=args.profile)
-                except Exception as e:  # noqa: BLE001 - record and go on to the next variant
-                    RESULTS["errors"][name] = f"{type(e).__name__}: {e}"[:500]
-                    log(f"{name}: FAILED {type(e).__name__}: {e}")
-                    traceback.print_exc()
-                    continue
-                first_logits[(mode, backend)] = first
-                ref = first_logits.get(("eager", backend))
-                if ref is not None and mode != "eager":
-                    info["max_abs_diff_vs_eager"] = (first - ref).abs().max().item()
-                ref = first_logits.get((mode, "grouped"))
-                if ref is not None and backend != "grouped":
-                    info["max_abs_diff_vs_grouped"] = (first - ref).abs().max().item()
-                info["logit_scale"] = first.abs().max().item()
-                rows.append(info)
-                log(f"decode {name}: {info['ms_per_step']:.2f} ms/step, {info['tok_s']:,.1f} tok/s"
-                    + (f", sync-free={info.get('host_sync_free')}" if "host_sync_free" in info else ""))
-                save_json(args.json)
+            for backend in backends_at(model, B, args.decode_backends, compiled=False):
+                record_decode(model, dev, args, B, mode, backend, refs, keep)
         gc.collect()
-        if on_gpu:
+        if dev.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def phase_compile(model, dev, args, batches) -> None:
-    rows = RESULTS.setdefault("decode", [])
-    for B in batches:
+def phase_compile(model, dev, args, refs, keep) -> None:
+    """torch.compile + CUDA graph, batch 1 first, fused before the baselines, inside the budget."""
+    runs = [(B, b) for B in args.compile_batches for b in backends_at(model, B, args.decode_backends, compiled=True)]
+    runs.sort(key=lambda r: (r[0] != 1, r[1] != "fused", r[0]))
+    for B, backend in runs:
         left = args.time_budget - (time.time() - T0)
-        if left < args.compile_reserve:
-            RESULTS["errors"][f"b{B}/compile"] = f"skipped: {left:.0f}s left of the time budget"
-            log(f"compile b{B}: skipped ({left:.0f}s left)")
+        if left < args.compile_reserve + (args.greedy_reserve if args.greedy_tokens else 0):
+            RESULTS["errors"][f"b{B}/compile/{backend}"] = f"skipped: {left:.0f}s left of the time budget"
+            log(f"compile b{B}/{backend}: skipped ({left:.0f}s left)")
             continue
-        backend = "gather" if B * model.config.num_experts_per_tok <= model.config.n_routed_experts else "grouped"
-        t = time.time()
-        try:
-            info, first = decode_run(model, dev, B, "compile", backend, args.prompt, args.steps,
-                                     profile=args.profile)
-        except Exception as e:  # noqa: BLE001
-            RESULTS["errors"][f"b{B}/compile"] = f"{type(e).__name__}: {e}"[:500]
-            log(f"compile b{B}: FAILED {type(e).__name__}: {e}")
-            traceback.print_exc()
+        record_decode(model, dev, args, B, "compile", backend, refs, keep)
+
+
+GREEDY_LENGTHS = (3, 7, 12, 20, 31, 40, 48, 16)
+
+
+def phase_greedy(model, dev, args, keep) -> None:
+    """Greedy parity of each kept decoder (batch --greedy-batch) against the eager reference path;
+    on the CPU (no compiled decoders) the uncompiled decode paths are compared instead."""
+    B, n = args.greedy_batch, args.greedy_tokens
+    g = torch.Generator().manual_seed(1234)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (GREEDY_LENGTHS[i % len(GREEDY_LENGTHS)],), generator=g).tolist()
+               for i in range(B)]
+    max_len = decode_max_len(args)
+    if not keep:
+        keep = {f"b{B}/eager/{b}": Decoder(model, B, max_len, decode_backend=b)
+                for b in backends_at(model, B, args.decode_backends, compiled=False)}
+    t = time.time()
+    ref = greedy_run(Decoder(model, B, max_len, decode_backend=None), prompts, n)
+    out = RESULTS.setdefault("greedy", {"batch": B, "tokens": n, "prompt_lengths": [len(p) for p in prompts],
+                                        "reference": "eager, the model's own expert backend", "paths": {}})
+    for name, dec in keep.items():
+        rep = compare_greedy(ref, greedy_run(dec, prompts, n))
+        out["paths"][name] = rep
+        log(f"greedy {n} tokens, {name} vs eager: {rep['rows_matching']}/{rep['rows']} rows match"
+            + (f"; first divergence at token {rep['first_divergence']}, largest reference margin there "
+               f"{rep['max_margin_at_divergence']:.3g}" if rep["first_divergence"] is not None else ""))
+    out["seconds"] = time.time() - t
+    save_json(args.json)
+
+
+def print_profiles(rows, top: int = 12) -> None:
+    """The per-kernel device-time table of every profiled decode variant."""
+    for r in rows:
+        pr = r.get("profile")
+        if not pr:
             continue
-        info["compile_and_capture_s"] = time.time() - t
-        rows.append(info)
-        log(f"decode b{B}/compile/{backend}: {info['ms_per_step']:.2f} ms/step, {info['tok_s']:,.1f} tok/s "
-            f"(compile {info['compile_and_capture_s']:.0f}s)")
-        save_json(args.json)
+        print(f"\nkernels of decode b{r['batch']} {r['mode']}/{r['backend']}: {pr['kernels_per_step']:.0f} launches, "
+              f"{pr['kernel_us_per_step']:.0f} us device time per step (step {r['ms_per_step'] * 1e3:.0f} us)")
+        print(f"  {'us/step':>8} {'share':>6} {'calls':>6}  kernel")
+        for k in pr["top"][:top]:
+            print(f"  {k['us_per_step']:8.1f} {k['us_per_step'] / pr['kernel_us_per_step']:6.1%} "
+                  f"{k['calls_per_step']:6.0f}  {k['kernel'][:90]}")
 
 
 def summary(cfg) -> None:
@@ -336,9 +415,11 @@ def summary(cfg) -> None:
         bound = bw * 1e9 / act
         RESULTS["batch1_bound_tok_s"] = bound
         RESULTS["batch1_fraction_of_bound"] = best[1]["tok_s"] / bound
+    print_profiles(RESULTS.get("decode", []))
     print()
-    print(f"device: {RESULTS.get('device')}   torch {torch.__version__}   preset {cfg.name}")
-    print(f"{'what':44} {'ours':>14} {'anchor':>12}")
+    print(f"device: {RESULTS.get('device')}   torch {torch.__version__}   triton {RESULTS.get('triton')}   "
+          f"preset {cfg.name}")
+    print(f"{'what':44} {'ours':>14} {'anchor':>12}   kernels/step  max|dlogit| vs eager")
     if "load" in RESULTS:
         ld = RESULTS["load"]
         print(f"{'load from disk (page cache), s':44} {ld['seconds']:14.1f} {'':>12}")
@@ -350,7 +431,15 @@ def summary(cfg) -> None:
     for r in RESULTS.get("decode", []):
         name = f"decode b{r['batch']} {r['mode']}/{r['backend']}, tok/s"
         anchor = ANCHORS.get(f"decode_b{r['batch']}")
-        print(f"{name:44} {r['tok_s']:14,.1f} {anchor if anchor else '':>12}")
+        kern = f"{r['profile']['kernels_per_step']:12.0f}" if "profile" in r else f"{'':>12}"
+        print(f"{name:44} {r['tok_s']:14,.1f} {anchor if anchor else '':>12}   {kern}  "
+              f"{r.get('max_abs_diff_vs_eager_reference', float('nan')):.3g} (of {r.get('logit_scale', 0):.3g})")
+    gr = RESULTS.get("greedy")
+    for name, g in (gr or {}).get("paths", {}).items():
+        div = ("" if g["first_divergence"] is None else f", first divergence at {g['first_divergence']} "
+               f"(ref margin {g['max_margin_at_divergence']:.3g})")
+        what = f"greedy {gr['tokens']} tok {name}"
+        print(f"{what:44} {g['rows_matching']:>8}/{g['rows']} rows match{div}")
     if "batch1_bound_tok_s" in RESULTS:
         print(f"{'copy bandwidth (read+write), GB/s':44} {bw:14,.0f}")
         print(f"{'activated bytes / token, GB':44} {act / 1e9:14.3f}")
@@ -377,9 +466,24 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["eager", "cuda_graph"], choices=["eager", "cuda_graph"],
                    help="uncompiled decode modes to time (compiled ones: --compile-batches)")
     p.add_argument("--profile", action="store_true", help="kernel time breakdown of graph/compiled steps")
+    p.add_argument("--decode-backends", nargs="+", default=["grouped", "gather", "fused"],
+                   choices=["grouped", "gather", "fused"], help="decode MoE paths to compare")
+    p.add_argument("--greedy-tokens", type=int, default=256, help="greedy parity length (0: skip)")
+    p.add_argument("--greedy-batch", type=int, default=8, help="prompts of the greedy parity check")
+    p.add_argument("--greedy-reserve", type=float, default=20.0, help="seconds kept for the greedy check")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU, ~3-4 min: bandwidth, prefill, compiled decode at 1/8/32 with profiles, greedy parity")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="torch._inductor coordinate_descent_tuning for compiled steps (longer compile)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.no_disk, args.profile, args.batches, args.modes = True, True, [], []
+        if "--compile-batches" not in (argv or sys.argv):
+            args.compile_batches = [1, 8, 32]
+        if "--time-budget" not in (argv or sys.argv):
+            args.time_budget, args.compile_reserve = 230.0, 35.0
+    # Every compiled Decoder recompiles its step (dynamo's per-code cache limit is 8 by default).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "inference.json")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -392,7 +496,7 @@ def main(argv=None) -> int:
     if args.smoke:
         cfg = presets.get("tiny")
         args.prefill, args.prompt, args.steps = min(args.prefill, 128), min(args.prompt, 32), min(args.steps, 4)
-        args.compile_batches = []
+        args.compile_batches, args.greedy_tokens, args.greedy_batch = [], min(args.greedy_tokens, 8), 2
     cfg = cfg.replace(expert_backend="grouped")
     RESULTS.update({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "preset": cfg.name, "dtype": str(dtype),
@@ -421,10 +525,11 @@ def main(argv=None) -> int:
     if model is None:
         model = random_model(cfg, dtype, dev)
     # Compiles come last (slowest, and guarded by the time budget); batch 1 first among them.
-    compile_order = sorted(args.compile_batches, key=lambda b: b != 1)
+    refs, keep = {}, {}  # eager reference logits per batch; decoders kept for the greedy check
     for phase, fn in (("prefill", lambda: phase_prefill(model, dev, args.prefill, "grouped")),
-                      ("decode", lambda: phase_decode(model, dev, args, args.batches)),
-                      ("compile", lambda: phase_compile(model, dev, args, compile_order))):
+                      ("decode", lambda: phase_decode(model, dev, args, refs, keep)),
+                      ("compile", lambda: phase_compile(model, dev, args, refs, keep)),
+                      ("greedy", lambda: args.greedy_tokens and phase_greedy(model, dev, args, keep))):
         try:
             fn()
         except Exception as e:  # noqa: BLE001

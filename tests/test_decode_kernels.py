@@ -245,3 +245,29 @@ def test_fused_backend_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ConfigError, match="top-k router"):
         Decoder(hashed, 1, 16, decode_backend="fused")
+
+
+def test_compare_greedy_reports_first_divergence_and_margins():
+    from deepseekmoe.inference.parity import GreedyRun, compare_greedy
+
+    ref = GreedyRun([[1, 2, 3], [4, 5, 6]], [[0.5, 0.1, 0.2], [1.0, 0.01, 2.0]])
+    got = GreedyRun([[1, 2, 3], [4, 7, 6]], [[0.5, 0.1, 0.2], [1.0, 0.02, 2.0]])
+    rep = compare_greedy(ref, got)
+    assert rep["rows_matching"] == 1 and rep["first_divergence"] == 1
+    assert rep["per_row"][1] == {"row": 1, "match": False, "first_divergence": 1, "ref_token": 5, "got_token": 7,
+                                 "ref_margin": 0.01, "got_margin": 0.02}
+    assert rep["max_margin_at_divergence"] == 0.01
+
+
+@needs_interp
+def test_greedy_run_of_the_fused_path_matches_eager():
+    from deepseekmoe.inference.generate import Decoder
+    from deepseekmoe.inference.parity import compare_greedy, greedy_run
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    prompts = [[0, 5, 9], [0, 7, 3, 2, 8]]
+    ref = greedy_run(Decoder(model, 2, 16, decode_backend=None), prompts, 6)
+    rep = compare_greedy(ref, greedy_run(Decoder(model, 2, 16, decode_backend="fused"), prompts, 6))
+    assert rep["rows_matching"] == 2 and rep["first_divergence"] is None
+    assert all(m > 0 for row in ref.margins for m in row)
