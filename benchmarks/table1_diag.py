@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                     results[label] = res
                     rows[label] = summarize(res)
     cols = ["final_val", "best_val", "best_step", "rise_after_best", "max_spike", "load_max_over_mean",
-            "dead_experts", "router_entropy", "bal_over_lm_router_grad", "epochs"]
+            "dead_experts", "router_entropy", "gate_sum", "bal_over_lm_router_grad", "epochs"]
     print(f"\n{'run':34s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
     for label, r in rows.items():
         cells = []

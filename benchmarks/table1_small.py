@@ -416,13 +416,15 @@ def _print_table(table: list[dict]) -> None:
 
 
 def _plot(table: list[dict], path: Path) -> None:
+    curves = {f"{r['model']}_s{r['seed']}": r["curve"] for r in table if r["finished"]}
+    if not curves:
+        return
     try:
         from deepseekmoe.analysis.plots import plot_curves
-    except ImportError:
-        return
-    curves = {f"{r['model']}_s{r['seed']}": r["curve"] for r in table if r["finished"]}
-    if curves:
+
         plot_curves(curves, path, title="Table 1 / 2 at small scale: validation loss of every run")
+    except ImportError:  # matplotlib is optional: the JSON holds the curves, --report plots them
+        print("no plot: matplotlib is not installed")
 
 
 if __name__ == "__main__":

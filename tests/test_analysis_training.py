@@ -70,6 +70,7 @@ def test_records_and_summary(data, tmp_path):
             assert 1 <= L["max_over_mean"] <= 8 and 0 <= L["dead"] < 8
             assert 0 < L["router_entropy"] <= 1 and 0 < L["load_entropy"] <= 1
             assert L["grad_bal_router"] > 0 and L["grad_lm_router"] > 0
+            assert L["gate_sum"] == pytest.approx(1.0)  # GShard: top-2 gates normalised
     s = summarize(res)
     assert s["final_val"] == res["eval"][-1]["val_loss"] and s["best_val"] <= s["final_val"]
     assert s["bal_over_lm_router_grad"] > 0 and s["epochs"] > 0

@@ -12,7 +12,8 @@ windows of deepseekmoe.data), one process, no checkpoints. It records
   every `probe`    per MoE layer, over the steps since the last probe: expert load max / mean,
                    dead experts (routed experts no token chose), load entropy / log E; on the
                    probe step's batch: mean per-token router entropy / log E (1 = uniform
-                   affinities, 0 = one-hot); the balance loss's share of the total loss; and the
+                   affinities, 0 = one-hot) and the summed gate values per token; the balance
+                   loss's share of the total loss; and the
                    gradient norms of the LM loss and of the balance loss taken apart (one extra
                    backward): on each layer's router weight and over all parameters
   every `eval`     validation loss on fixed windows of the validation split
@@ -98,6 +99,12 @@ class _RouterTap:
             H_T = -(s * s.clamp_min(1e-20).log()).sum(-1)
             out.append(float(H_T.mean()) / math.log(s.shape[-1]))
         return out
+
+    def gate_sum(self) -> list[float | None]:
+        """Mean over tokens of the summed gate values of the last forward: the scale at which the
+        routed experts' output enters the residual (1 for GShard's normalised gates and for hash
+        routing; for raw-softmax gates, about K / E at a uniform router)."""
+        return [None if r is None else float(r.w_TK.detach().float().sum(-1).mean()) for r in self.last]
 
     def close(self) -> None:
         for h in self.handles:
@@ -207,10 +214,10 @@ def train_with_diagnostics(run: DiagRun, echo=None) -> dict:
 
 
 def _probe_record(rec: dict, tap: _RouterTap, grads: dict) -> dict:
-    load, ent = tap.read_load(), tap.router_entropy()
+    load, ent, gates = tap.read_load(), tap.router_entropy(), tap.gate_sum()
     layers = []
-    for i, (L, H) in enumerate(zip(load, ent)):
-        row = {**L, "router_entropy": H}
+    for i, (L, H, G) in enumerate(zip(load, ent, gates)):
+        row = {**L, "router_entropy": H, "gate_sum": G}
         if grads.get("grad_lm_router") and i < len(grads["grad_lm_router"]):
             row["grad_lm_router"] = grads["grad_lm_router"][i]
             row["grad_bal_router"] = grads["grad_bal_router"][i]
@@ -240,5 +247,7 @@ def summarize(result: dict) -> dict:
         ratios = [L["grad_bal_router"] / L["grad_lm_router"] for p in result["probes"] for L in p["layers"]
                   if L.get("grad_lm_router")]
         row["bal_over_lm_router_grad"] = sum(ratios) / len(ratios) if ratios else None
+        gs = [L.get("gate_sum") for L in last if L.get("gate_sum") is not None]
+        row["gate_sum"] = sum(gs) / len(gs) if gs else None
         row["balance_share_of_loss"] = result["probes"][-1]["balance_share_of_loss"]
     return row
