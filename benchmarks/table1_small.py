@@ -165,13 +165,17 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def run_all(jobs: list[tuple[str, int, Path, list[str]]], parallel: int, deadline: float) -> dict:
-    """Run the training commands, `parallel` at a time, each logging to <run>.log; stop starting
-    (and stop the running ones) at `deadline` (time.time()). -> {(model, seed): seconds or None}."""
+    """Run the training commands, `parallel` at a time, each logging to <run>.log; start none that
+    would end after `deadline` (time.time()) and stop the running ones there.
+    -> {(model, seed): seconds, or None when failed, stopped or not started}."""
     import shutil
 
     pending, running, took = list(jobs), {}, {}
+    # A run that cannot finish before the deadline is not started: its time would be lost. Its
+    # length is guessed from the longest run finished so far (0 before the first one ends).
+    longest = lambda: max([t for t in took.values() if t], default=0.0)
     while pending or running:
-        while pending and len(running) < parallel and time.time() < deadline:
+        while pending and len(running) < parallel and time.time() + longest() < deadline:
             model, seed, run, cmd = pending.pop(0)
             if run.exists():
                 shutil.rmtree(run)

@@ -72,3 +72,14 @@ def test_smoke_run_writes_the_table(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table1_small.py"), "--smoke", "--models", "moe-x",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode != 0 and "unknown model 'moe-x'" in bad.stderr
+
+
+def test_runs_stop_at_the_deadline(tmp_path):
+    sleep = lambda s: [sys.executable, "-c", f"import time; time.sleep({s})"]
+    jobs = [("fast", 0, tmp_path / "fast", sleep(0.1)), ("slow", 0, tmp_path / "slow", sleep(30)),
+            ("late", 0, tmp_path / "late", sleep(0.1))]
+    t0 = __import__("time").time()
+    took = t1.run_all(jobs, parallel=2, deadline=t0 + 3)
+    assert took[("fast", 0)] > 0 and took[("slow", 0)] is None  # stopped at the deadline
+    assert took[("late", 0)] > 0  # started beside the slow one when the fast one ended
+    assert __import__("time").time() - t0 < 20 and (tmp_path / "slow.log").exists()
