@@ -15,9 +15,10 @@ Two kernels, no sort, no host sync, fixed launch grids (CUDA-graph safe):
            S > E, the grid is (E, F blocks) instead: program e owns e when some slot chose it.)
            The owner finds every token that chose its expert (a [T, K] compare), reads a
            [BLOCK_F, D] slice of that expert's gate and up rows once, multiplies it by those
-           tokens' rows (tl.dot for T >= 3, a broadcast multiply-and-sum GEMV below that), and
-           writes a = silu(g) * u for each of them in slot order, in the compute dtype. So each activated expert is read once per step, however
-           many tokens share it.
+           tokens' rows (tl.dot for T >= 3; below that a GEMV: elementwise products into a
+           [M, BLOCK_F, BLOCK_K] accumulator, reduced once after the loop), and writes
+           a = silu(g) * u for each of them in slot order, in the compute dtype. So each activated
+           expert is read once per step, however many tokens share it.
   down     grid (S slots, D blocks), same ownership: y_slot = w_tk * (a_slot @ W2_e^T) in fp32,
            written to each slot's own row (no atomics: deterministic). The K slots of a token are
            summed afterwards (one small reduction that torch.compile fuses with the shared-expert
@@ -46,15 +47,33 @@ _INTERP_META = {"gateup": dict(BLOCK_F=16, BLOCK_K=16), "down": dict(BLOCK_D=16,
 
 
 @triton.jit
+def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """An fp32 accumulator: [M, N] for tl.dot; [M, N, KB] for the GEMV, reduced once at the end."""
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _mm(a, b_t, acc, USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    """acc + a @ b_t^T for a [M, KB] and b_t [N, KB] (fp32 accumulate)."""
+    """acc + a @ b_t^T for a [M, KB] and b_t [N, KB] (fp32; the GEMV adds products elementwise)."""
     if USE_DOT:
         if _UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), tl.trans(b_t.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b_t), acc, input_precision=PREC)
     else:
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * b_t.to(tl.float32)[None, :, :], axis=2)
+        acc += a.to(tl.float32)[:, None, :] * b_t.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _acc_result(acc, USE_DOT: tl.constexpr):
+    """The [M, N] result of an accumulator from _acc_zeros."""
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
     return acc
 
 
@@ -98,8 +117,8 @@ def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
         fmask = offs_f < F
         wg_base = w13_ptr + e.to(tl.int64) * 2 * F * D + offs_f[:, None].to(tl.int64) * D
         wu_base = wg_base + F * D
-        acc_g = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        acc_g = _acc_zeros(BLOCK_M, BLOCK_F, BLOCK_K, USE_DOT)
+        acc_u = _acc_zeros(BLOCK_M, BLOCK_F, BLOCK_K, USE_DOT)
         for k0 in range(0, D, BLOCK_K):
             offs_d = k0 + tl.arange(0, BLOCK_K)
             dmask = offs_d < D
@@ -110,7 +129,8 @@ def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
             wu = tl.load(wu_base + offs_d[None, :], mask=wmask, other=0.0)
             acc_g = _mm(x, wg, acc_g, USE_DOT, PREC)
             acc_u = _mm(x, wu, acc_u, USE_DOT, PREC)
-        a = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        g = _acc_result(acc_g, USE_DOT)
+        a = g / (1.0 + tl.exp(-g)) * _acc_result(acc_u, USE_DOT)
         tl.store(a_ptr + slot_m[:, None] * F + offs_f[None, :], a.to(a_ptr.dtype.element_ty),
                  mask=chose_m[:, None] & fmask[None, :])
 
@@ -127,7 +147,7 @@ def _decode_down(a_ptr, w2_ptr, idx_ptr, w_ptr, y_ptr, T, D, F, K_TOP,
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         w_base = w2_ptr + e.to(tl.int64) * D * F + offs_d[:, None].to(tl.int64) * F
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc = _acc_zeros(BLOCK_M, BLOCK_D, BLOCK_F, USE_DOT)
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             fmask = offs_f < F
@@ -135,7 +155,7 @@ def _decode_down(a_ptr, w2_ptr, idx_ptr, w_ptr, y_ptr, T, D, F, K_TOP,
                         other=0.0)
             w = tl.load(w_base + offs_f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
             acc = _mm(a, w, acc, USE_DOT, PREC)
-        y = acc * gate_m[:, None]
+        y = _acc_result(acc, USE_DOT) * gate_m[:, None]
         tl.store(y_ptr + slot_m[:, None] * D + offs_d[None, :], y, mask=chose_m[:, None] & dmask[None, :])
 
 
@@ -145,10 +165,8 @@ def _cfgs(names, *rows):
 
 # Bandwidth-bound tiles: narrow output blocks (many programs per expert, so batch 1 fills the SMs),
 # long contiguous reads along the reduction dimension.
-GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (16, 256, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (32, 128, 4, 4),
-                    (64, 128, 8, 3))
-DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3),
-                  (16, 512, 4, 2))
+GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
+DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
 _KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC", "BY_EXPERT"]
 _RAW = {"gateup": _decode_gateup, "down": _decode_down}
 _TUNED = {} if INTERPRET else {"gateup": triton.autotune(GATEUP_CFGS, key=_KEY)(_decode_gateup),
