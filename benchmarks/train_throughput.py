@@ -1,32 +1,45 @@
-"""Training throughput and MFU on one device, with a profile of where the time goes.
+"""Training throughput and MFU per optimizer step on one device, with a profile of where the time goes.
 
-    python benchmarks/train_throughput.py --json out.json     # GPU: deepseekmoe-2b and 16B cut to 4 layers
-    python benchmarks/train_throughput.py --smoke             # CPU: the tiny preset, every code path
+    python benchmarks/train_throughput.py --backend triton --json out.json   # GPU: the three cases below
+    python benchmarks/train_throughput.py --smoke                            # CPU: the tiny preset, every code path
 
-Each case runs the trainer's step (deepseekmoe.train): bf16 autocast forward with fp32 master
-weights, backward, global-norm clipping at 1.0, the finiteness check (one host sync per step, as
-in the trainer), fused AdamW with the paper's parameter groups. Fresh random token ids each step
-(never zeros; note that random tokens route more evenly than text). Expert backend `grouped`
-unless --backend says otherwise. Cases, each eager and with torch.compile of every block:
-  deepseekmoe-2b       the paper's 2B validation model, 8 x 2048 tokens per step
-  deepseekmoe-16b-4l   deepseek-moe-16b cut to 4 layers (1 dense + 3 MoE), 2 x 4096 tokens per step,
-                       the shape of the released-code anchor: 16,400 tokens/s = 6.2% MFU on one H100
-Figures: median step time over --steps timed steps (CUDA events) after --warmup steps (which
-include compilation); tokens/s = tokens per step / median step time; MFU = flops_per_token(seq)
-x tokens/s / peak, with the paper's FLOP convention (docs/accounting.md: 3x forward, attention
-scores counted) and 989 TFLOP/s dense bf16 for H100/H200 SXM.
-Profile: torch.profiler over 3 steps of each case; every CUDA kernel counted once and grouped by
-its name into attention, expert GEMMs (CUTLASS grouped GEMM), dense GEMMs (cuBLAS/CUTLASS),
-routing + permutation (sort, top-k, scan, index/gather/scatter), loss (head softmax), optimizer +
-clipping, compiled (Inductor/Triton) kernels, and elementwise / norms / casts (the rest).
+Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness
+check and AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights,
+backward, global-norm clipping at 1.0 (`clip_grad_norm_(foreach=True)`), one host sync per step,
+AdamW with the paper's parameter groups (`fused=True` on CUDA: --optim-impl). Fresh random token
+ids every micro-batch (never zeros; random tokens route more evenly than text). Each case is timed
+at two sizes of optimizer step, with the same micro-batch:
+  small  one micro-batch per step (8-16K tokens: the optimizer and clipping every micro-batch)
+  large  gradient accumulation to >= 0.5M tokens per step (the paper's recipes use millions), so
+         the optimizer is amortised as in real training (--tokens-per-step changes it)
+Cases (micro-batch x accumulation for the large step):
+  deepseekmoe-2b         the paper's 2B validation model, 8 x 2048 tokens, x32 = 524,288 tokens
+  deepseekmoe-16b-4l     deepseek-moe-16b cut to 4 layers (1 dense + 3 MoE), 2 x 4096, x64 = 524,288
+  deepseekmoe-16b-8l-ac  deepseek-moe-16b cut to 8 layers, activation checkpointing of every block,
+                         2 x 4096, x64 = 524,288 (MFU counts the model's FLOPs, not the recompute)
+Variants (--variants): `fast` = bf16 compute weights cast once per optimizer step with fp32
+gradient sums (train/optim.py ComputeWeights) + the fused chunked LM-head loss (model/loss.py,
+--loss-chunk tokens per chunk); `ref` = the reference twins (autocast casts at every use, plain
+logits + F.cross_entropy), the path of every earlier measurement.
+Figures: median over timed steps (CUDA events) after warm-up steps (which include compilation);
+tokens/s = tokens per step / median step time; MFU = flops_per_token(seq) x tokens/s / peak, with
+the paper's FLOP convention (docs/accounting.md: 3x forward, attention scores counted) and 989
+TFLOP/s dense bf16 for H100/H200 SXM. "fwd+bwd" is the part of the step before clipping (with the
+fast variant it includes the one cast of the weights); "opt" is clipping + check + AdamW.
+Profile: torch.profiler over 3 small steps of each case; every CUDA kernel counted once and grouped
+by its name into attention, expert GEMMs, dense GEMMs (cuBLAS/CUTLASS), routing + permutation,
+loss (head softmax), optimizer + clipping, compiled (Inductor/Triton) kernels, and elementwise /
+norms / casts (the rest). No released-code run here: ANCHOR is its figure measured elsewhere.
 Results are written to JSON after every case, so a run cut short still reports what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,22 +52,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepseekmoe import Transformer, presets  # noqa: E402
+from deepseekmoe.parallel.fsdp import apply_activation_checkpointing, apply_compile  # noqa: E402
 from deepseekmoe.train.metrics import peak_flops  # noqa: E402
-from deepseekmoe.train.optim import build_optimizer  # noqa: E402
+from deepseekmoe.train.optim import ComputeWeights, build_optimizer  # noqa: E402
 from deepseekmoe.train.recipe import OptimSection  # noqa: E402
+from deepseekmoe.train.step import LocalStep  # noqa: E402
 
 CASES = {
-    "deepseekmoe-2b": dict(preset="deepseekmoe-2b", overrides={}, seq_len=2048, batch=8),
-    "deepseekmoe-16b-4l": dict(preset="deepseekmoe-16b", overrides={"num_hidden_layers": 4}, seq_len=4096, batch=2),
+    "deepseekmoe-2b": dict(preset="deepseekmoe-2b", overrides={}, seq_len=2048, micro=8, accum=32),
+    "deepseekmoe-16b-4l": dict(preset="deepseekmoe-16b", overrides={"num_hidden_layers": 4}, seq_len=4096,
+                               micro=2, accum=64),
+    "deepseekmoe-16b-8l-ac": dict(preset="deepseekmoe-16b", overrides={"num_hidden_layers": 8}, seq_len=4096,
+                                  micro=2, accum=64, ac=True),
 }
-SMOKE = {"tiny": dict(preset="tiny", overrides={}, seq_len=128, batch=4)}
+SMOKE = {"tiny": dict(preset="tiny", overrides={}, seq_len=64, micro=2, accum=3),
+         "tiny-ac": dict(preset="tiny", overrides={}, seq_len=64, micro=2, accum=2, ac=True)}
+VARIANTS = ("fast", "ref")
 ANCHOR = {"case": "deepseekmoe-16b-4l", "tokens_per_s": 16400, "mfu": 0.062,
           "what": "released reference code, one H100, 2 x 4096 tokens, bf16, fused AdamW"}
 OP_CATEGORIES = [  # CPU smoke mode: (category, substrings of the aten op name), first match wins
     ("attention", ("flash", "attention", "sdpa")),
     ("expert GEMMs", ("grouped_mm",)),
     ("optimizer + clipping", ("adam", "_foreach", "addcdiv", "lerp")),
-    ("loss (head softmax)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("loss (head softmax)", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp")),
     ("dense GEMMs", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")),
     ("routing + permutation", ("topk", "sort", "scatter", "gather", "aten::index", "index_put", "index_select",
                                "cumsum", "softmax", "nonzero", "bincount", "repeat_interleave", "aten::bmm",
@@ -65,6 +85,7 @@ KERNEL_CATEGORIES = [  # GPU: (category, substrings of the CUDA kernel name), fi
     # the triton backend's kernels (deepseekmoe/kernels/moe_kernels.py), named by their jit functions
     ("expert GEMMs", ("_gateup_fwd", "_rowtile_gemm", "_down_bwd", "_wgrad", "_sum_slots")),
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("loss (head softmax)", ("_ce_grad_rows",)),  # the fused head loss's kernel (kernels/linear_ce.py)
     ("optimizer + clipping", ("fusedadam", "adam", "multi_tensor_apply", "lpnorm")),
     ("compiled (Inductor) kernels", ("triton_",)),
     ("dense GEMMs", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
@@ -95,39 +116,62 @@ def save(path: str | None) -> None:
 
 
 class Case:
-    """A model, its optimizer and the trainer's step, ready to time."""
+    """A model, its optimizer and the trainer's step (LocalStep + clip + check + AdamW), ready to time."""
 
-    def __init__(self, name: str, spec: dict, device: torch.device, backend: str, compile_: bool):
-        self.name, self.device, self.compile = name, device, compile_
-        self.cfg = presets.get(spec["preset"], expert_backend=backend, **spec["overrides"])
-        self.seq_len, self.batch = spec["seq_len"], spec["batch"]
+    def __init__(self, name: str, spec: dict, device: torch.device, args, compile_: bool, variant: str):
+        self.name, self.device, self.compile, self.variant = name, device, compile_, variant
+        fast = variant == "fast"
+        overrides = dict(spec["overrides"], lm_loss_chunk=args.loss_chunk if fast else 0)
+        self.cfg = presets.get(spec["preset"], expert_backend=args.backend, **overrides)
+        self.seq_len, self.micro, self.ac = spec["seq_len"], spec["micro"], bool(spec.get("ac"))
         with torch.device(device):
             self.model = Transformer(self.cfg)
         self.model.set_routing(record=False)
+        if self.ac:
+            apply_activation_checkpointing(self.model)
         if compile_:
-            for block in self.model.layers:
-                block.compile()
-        self.opt = build_optimizer(self.model, OptimSection(lr=1e-4), device)
+            apply_compile(self.model)
+        self.opt = build_optimizer(self.model, OptimSection(lr=1e-4, impl=args.optim_impl), device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.amp = device.type == "cuda"
+        self.amp = args.amp == "yes" or (args.amp == "auto" and device.type == "cuda")
+        self.weights = ComputeWeights(self.model) if fast and self.amp else None
+        self.stepper = LocalStep(self.model, 1, self.autocast, None, device, weights=self.weights)
         self.gen = torch.Generator(device=device).manual_seed(0)
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
     def batch_ids(self) -> torch.Tensor:
-        return torch.randint(0, self.cfg.vocab_size, (self.batch, self.seq_len), device=self.device,
+        return torch.randint(0, self.cfg.vocab_size, (self.micro, self.seq_len), device=self.device,
                              generator=self.gen)
 
-    def step(self, x: torch.Tensor) -> bool:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(x, labels=x)
-        out.loss.backward()
+    def step(self, accum: int, batches=None) -> tuple[bool, float, float]:
+        """One optimizer step over `accum` micro-batches: (finite, fwd+bwd seconds, whole step seconds)."""
+        self.stepper.accum = accum
+        batches = batches if batches is not None else (self.batch_ids() for _ in range(accum))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+        t0 = time.perf_counter()
+        stats = self.stepper.run(batches)
+        if cuda:
+            ev[1].record()
+        t1 = time.perf_counter()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
-        ok = bool(torch.isfinite(out.loss.detach() + gnorm))
+        ok = bool(torch.isfinite(stats.loss + gnorm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return ok
+        if cuda:
+            ev[2].record()
+            ev[2].synchronize()
+            return ok, ev[0].elapsed_time(ev[1]) / 1e3, ev[0].elapsed_time(ev[2]) / 1e3
+        return ok, t1 - t0, time.perf_counter() - t0
 
     def close(self):
-        del self.model, self.opt, self.params
+        if self.weights is not None:
+            self.weights.remove()
+        del self.model, self.opt, self.params, self.stepper, self.weights
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -138,69 +182,56 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_case(case: Case, warmup: int, steps: int) -> dict:
+def _record(case: Case, accum: int, times: list[tuple[bool, float, float]], warm_s: float) -> dict:
+    step = statistics.median(t for _, _, t in times)
+    fb = statistics.median(f for _, f, _ in times)
+    tokens = case.micro * case.seq_len * accum
+    peak = peak_flops(case.device)
+    fpt = case.cfg.flops_per_token(case.seq_len)
+    tps = tokens / step
+    return {"case": case.name, "variant": case.variant, "compile": case.compile, "backend": case.cfg.expert_backend,
+            "activation_checkpointing": case.ac, "loss_chunk": case.cfg.lm_loss_chunk,
+            "compute_weights": case.weights is not None, "micro_batch": case.micro, "seq_len": case.seq_len,
+            "accum": accum, "tokens_per_step": tokens, "params": case.cfg.num_params(),
+            "active_params": case.cfg.num_active_params(), "flops_per_token": fpt, "warmup_s": round(warm_s, 2),
+            "timed_steps": len(times), "step_s_median": step, "step_s_min": min(t for _, _, t in times),
+            "step_s_max": max(t for _, _, t in times), "fwd_bwd_s_median": fb, "opt_s_median": step - fb,
+            "tokens_per_s": tps, "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
+            "fwd_bwd_mfu": fpt * tokens / fb / peak if peak else None,
+            "all_finite": all(ok for ok, _, _ in times),
+            "peak_mem_gib": torch.cuda.max_memory_allocated(case.device) / 2**30 if case.device.type == "cuda"
+            else None}
+
+
+def time_case(case: Case, args, big_accum: int) -> list[dict]:
+    """Warm-up, then the small steps (1 micro-batch) and the large ones (`big_accum`), as records."""
     dev = case.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    for _ in range(warmup):
-        assert case.step(case.batch_ids()), "non-finite loss in warm-up"
+    for _ in range(args.warmup):
+        assert case.step(1)[0], "non-finite loss in warm-up"
     sync(dev)
     warm_s = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
-        x = case.batch_ids()
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            case.step(x)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            case.step(x)
-            times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    # Micro-batch rate: forward + backward only. Real recipes accumulate 128+ micro-batches per
-    # optimizer step (2B: 2048 / 16), so the optimizer's per-step cost nearly vanishes per token.
-    fb = []
-    for _ in range(steps):
-        x = case.batch_ids()
-        t = time.perf_counter()
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=case.amp):
-            out = case.model(x, labels=x)
-        out.loss.backward()
-        if dev.type == "cuda":
-            b.record()
-            b.synchronize()
-            fb.append(a.elapsed_time(b) / 1e3)
-        else:
-            fb.append(time.perf_counter() - t)
-    case.opt.zero_grad(set_to_none=True)
-    fb_med = statistics.median(fb)
     seen = []  # the dtype the routed experts compute in (bf16 expected under autocast)
     moe = case.model.moe_layers()
     if moe:
         h = moe[0].experts.register_forward_hook(lambda m, a, out: seen.append(str(out.dtype)))
-        case.step(case.batch_ids())
+        case.step(1)
         h.remove()
-    tokens = case.batch * case.seq_len
-    tps = tokens / med
-    peak = peak_flops(dev)
-    fpt = case.cfg.flops_per_token(case.seq_len)
-    return {"case": case.name, "compile": case.compile, "backend": case.cfg.expert_backend,
-            "batch": case.batch, "seq_len": case.seq_len, "tokens_per_step": tokens,
-            "params": case.cfg.num_params(), "active_params": case.cfg.num_active_params(),
-            "flops_per_token": fpt, "warmup_s": round(warm_s, 2), "step_s_median": med,
-            "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tps,
-            "expert_dtype": seen[0] if seen else None, "tflops": fpt * tps / 1e12,
-            "mfu": fpt * tps / peak if peak else None, "fwd_bwd_s_median": fb_med,
-            "fwd_bwd_tokens_per_s": tokens / fb_med, "fwd_bwd_mfu": fpt * tokens / fb_med / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    small = [case.step(1) for _ in range(args.steps)]
+    records = [_record(case, 1, small, warm_s)]
+    records[0]["expert_dtype"] = seen[0] if seen else None
+    est = records[0]["fwd_bwd_s_median"] * big_accum + records[0]["opt_s_median"]
+    left = args.time_budget - (time.time() - T0) - 30  # keep time for the profile and the tables
+    n = min(args.big_steps, int(left // est)) if big_accum > 1 else 0
+    if n >= 1:
+        big = [case.step(big_accum) for _ in range(n)]
+        records.append(_record(case, big_accum, big, warm_s))
+    elif big_accum > 1:
+        RESULTS["errors"][f"{case.name}/{case.variant} x{big_accum}"] = \
+            f"skipped: a large step takes ~{est:.0f}s, {max(left, 0):.0f}s of the time budget left"
+    return records
 
 
 def profile_case(case: Case, steps: int = 3) -> dict:
@@ -215,7 +246,7 @@ def profile_case(case: Case, steps: int = 3) -> dict:
     sync(case.device)
     with profile(activities=acts) as prof:
         for x in xs:
-            case.step(x)
+            case.step(1, [x])
         sync(case.device)
     cats: dict[str, float] = {}
     ops = []
@@ -242,74 +273,159 @@ def profile_case(case: Case, steps: int = 3) -> dict:
             "top": [{"name": k, "us_per_step": v / steps, "category": c} for k, v, c in ops[:20]]}
 
 
-def run_case(name, spec, device, args, compile_):
-    label = f"{name}{' +compile' if compile_ else ''}"
-    batch = spec["batch"]
-    while batch >= 1:
+def check_fused_loss(device: torch.device, vocab: int, tokens: int = 4096, dim: int = 2048) -> dict:
+    """The fused head loss against the plain one at the real vocabulary, under bf16 autocast on this
+    device (on CUDA: the Triton kernel and the fp32-output wgrad GEMM): relative errors, and the time
+    and peak memory of each (forward + backward)."""
+    from deepseekmoe.model.loss import lm_head_loss_fused, lm_head_loss_plain
+
+    if device.type == "cpu":
+        tokens, dim = 256, 64
+    g = torch.Generator(device=device).manual_seed(0)
+    h0 = torch.randn(2, tokens // 2, dim, device=device, generator=g)
+    w0 = torch.randn(vocab, dim, device=device, generator=g) * 0.02
+    labels = torch.randint(0, vocab, (2, tokens // 2), device=device, generator=g)
+    labels[0, :100] = -100
+    res = {"tokens": tokens, "vocab": vocab, "dim": dim}
+    grads = {}
+    for name, fn in (("plain", lm_head_loss_plain), ("fused", lm_head_loss_fused)):
+        for _ in range(2):  # the second call is timed (the first compiles the kernel)
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = fn(h, w, labels)
+            loss.backward()
+            sync(device)
+            res[f"{name}_ms"] = 1e3 * (time.perf_counter() - t)
+        if device.type == "cuda":
+            res[f"{name}_extra_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        grads[name] = (loss.detach().double(), h.grad.double(), w.grad.double())
+    for i, what in enumerate(("loss", "dh", "dw")):
+        a, b = grads["fused"][i], grads["plain"][i]
+        res[f"rel_err_{what}"] = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return res
+
+
+def run_case(name, spec, device, args, compile_, variant):
+    label = f"{name}{' +compile' if compile_ else ''} [{variant}]"
+    micro, accum = spec["micro"], big_accum(spec, args)
+    while micro >= 1:
         case = None
         try:
-            log(f"{label}: building (batch {batch} x {spec['seq_len']})")
-            case = Case(name, dict(spec, batch=batch), device, args.backend, compile_)
-            res = time_case(case, args.warmup, args.steps)
-            mfu = "-" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
-            log(f"{label}: {res['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, warm-up {res['warmup_s']:.0f}s")
-            RESULTS["cases"].append(res)
+            log(f"{label}: building (micro-batch {micro} x {spec['seq_len']}, large step x{accum})")
+            case = Case(name, dict(spec, micro=micro), device, args, compile_, variant)
+            for res in time_case(case, args, accum):
+                mfu = "-" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
+                log(f"{label} x{res['accum']}: {res['tokens_per_s']:,.0f} tokens/s, MFU {mfu} per optimizer step, "
+                    f"warm-up {res['warmup_s']:.0f}s")
+                RESULTS["cases"].append(res)
             if args.profile:
                 RESULTS["profiles"][label] = profile_case(case)
             return
         except torch.cuda.OutOfMemoryError:
-            log(f"{label}: out of memory at batch {batch}; halving")
-            batch //= 2
+            log(f"{label}: out of memory at micro-batch {micro}; halving it (twice the accumulation)")
+            micro, accum = micro // 2, accum * 2
         finally:
             if case is not None:
                 case.close()
-    RESULTS["errors"][label] = "out of memory even at batch 1"
+    RESULTS["errors"][label] = "out of memory even at micro-batch 1"
+
+
+def big_accum(spec: dict, args) -> int:
+    """Micro-batches of the large step: the case's own, or enough for --tokens-per-step."""
+    if args.tokens_per_step:
+        return max(1, math.ceil(args.tokens_per_step / (spec["micro"] * spec["seq_len"])))
+    return spec["accum"]
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def print_tables():
-    print("\ntraining throughput (median step; MFU = paper FLOPs x tokens/s / 989 TFLOP/s bf16)")
-    print(f"{'case':<22}{'compile':>8}{'tokens':>9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'mem GiB':>9}{'fwd+bwd tok/s':>15}{'MFU':>7}")
+    print("\ntraining throughput per optimizer step (median; MFU = paper FLOPs x tokens/s / 989 TFLOP/s bf16)")
+    print(f"{'case':<23}{'variant':>8}{'compile':>8}{'accum':>6}{'tokens':>9}{'step ms':>10}{'opt ms':>8}"
+          f"{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'fwd+bwd MFU':>12}{'mem GiB':>9}")
     for r in RESULTS["cases"]:
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        fmfu = "-" if r["fwd_bwd_mfu"] is None else f"{100 * r['fwd_bwd_mfu']:.1f}%"
-        print(f"{r['case']:<22}{'yes' if r['compile'] else 'no':>8}{r['tokens_per_step']:>9}"
-              f"{1e3 * r['step_s_median']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['tflops']:>9.1f}{mfu:>7}{mem:>9}"
-              f"{r['fwd_bwd_tokens_per_s']:>15,.0f}{fmfu:>7}")
+        print(f"{r['case']:<23}{r['variant']:>8}{'yes' if r['compile'] else 'no':>8}{r['accum']:>6}"
+              f"{r['tokens_per_step']:>9}{1e3 * r['step_s_median']:>10.1f}{1e3 * r['opt_s_median']:>8.1f}"
+              f"{r['tokens_per_s']:>11,.0f}{r['tflops']:>9.1f}{_pct(r['mfu']):>7}{_pct(r['fwd_bwd_mfu']):>12}{mem:>9}")
     print(f"anchor: {ANCHOR['what']}: {ANCHOR['tokens_per_s']:,} tokens/s = {100 * ANCHOR['mfu']:.1f}% MFU "
           f"({ANCHOR['case']} shape)")
     for label, prof in RESULTS["profiles"].items():
-        print(f"\nwhere the time goes: {label} ({prof['unit']}, {prof['total_ms_per_step']:.1f} ms)")
+        print(f"\nwhere the time goes: {label}, small step ({prof['unit']}, {prof['total_ms_per_step']:.1f} ms)")
         for cat, v in prof["categories"].items():
             print(f"  {cat:<30}{v['us_per_step'] / 1e3:>10.1f} ms{100 * v['share']:>7.1f}%")
         for o in prof["top"][:8]:
             print(f"    {o['us_per_step'] / 1e3:8.2f} ms  {o['category']:<28} {o['name'][:90]}")
+    chk = RESULTS.get("fused_loss_check")
+    if chk:
+        print(f"\nfused head loss vs plain ({chk['tokens']} tokens, vocabulary {chk['vocab']}, bf16 autocast): "
+              f"rel. error loss {chk['rel_err_loss']:.1e}, dh {chk['rel_err_dh']:.1e}, dW {chk['rel_err_dw']:.1e}; "
+              f"{chk['plain_ms']:.1f} ms -> {chk['fused_ms']:.1f} ms (forward + backward)"
+              + (f"; extra memory {chk['plain_extra_mem_gib']:.2f} -> {chk['fused_extra_mem_gib']:.2f} GiB"
+                 if "fused_extra_mem_gib" in chk else ""))
     for k, v in RESULTS["errors"].items():
         print(f"error: {k}: {v}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: the tiny preset, 2 timed steps")
-    ap.add_argument("--cases", default=None, help="comma-separated cases (default: all of the mode)")
-    ap.add_argument("--compile", default="both", choices=("no", "yes", "both"))
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: the tiny preset, bf16 autocast, few steps")
+    ap.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES | SMOKE)} "
+                    "(default: all of the mode)")
+    ap.add_argument("--variants", default="fast", help="comma-separated, from fast, ref (default fast)")
+    ap.add_argument("--compile", default="yes", choices=("no", "yes", "both"))
     ap.add_argument("--backend", default="grouped", help="expert backend (grouped, triton, auto, loop)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--loss-chunk", type=int, default=8192,
+                    help="tokens per chunk of the fused LM-head loss in the fast variant; 0: the plain loss")
+    ap.add_argument("--optim-impl", default="auto", choices=("auto", "fused", "foreach", "single"),
+                    help="AdamW implementation (auto: fused on CUDA)")
+    ap.add_argument("--amp", default="auto", choices=("auto", "yes", "no"),
+                    help="bf16 autocast (auto: on CUDA only; --smoke turns it on to run the fast paths)")
+    ap.add_argument("--tokens-per-step", type=int, default=None,
+                    help="tokens of the large (accumulated) step; default: each case's (~0.5M)")
+    ap.add_argument("--warmup", type=int, default=None, help="small steps before timing (include compilation)")
+    ap.add_argument("--steps", type=int, default=None, help="timed small steps")
+    ap.add_argument("--big-steps", type=int, default=None, help="timed large steps")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--time-budget", type=float, default=420.0,
-                    help="seconds; cases not started by then are skipped (reported as such)")
+    ap.add_argument("--time-budget", type=float, default=380.0,
+                    help="seconds; cases not started by then are skipped, large steps cut (reported as such); "
+                    "a case started just before it may run ~1.5 minutes past it (compilation)")
     ap.add_argument("--json", default=None, help="write results here (default $OUT/train_throughput.json if set)")
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    if args.cases:
+        bad = [c for c in args.cases.split(",") if c not in CASES | SMOKE]
+        if bad:
+            ap.error(f"--cases: unknown {bad[0]!r}; choose from {', '.join(CASES | SMOKE)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     json_path = args.json or (os.path.join(os.environ["OUT"], "train_throughput.json") if os.environ.get("OUT")
                               else None)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     cases = SMOKE if args.smoke else CASES
     if args.cases:
         cases = {k: (CASES | SMOKE)[k] for k in args.cases.split(",")}
-    args.warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
-    args.steps = args.steps if args.steps is not None else (2 if device.type == "cpu" else 10)
+    cpu = device.type == "cpu"
+    if args.smoke:
+        args.amp = "yes" if args.amp == "auto" else args.amp
+        args.loss_chunk = min(args.loss_chunk, 50)  # several chunks at the tiny shape
+        if args.compile == "yes":
+            args.compile = "no"
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 2)
+    args.steps = args.steps if args.steps is not None else (2 if cpu else 5)
+    args.big_steps = args.big_steps if args.big_steps is not None else (1 if cpu else 2)
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     try:
         import triton
@@ -322,18 +438,27 @@ def main(argv=None) -> int:
     log(f"device {RESULTS['env']['device']}, torch {torch.__version__}, triton {triton_v}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    if "fast" in args.variants.split(",") and args.loss_chunk:
+        try:
+            vocab = presets.get(next(iter(cases.values()))["preset"]).vocab_size
+            RESULTS["fused_loss_check"] = check_fused_loss(device, vocab)
+            log(f"fused head loss vs plain: {RESULTS['fused_loss_check']}")
+        except Exception as e:
+            RESULTS["errors"]["fused_loss_check"] = f"{type(e).__name__}: {e}"
+            log(f"fused loss check FAILED\n{traceback.format_exc()}")
     for compile_ in modes:
-        for name, spec in cases.items():
-            label = f"{name}{' +compile' if compile_ else ''}"
-            if time.time() - T0 > args.time_budget:
-                RESULTS["errors"][label] = f"skipped: time budget {args.time_budget:.0f}s spent"
-                continue
-            try:
-                run_case(name, spec, device, args, compile_)
-            except Exception as e:  # keep going: one failing case must not hide the others
-                RESULTS["errors"][label] = f"{type(e).__name__}: {e}"
-                log(f"{label}: FAILED\n{traceback.format_exc()}")
-            save(json_path)
+        for variant in args.variants.split(","):
+            for name, spec in cases.items():
+                label = f"{name}{' +compile' if compile_ else ''} [{variant}]"
+                if time.time() - T0 > args.time_budget:
+                    RESULTS["errors"][label] = f"skipped: time budget {args.time_budget:.0f}s spent"
+                    continue
+                try:
+                    run_case(name, spec, device, args, compile_, variant)
+                except Exception as e:  # keep going: one failing case must not hide the others
+                    RESULTS["errors"][label] = f"{type(e).__name__}: {e}"
+                    log(f"{label}: FAILED\n{traceback.format_exc()}")
+                save(json_path)
     print_tables()
     save(json_path)
     return 0 if RESULTS["cases"] else 1

@@ -60,6 +60,11 @@ class ModelConfig:
     expert_backend: str = "auto"  # one of EXPERT_BACKENDS
     hash_seed: int = 0  # seed of the Hash Layer's fixed token-id -> expert table
     name: str = field(default="custom", compare=False)
+    # Training loss only: tokens per chunk of the fused LM-head cross-entropy (model/loss.py), which
+    # never holds all logits at once; `model(x, labels=...)` then returns logits=None. 0: the plain
+    # path (logits materialised and returned). Not written to config.json (a way to compute, like
+    # expert_backend).
+    lm_loss_chunk: int = 0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -78,7 +83,7 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         for name in ("n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                     "first_k_dense_replace", "moe_intermediate_size"):
+                     "first_k_dense_replace", "moe_intermediate_size", "lm_loss_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name}={v!r}: must be a non-negative integer")

@@ -7,7 +7,9 @@ construction by deepseekmoe.parallel; nothing here knows about devices or ranks.
 
 The forward returns `ModelOutput`: logits, the LM loss (next-token cross-entropy, labels aligned
 with input_ids and shifted inside, -100 ignored), the summed balance losses of the MoE layers (in
-training), and their sum `loss`, the objective the released code trains.
+training), and their sum `loss`, the objective the released code trains. With
+`config.lm_loss_chunk` > 0 the LM loss comes from model/loss.py's fused head + cross-entropy
+(chunked over tokens; no logits returned), `lm_loss` on the logits being its reference twin.
 
 Pipeline stages are Transformers too (torchtitan's way): `Transformer.stage(layer_ids, first, last)`
 keeps some blocks under their original indices (`layers` is a `Blocks` dict) and sets the embedding
@@ -26,13 +28,14 @@ import torch.nn.functional as F
 
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
+from deepseekmoe.model.loss import lm_head_loss_fused
 from deepseekmoe.model.moe.layer import MoE
 from deepseekmoe.model.moe.router import BalanceLoss
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the fused head + loss computed the loss (lm_loss_chunk > 0)
     loss: torch.Tensor | None = None  # lm_loss + balance_loss: the trained objective
     lm_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None  # all MoE layers' balance terms (training only)
@@ -60,7 +63,7 @@ class AddAuxiliaryLoss(torch.autograd.Function):
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in float32: labels aligned with the inputs (shifted here), -100
-    ignored."""
+    ignored. The reference twin of model/loss.py's fused head + loss (`lm_loss_chunk` > 0)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -154,11 +157,14 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
+        # config.lm_loss_chunk > 0: the loss straight from the hidden states, chunk by chunk, no logits
+        fused = labels is not None and not logits_to_keep and self.config.lm_loss_chunk > 0
+        logits = None if fused else self.lm_head(x)
         out = ModelOutput(logits=logits, balance_loss=balance.total, expert_balance_loss=balance.expert,
                           device_balance_loss=balance.device)
         if labels is not None:
-            out.lm_loss = lm_loss(logits, labels)
+            out.lm_loss = (lm_head_loss_fused(x, self.lm_head.weight, labels, self.config.lm_loss_chunk) if fused
+                           else lm_loss(logits, labels))
             out.loss = out.lm_loss if balance.total is None else out.lm_loss + balance.total
         return out
 

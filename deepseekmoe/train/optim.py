@@ -6,6 +6,10 @@ decay would pull a gain towards zero rather than regularise a mapping.
 
 `OptimizerList` steps one AdamW per pipeline stage held by a rank as one optimizer.
 
+`ComputeWeights` keeps bf16 compute copies of the weights autocast would cast at every use, made
+once per optimizer step, and accumulates their gradients into fp32 (train/step.py's fast path);
+outside a step the parameters are the fp32 masters the optimizer and checkpoints see.
+
 Schedules are pure functions of the optimizer step, so the schedule's whole state in a checkpoint
 is the step number and a resumed run follows the same curve bit for bit:
 
@@ -112,3 +116,101 @@ class OptimizerList:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
+
+
+class ComputeWeights:
+    """bf16 compute copies of the matrices for the micro-batches of one optimizer step.
+
+    Under autocast every nn.Linear / expert GEMM casts its fp32 weight at each forward (and again in
+    an activation-checkpointed recompute), and its bf16 gradient is cast back and added to the fp32
+    grad: passes over every weight per micro-batch. Here `begin()` casts the chosen weights once
+    (the parameter's storage is swapped to the bf16 copy, so autocast finds nothing to cast: the
+    forward math is the same), a post-accumulate-grad hook adds each micro-batch's bf16 gradient
+    into a persistent fp32 buffer (a copy for the step's first micro-batch, an add after: the sum
+    the reference forms, in the same order), and `end()` puts the fp32 masters back with the fp32
+    sums as their .grad. Clipping, the optimizer and checkpoints see only fp32 tensors.
+
+    Chosen: the weights of nn.Linear modules and the stacked routed experts (what autocast or the
+    expert backends cast to the compute dtype). Not: embeddings (the lookup is not autocast: its
+    fp32 output starts the fp32 residual stream), a head tied to them, norm gains, the router's
+    gate (computed in fp32 by design). One process only (DTensor parameters are refused).
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"ComputeWeights(dtype={dtype}): the compute copies are for bf16 / fp16 autocast; "
+                             "an fp32 run computes with the masters themselves (LocalStep weights=None)")
+        self.dtype = dtype
+        self.params = compute_weight_params(model)
+        self.low: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self.masters: list[torch.Tensor] = []
+        self.touched = [False] * len(self.params)
+        self.active = False
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _hook(self, i: int):
+        def accumulate(p: torch.Tensor) -> None:
+            if not self.active or p.grad is None:
+                return
+            if self.touched[i]:
+                self.grads[i].add_(p.grad)
+            else:
+                if self.grads[i] is None:
+                    self.grads[i] = torch.empty_like(self.masters[i])
+                self.grads[i].copy_(p.grad)
+                self.touched[i] = True
+            p.grad = None
+        return accumulate
+
+    def begin(self) -> None:
+        """Swap in the compute copies (cast now, once for the step's micro-batches)."""
+        if self.active:
+            raise RuntimeError("ComputeWeights.begin() twice without end()")
+        self.masters = [p.data for p in self.params]
+        if not self.low:
+            self.low = [torch.empty_like(m, dtype=self.dtype) for m in self.masters]
+        torch._foreach_copy_(self.low, self.masters)
+        for i, (p, low) in enumerate(zip(self.params, self.low)):
+            self.touched[i] = p.grad is not None
+            if self.touched[i]:  # a gradient already there (not zeroed): keep accumulating onto it
+                self.grads[i] = p.grad
+                p.grad = None
+            p.data = low
+        self.active = True
+
+    def end(self) -> None:
+        """Put the fp32 masters back, with this step's fp32 gradient sums as .grad."""
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            p.data = m
+            p.grad = self.grads[i] if self.touched[i] else None
+        self.masters = []
+        self.active = False
+
+    def remove(self) -> None:
+        """Drop the hooks and buffers (the model is then as it was built)."""
+        if self.active:
+            self.end()
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.low, self.grads = [], [], [None] * len(self.params)
+
+
+def compute_weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable fp32 parameters ComputeWeights keeps in bf16 during a step (see its docstring)."""
+    from deepseekmoe.model.moe.layer import RoutedExperts
+
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out, seen = [], set()
+    for m in model.modules():
+        if not isinstance(m, (torch.nn.Linear, RoutedExperts)):
+            continue
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad or p.dtype != torch.float32 or id(p) in tied or id(p) in seen:
+                continue
+            if type(p) is not torch.nn.Parameter:
+                raise ValueError("ComputeWeights runs on one process's plain parameters, not "
+                                 f"{type(p).__name__} (FSDP2 has its own MixedPrecisionPolicy)")
+            seen.add(id(p))
+            out.append(p)
+    return out

@@ -1,7 +1,10 @@
 """One optimizer step's forward and backward, behind one interface for the trainer.
 
   LocalStep     one model (one process, or expert parallel / FSDP2 under torchrun): the step's
-                `grad_accum` micro-batches one after another, each loss / grad_accum backpropagated
+                `grad_accum` micro-batches one after another, each loss / grad_accum backpropagated;
+                optionally (`weights`, one process under bf16 autocast) with bf16 compute copies of
+                the weights cast once per step and fp32 gradient sums (train/optim.py's
+                ComputeWeights); without it, the reference path: autocast casts at every use
   PipelineStep  parallel.pp > 1: one schedule step runs the same micro-batches through the stages,
                 forward and backward (torch.distributed.pipelining, parallel/pipeline.py)
 
@@ -29,6 +32,7 @@ import torch
 if TYPE_CHECKING:  # the pipelining stack costs about a second to import; one-process runs skip it
     from deepseekmoe.parallel.pipeline import Pipeline
     from deepseekmoe.train.metrics import ExpertLoad
+    from deepseekmoe.train.optim import ComputeWeights
 
 
 @dataclass
@@ -96,19 +100,27 @@ def divided(batches, accum: int, target_mean=None):
 class LocalStep:
     """Gradient accumulation over the step's micro-batches on one model."""
 
-    def __init__(self, model: torch.nn.Module, accum: int, autocast, load: ExpertLoad, device: torch.device):
+    def __init__(self, model: torch.nn.Module, accum: int, autocast, load: ExpertLoad, device: torch.device,
+                 weights: ComputeWeights | None = None):
         self.model, self.accum, self.autocast, self.load, self.device = model, accum, autocast, load, device
         self.target_mean = None  # SFT under data parallelism: Runtime.mean (see divided)
+        self.weights = weights  # bf16 compute copies for the step (None: autocast casts at each use)
 
     def run(self, batches) -> StepStats:
         stats = StepStats.zeros(self.device)
-        for x, div in divided(batches, self.accum, self.target_mean):
-            with self.autocast():
-                out, _ = forward(self.model, x)
-            (out.loss / div).backward()
-            stats.add(out, div)
-            if self.load:
-                self.load.update()
+        if self.weights is not None:
+            self.weights.begin()
+        try:
+            for x, div in divided(batches, self.accum, self.target_mean):
+                with self.autocast():
+                    out, _ = forward(self.model, x)
+                (out.loss / div).backward()
+                stats.add(out, div)
+                if self.load:
+                    self.load.update()
+        finally:
+            if self.weights is not None:
+                self.weights.end()
         return stats
 
     def eval_sums(self, batches) -> tuple[torch.Tensor, int]:
