@@ -18,6 +18,8 @@ still reports what it finished):
      run once under torch.cuda.set_sync_debug_mode("error") to prove it has no host sync, and
      every step's first logits are compared with the eager reference step's (the model's own
      backend); with --profile, the kernel launches per step and a per-kernel device-time table;
+  4b. with the fused path on a GPU: the decode kernels alone on one layer's weights against their
+     torch twins (us per call from a CUDA graph; GB/s of the distinct selected experts' weights);
   5. greedy parity: --greedy-tokens tokens of a fixed prompt set at batch --greedy-batch on each
      compiled path against the eager reference, token for token (first divergence and both
      logit margins there when they differ; inference/parity.py);
@@ -347,6 +349,63 @@ def phase_decode(model, dev, args, refs, keep) -> None:
             torch.cuda.empty_cache()
 
 
+def graph_time(fn, dev, n: int = 20) -> float:
+    """Seconds per call of fn(), replayed from a CUDA graph of n calls on a GPU (no launch
+    overhead); timed plainly on the CPU."""
+    fn()
+    if dev.type != "cuda":
+        return timed(fn, dev, reps=3, warmup=0)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return timed(g.replay, dev, reps=5, warmup=2) / n
+
+
+def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
+    """The decode kernels and their torch twins on one MoE layer's weights at batch B."""
+    from deepseekmoe.kernels.decode_moe import decode_experts
+    from deepseekmoe.kernels.decode_router import decode_router, decode_router_reference
+    from deepseekmoe.model.moe.experts import experts_gather
+
+    gate, ex = moe.gate, moe.experts
+    x = torch.randn(B, ex.w13.shape[-1], device=dev, dtype=ex.w13.dtype)
+    idx, w = decode_router(x, gate.weight, gate.top_k, gate.normalize)
+    expert_bytes = idx.unique().numel() * (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
+    fns = {"router_kernel": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize),
+           "router_torch": lambda: decode_router_reference(x, gate.weight, gate.top_k, gate.normalize),
+           "experts_fused": lambda: decode_experts(x, idx, w, ex.w13, ex.w2)}
+    if with_gather:
+        fns["experts_gather_eager"] = lambda: experts_gather(x, idx, w, ex.w13, ex.w2)
+    rows = []
+    for name, fn in fns.items():
+        with torch.no_grad():
+            t = graph_time(fn, dev)
+        row = {"batch": B, "what": name, "us": t * 1e6}
+        if name.startswith("experts"):
+            row["GB_s"] = expert_bytes / t / 1e9
+        rows.append(row)
+        log(f"kernel b{B} {name}: {t * 1e6:.1f} us" + (f", {row['GB_s']:,.0f} GB/s" if "GB_s" in row else ""))
+    return rows
+
+
+def phase_kernels(model, dev, args) -> None:
+    """The decode kernels alone on the first MoE layer's weights, against their torch twins (eager,
+    in a CUDA graph): microseconds per call and the GB/s of the distinct experts' weights read."""
+    cfg = model.config
+    rows = RESULTS.setdefault("kernels", [])
+    for B in sorted(set(args.compile_batches + [1])):
+        if fused_unavailable_reason(model, B):
+            continue
+        try:
+            rows += kernel_rows(model.moe_layers()[0], dev, B, B * cfg.num_experts_per_tok <= cfg.n_routed_experts)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"kernels/b{B}"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+    save_json(args.json)
+
+
 def phase_compile(model, dev, args, refs, keep) -> None:
     """torch.compile + CUDA graph inside the time budget: the fused path at every batch first
     (batch 1 first), then the baselines (batch 1 first)."""
@@ -436,6 +495,9 @@ def summary(cfg) -> None:
         kern = f"{r['profile']['kernels_per_step']:12.0f}" if "profile" in r else f"{'':>12}"
         print(f"{name:44} {r['tok_s']:14,.1f} {anchor if anchor else '':>12}   {kern}  "
               f"{r.get('max_abs_diff_vs_eager_reference', float('nan')):.3g} (of {r.get('logit_scale', 0):.3g})")
+    for k in RESULTS.get("kernels", []):
+        what = f"kernel b{k['batch']} {k['what']}, us" + (" (GB/s)" if "GB_s" in k else "")
+        print(f"{what:44} {k['us']:14.1f} {'':>12}" + (f"   {k['GB_s']:,.0f} GB/s" if "GB_s" in k else ""))
     gr = RESULTS.get("greedy")
     for name, g in (gr or {}).get("paths", {}).items():
         div = ("" if g["first_divergence"] is None else f", first divergence at {g['first_divergence']} "
@@ -530,6 +592,7 @@ def main(argv=None) -> int:
     refs, keep = {}, {}  # eager reference logits per batch; decoders kept for the greedy check
     for phase, fn in (("prefill", lambda: phase_prefill(model, dev, args.prefill, "grouped")),
                       ("decode", lambda: phase_decode(model, dev, args, refs, keep)),
+                      ("kernels", lambda: "fused" in args.decode_backends and phase_kernels(model, dev, args)),
                       ("compile", lambda: phase_compile(model, dev, args, refs, keep)),
                       ("greedy", lambda: args.greedy_tokens and phase_greedy(model, dev, args, keep))):
         try:

@@ -271,3 +271,29 @@ def test_greedy_run_of_the_fused_path_matches_eager():
     rep = compare_greedy(ref, greedy_run(Decoder(model, 2, 16, decode_backend="fused"), prompts, 6))
     assert rep["rows_matching"] == 2 and rep["first_divergence"] is None
     assert all(m > 0 for row in ref.margins for m in row)
+
+
+@needs_interp
+def test_benchmark_kernel_phase_and_backend_choice_run_on_the_interpreter():
+    """benchmarks/inference.py's fused-path pieces (its GPU run is one shot): the backend choice per
+    batch and the kernel micro-benchmark rows, on the tiny model."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from tests.helpers import tiny_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model()  # 8 experts, top-2
+    assert bench.backends_at(model, 2, ["gather", "fused"], compiled=True) == ["gather", "fused"]
+    assert bench.backends_at(model, 5, ["gather", "fused"], compiled=True) == ["grouped", "fused"]
+    assert bench.backends_at(model, 5, ["grouped", "gather"], compiled=False) == ["grouped"]
+    assert bench.backends_at(model, 65, ["fused"], compiled=True) == []
+    bench.phase_kernels(model, torch.device("cpu"), argparse.Namespace(compile_batches=[2], json=None))
+    rows = bench.RESULTS["kernels"]
+    assert {(r["batch"], r["what"]) for r in rows} == {
+        (b, w) for b in (1, 2) for w in ("router_kernel", "router_torch", "experts_fused", "experts_gather_eager")}
+    assert all(r["us"] > 0 for r in rows) and all(r["GB_s"] > 0 for r in rows if r["what"].startswith("experts"))
