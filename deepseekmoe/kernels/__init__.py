@@ -14,7 +14,8 @@ import torch
 
 from deepseekmoe.kernels.options import KernelOptions, current_options, kernel_options
 
-__all__ = ["KernelOptions", "current_options", "experts_triton", "kernel_options", "triton_unavailable_reason"]
+__all__ = ["KernelOptions", "current_options", "decode_experts", "decode_router", "experts_triton", "kernel_options",
+           "triton_unavailable_reason"]
 
 
 def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
@@ -39,3 +40,18 @@ def experts_triton(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, options: KernelOptions 
     from deepseekmoe.kernels.moe_triton import experts_triton as fn
 
     return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF, options)
+
+
+def decode_experts(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
+    """Fused routed experts of a decode step (T <= 64 tokens, inference only); same signature and
+    result as the `gather` backend (decode_moe.py)."""
+    from deepseekmoe.kernels.decode_moe import decode_experts as fn
+
+    return fn(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)
+
+
+def decode_router(x_TD, w_ED, k: int, normalize: bool):
+    """(idx_TK, w_TK) of the top-k router in one kernel (inference only; decode_router.py)."""
+    from deepseekmoe.kernels.decode_router import decode_router as fn
+
+    return fn(x_TD, w_ED, k, normalize)
