@@ -20,7 +20,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 IGNORE = -100
-_NEG = -1.0e30  # finite "minus infinity" for the running max: exp(_NEG - _NEG) is 1, not NaN
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: exp(_NEG - _NEG) is 1, not NaN
 
 
 @triton.jit
