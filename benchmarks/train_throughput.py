@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     if "fast" in args.variants.split(",") and args.loss_chunk:
         try:
-            vocab = presets.get(next(iter(cases.values()))["preset"]).vocab_size
+            vocab = max(presets.get(spec["preset"]).vocab_size for spec in cases.values())
             RESULTS["fused_loss_check"] = check_fused_loss(device, vocab)
             log(f"fused head loss vs plain: {RESULTS['fused_loss_check']}")
         except Exception as e:

@@ -170,8 +170,8 @@ class ComputeWeights:
         self.masters = [p.data for p in self.params]
         if not self.low:
             self.low = [torch.empty_like(m, dtype=self.dtype) for m in self.masters]
-        torch._foreach_copy_(self.low, self.masters)
         for i, (p, low) in enumerate(zip(self.params, self.low)):
+            low.copy_(self.masters[i])  # once per optimizer step: a loop of copies costs nothing here
             self.touched[i] = p.grad is not None
             if self.touched[i]:  # a gradient already there (not zeroed): keep accumulating onto it
                 self.grads[i] = p.grad
