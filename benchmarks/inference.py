@@ -366,14 +366,15 @@ def graph_time(fn, dev, n: int = 20) -> float:
 def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
     """The decode kernels and their torch twins on one MoE layer's weights at batch B."""
     from deepseekmoe.kernels.decode_moe import decode_experts
-    from deepseekmoe.kernels.decode_router import decode_router, decode_router_reference
+    from deepseekmoe.kernels.decode_routing import decode_router, decode_router_reference
     from deepseekmoe.model.moe.experts import experts_gather
 
     gate, ex = moe.gate, moe.experts
     x = torch.randn(B, ex.w13.shape[-1], device=dev, dtype=ex.w13.dtype)
     idx, w = decode_router(x, gate.weight, gate.top_k, gate.normalize)
     expert_bytes = idx.unique().numel() * (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
-    fns = {"router_kernel": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize),
+    fns = {"router_kernel": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize, 1),
+           "router_kernel_split8": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize, 8),
            "router_torch": lambda: decode_router_reference(x, gate.weight, gate.top_k, gate.normalize),
            "experts_fused": lambda: decode_experts(x, idx, w, ex.w13, ex.w2)}
     if with_gather:

@@ -1,6 +1,6 @@
 """The decode fast path's Triton kernels on the CPU, through Triton's interpreter, against their
 reference twins: the fused routed experts (deepseekmoe.kernels.decode_moe) against the `gather`
-backend and the `loop` reference, and the decode router (decode_router) against TopKRouter.
+backend and the `loop` reference, and the decode router (decode_routing) against TopKRouter.
 
 Decode is inference only, so these are forward checks (the kernels have no backward). The
 interpreter rule (TRITON_INTERPRET=1 before triton is imported, else a fresh process) is the one
@@ -21,7 +21,7 @@ IN_PROCESS = kernels_in_process()
 with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
     pytest.importorskip("triton")
     from deepseekmoe.kernels import decode_moe as dm
-    from deepseekmoe.kernels import decode_router as dr
+    from deepseekmoe.kernels import decode_routing as dr
 
 from deepseekmoe.model.moe.experts import experts_gather, experts_loop  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
@@ -118,13 +118,16 @@ def test_decode_experts_refuses_prefill_sizes():
 
 
 @needs_interp
-@pytest.mark.parametrize("T,E,D,k,normalize", [(1, 8, 40, 2, False), (5, 6, 32, 3, True), (3, 5, 16, 1, True),
-                                               (4, 64, 48, 6, False)])
-def test_decode_router_matches_reference_and_topk_router(T, E, D, k, normalize):
+@pytest.mark.parametrize("T,E,D,k,normalize,splits", [(1, 8, 40, 2, False, 1), (5, 6, 32, 3, True, 1),
+                                                      (3, 5, 16, 1, True, 1), (4, 64, 48, 6, False, 1),
+                                                      (1, 8, 40, 2, False, 2), (3, 64, 48, 6, True, 8)])
+def test_decode_router_matches_reference_and_topk_router(T, E, D, k, normalize, splits):
+    """One launch, and split-D (splits > 1; with 8 splits of 16-column chunks over D = 48 some are
+    empty)."""
     g = torch.Generator().manual_seed(T + E)
     x = torch.randn(T, D, generator=g)
     w_ED = torch.randn(E, D, generator=g)
-    idx, gate = dr.decode_router(x, w_ED, k, normalize)
+    idx, gate = dr.decode_router(x, w_ED, k, normalize, splits)
     ref_idx, ref_gate = dr.decode_router_reference(x, w_ED, k, normalize)
     assert idx.dtype == torch.int64 and gate.dtype == torch.float32
     assert torch.equal(idx, ref_idx)
@@ -295,5 +298,6 @@ def test_benchmark_kernel_phase_and_backend_choice_run_on_the_interpreter():
     bench.phase_kernels(model, torch.device("cpu"), argparse.Namespace(compile_batches=[2], json=None))
     rows = bench.RESULTS["kernels"]
     assert {(r["batch"], r["what"]) for r in rows} == {
-        (b, w) for b in (1, 2) for w in ("router_kernel", "router_torch", "experts_fused", "experts_gather_eager")}
+        (b, w) for b in (1, 2) for w in ("router_kernel", "router_kernel_split8", "router_torch", "experts_fused",
+                                         "experts_gather_eager")}
     assert all(r["us"] > 0 for r in rows) and all(r["GB_s"] > 0 for r in rows if r["what"].startswith("experts"))

@@ -8,7 +8,7 @@ Inside the block every eligible MoE layer computes
     idx_TK, w_TK = decode_router(x_TD, gate.weight, top_k, normalize)     (one kernel)
     y_TD = decode_experts(x_TD, idx_TK, w_TK, w13, w2) + shared_experts(x_TD)
 
-with the kernels of deepseekmoe.kernels.decode_router / decode_moe (reference twins: TopKRouter and
+with the kernels of deepseekmoe.kernels.decode_routing and decode_moe (reference twins: TopKRouter and
 the `gather` backend; tests/test_decode_kernels.py). Each layer's weights are read from its
 modules as they are (nothing is copied or re-laid out). A layer stays on its own forward when
 the fast path cannot reproduce it: hash routing, the mask_top_fraction knob, LoRA on the
@@ -41,7 +41,7 @@ def _kernels() -> dict:
     """The two kernel entry points (imported on first use)."""
     if not _KERNELS:
         from deepseekmoe.kernels.decode_moe import MAX_TOKENS, decode_experts
-        from deepseekmoe.kernels.decode_router import decode_router
+        from deepseekmoe.kernels.decode_routing import decode_router
 
         _KERNELS.update(router=decode_router, experts=decode_experts, max_tokens=MAX_TOKENS)
     return _KERNELS

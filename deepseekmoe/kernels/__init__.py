@@ -51,7 +51,7 @@ def decode_experts(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
 
 
 def decode_router(x_TD, w_ED, k: int, normalize: bool):
-    """(idx_TK, w_TK) of the top-k router in one kernel (inference only; decode_router.py)."""
-    from deepseekmoe.kernels.decode_router import decode_router as fn
+    """(idx_TK, w_TK) of the top-k router in one kernel (inference only; decode_routing.py)."""
+    from deepseekmoe.kernels.decode_routing import decode_router as fn
 
     return fn(x_TD, w_ED, k, normalize)
