@@ -547,8 +547,10 @@ def main(argv=None) -> int:
             args.compile_batches = [1, 8, 32]
         if "--time-budget" not in (argv or sys.argv):
             args.time_budget, args.compile_reserve = 230.0, 35.0
-    # Every compiled Decoder recompiles its step (dynamo's per-code cache limit is 8 by default).
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Every compiled Decoder recompiles its step (dynamo's per-code limit is 8 by default).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "inference.json")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
