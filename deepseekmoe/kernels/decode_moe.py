@@ -6,7 +6,7 @@ Same signature and result as the `gather` backend (deepseekmoe.model.moe.experts
 its reference twin) for the stacked expert layout the model stores: w13_E2FD holds gate rows
 0..F-1 and up rows F..2F-1 in (out, in) orientation, w2_EDF the down projection. Inference only:
 there is no backward (decode runs under no_grad; the custom op has no autograd formula, so a
-call that needs a gradient raises).
+backward through it raises "no autograd formula was registered").
 
 Two kernels, no sort, no host sync, fixed launch grids (CUDA-graph safe):
 
@@ -185,8 +185,8 @@ def _launch(name, grid, args, meta):
 
 
 def token_tile(T: int) -> tuple[int, bool]:
-    """(BLOCK_M, USE_DOT): one tile holds every token; tl.dot needs >= 16 rows, so below 4 tokens
-    the kernels run as GEMVs (broadcast multiply-and-sum) instead of padding 1 row to 16."""
+    """(BLOCK_M, USE_DOT): one tile holds every token; tl.dot needs >= 16 rows, so for 1-2 tokens
+    the kernels run as GEMVs (elementwise products, one reduction) instead of padding to 16 rows."""
     if T <= 2:
         return triton.next_power_of_2(T), False
     return max(16, triton.next_power_of_2(T)), True
