@@ -300,8 +300,8 @@ def backends_at(model, B: int, names, compiled: bool) -> list[str]:
     for name in names:
         if name == "gather" and not gather_ok:
             name = "grouped" if compiled else None
-        elif name == "fused" and fused_unavailable_reason(model, B):
-            RESULTS["errors"][f"b{B}/fused"] = f"skipped: {fused_unavailable_reason(model, B)}"
+        elif name.startswith("fused") and fused_unavailable_reason(model, B):
+            RESULTS["errors"][f"b{B}/{name}"] = f"skipped: {fused_unavailable_reason(model, B)}"
             name = None
         elif name == "grouped" and compiled and gather_ok and "gather" in names:
             name = None
@@ -365,7 +365,7 @@ def graph_time(fn, dev, n: int = 20) -> float:
 
 def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
     """The decode kernels and their torch twins on one MoE layer's weights at batch B."""
-    from deepseekmoe.kernels.decode_moe import decode_experts
+    from deepseekmoe.kernels.decode_moe import decode_experts, decode_shared
     from deepseekmoe.kernels.decode_routing import decode_router, decode_router_reference
     from deepseekmoe.model.moe.experts import experts_gather
 
@@ -379,6 +379,10 @@ def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
            "experts_fused": lambda: decode_experts(x, idx, w, ex.w13, ex.w2)}
     if with_gather:
         fns["experts_gather_eager"] = lambda: experts_gather(x, idx, w, ex.w13, ex.w2)
+    mlp = moe.shared_experts
+    if mlp is not None:
+        fns["shared_kernels"] = lambda: decode_shared(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        fns["shared_torch"] = lambda: mlp(x)
     rows = []
     for name, fn in fns.items():
         with torch.no_grad():
@@ -386,6 +390,8 @@ def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
         row = {"batch": B, "what": name, "us": t * 1e6}
         if name.startswith("experts"):
             row["GB_s"] = expert_bytes / t / 1e9
+        elif name.startswith("shared"):
+            row["GB_s"] = sum(p.numel() * p.element_size() for p in mlp.parameters()) / t / 1e9
         rows.append(row)
         log(f"kernel b{B} {name}: {t * 1e6:.1f} us" + (f", {row['GB_s']:,.0f} GB/s" if "GB_s" in row else ""))
     return rows
@@ -411,7 +417,7 @@ def phase_compile(model, dev, args, refs, keep) -> None:
     """torch.compile + CUDA graph inside the time budget: the fused path at every batch first
     (batch 1 first), then the baselines (batch 1 first)."""
     runs = [(B, b) for B in args.compile_batches for b in backends_at(model, B, args.decode_backends, compiled=True)]
-    runs.sort(key=lambda r: (r[1] != "fused", r[0] != 1, r[0]))
+    runs.sort(key=lambda r: (not r[1].startswith("fused"), r[0] != 1, r[0], r[1]))
     for B, backend in runs:
         left = args.time_budget - (time.time() - T0)
         if left < args.compile_reserve + (args.greedy_reserve if args.greedy_tokens else 0):
@@ -532,7 +538,8 @@ def main(argv=None) -> int:
                    help="uncompiled decode modes to time (compiled ones: --compile-batches)")
     p.add_argument("--profile", action="store_true", help="kernel time breakdown of graph/compiled steps")
     p.add_argument("--decode-backends", nargs="+", default=["grouped", "gather", "fused"],
-                   choices=["grouped", "gather", "fused"], help="decode MoE paths to compare")
+                   choices=["grouped", "gather", "fused", "fused_shared"],
+                   help="decode MoE paths to compare (fused_shared: the shared experts on the decode kernels too)")
     p.add_argument("--greedy-tokens", type=int, default=256, help="greedy parity length (0: skip)")
     p.add_argument("--greedy-batch", type=int, default=8, help="prompts of the greedy parity check")
     p.add_argument("--greedy-reserve", type=float, default=20.0, help="seconds kept for the greedy check")
@@ -595,7 +602,8 @@ def main(argv=None) -> int:
     refs, keep = {}, {}  # eager reference logits per batch; decoders kept for the greedy check
     for phase, fn in (("prefill", lambda: phase_prefill(model, dev, args.prefill, "grouped")),
                       ("decode", lambda: phase_decode(model, dev, args, refs, keep)),
-                      ("kernels", lambda: "fused" in args.decode_backends and phase_kernels(model, dev, args)),
+                      ("kernels", lambda: any(b.startswith("fused") for b in args.decode_backends)
+                       and phase_kernels(model, dev, args)),
                       ("compile", lambda: phase_compile(model, dev, args, refs, keep)),
                       ("greedy", lambda: args.greedy_tokens and phase_greedy(model, dev, args, keep))):
         try:

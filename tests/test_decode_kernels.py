@@ -111,6 +111,24 @@ def test_decode_experts_write_every_slot_once():
 
 
 @needs_interp
+@pytest.mark.parametrize("T,D,F", [(1, 40, 24), (2, 32, 48), (5, 32, 40), (19, 48, 32)])
+def test_decode_shared_matches_mlp(T, D, F):
+    """The shared experts on the same kernels (one expert, every token at weight 1) against the MLP."""
+    from deepseekmoe.model.layers import MLP
+
+    torch.manual_seed(T)
+    mlp = MLP(D, F)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        ref = mlp(x)
+        got = dm.decode_shared(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        assert got.dtype == torch.float32 and got.shape == (T, D)
+        assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
+        twin = dm.decode_shared_reference(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        assert rel_err(twin, ref) < 1e-6
+
+
+@needs_interp
 def test_decode_experts_refuses_prefill_sizes():
     x, idx, w, w13, w2 = _inputs(dm.MAX_TOKENS + 1, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="at most"):
@@ -164,13 +182,13 @@ def _decode_logits(model, backend, B=2, steps=4, mode="eager"):
 
 
 @needs_interp
-@pytest.mark.parametrize("B", [1, 2])
-def test_fused_decode_steps_match_gather(B):
+@pytest.mark.parametrize("B,backend", [(1, "fused"), (2, "fused"), (2, "fused_shared")])
+def test_fused_decode_steps_match_gather(B, backend):
     from tests.helpers import tiny_model
 
     model = tiny_model()
-    fused, dec = _decode_logits(model, "fused", B)
-    assert dec.decode_backend == "fused"
+    fused, dec = _decode_logits(model, backend, B)
+    assert dec.decode_backend == backend
     ref, _ = _decode_logits(model, "gather", B)
     assert rel_err(fused, ref) < 1e-5, rel_err(fused, ref)
     assert all("forward" not in m.__dict__ for m in model.moe_layers()), "the fused forward outlived its block"
@@ -208,8 +226,9 @@ def test_fused_path_honours_knobs_and_falls_back():
 
 
 @needs_interp
-def test_fused_step_traces_in_one_graph_without_recompiling():
-    """torch.compile(fullgraph=True) takes the patched forward and both custom ops in one graph, and
+@pytest.mark.parametrize("shared_on_kernels", [False, True])
+def test_fused_step_traces_in_one_graph_without_recompiling(shared_on_kernels):
+    """torch.compile(fullgraph=True) takes the patched forward and the custom ops in one graph, and
     entering the block again (as every decode step does) does not retrace."""
     from deepseekmoe.inference.fast_path import fused_moe_path
     from tests.helpers import tiny_model
@@ -226,10 +245,11 @@ def test_fused_step_traces_in_one_graph_without_recompiling():
     with torch.no_grad():
         ref = model(ids).logits
         for _ in range(2):
-            with fused_moe_path(model):
+            with fused_moe_path(model, shared_on_kernels):
                 got = fn(ids)
     assert len(graphs) == 1
     assert "decode_experts" in graphs[0].code and "decode_router" in graphs[0].code
+    assert ("decode_shared" in graphs[0].code) == shared_on_kernels
     assert rel_err(got, ref) < 1e-5
 
 
@@ -299,8 +319,8 @@ def test_benchmark_kernel_phase_and_backend_choice_run_on_the_interpreter():
     rows = bench.RESULTS["kernels"]
     assert {(r["batch"], r["what"]) for r in rows} == {
         (b, w) for b in (1, 2) for w in ("router_kernel", "router_kernel_split8", "router_torch", "experts_fused",
-                                         "experts_gather_eager")}
-    assert all(r["us"] > 0 for r in rows) and all(r["GB_s"] > 0 for r in rows if r["what"].startswith("experts"))
+                                         "experts_gather_eager", "shared_kernels", "shared_torch")}
+    assert all(r["us"] > 0 for r in rows) and all(r["GB_s"] > 0 for r in rows if not r["what"].startswith("router"))
 
 
 COMPILE_SNIPPET = """
@@ -317,11 +337,13 @@ def compile_(fn, sig, consts, cfg=None):
     assert "cubin" in k.asm
 
 ints = {"T": "i32", "D": "i32", "F": "i32", "K_TOP": "i32"}
-up = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "a_ptr": "*bf16", **ints}
+up = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "a_ptr": "*bf16",
+      **ints, "stride_e": "i64"}
 down = {"a_ptr": "*bf16", "w2_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "y_ptr": "*fp32", **ints}
-for T in (1, 8, 64):
+for T, shared in ((1, False), (8, False), (64, False), (1, True), (8, True)):
     bm, dot = dm.token_tile(T)
-    meta = dict(S_P2=triton.next_power_of_2(6 * T), BLOCK_M=bm, K_P2=8, USE_DOT=dot, PREC="tf32", BY_EXPERT=T > 10)
+    meta = dict(S_P2=triton.next_power_of_2(6 * T), BLOCK_M=bm, K_P2=8, USE_DOT=dot, PREC="tf32", BY_EXPERT=T > 10,
+                SHARED=shared)
     compile_(dm._decode_gateup, up, {**meta, **dm.GATEUP_CFGS[0].kwargs}, dm.GATEUP_CFGS[0])
     compile_(dm._decode_down, down, {**meta, **dm.DOWN_CFGS[-1].kwargs}, dm.DOWN_CFGS[-1])
 rsig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32", "idx_ptr": "*i64", "gate_ptr": "*fp32", "D": "i32",
@@ -336,7 +358,7 @@ print("compiled")
 
 def test_decode_kernels_compile_for_hopper():
     """The real compiler (not the interpreter) accepts the decode kernels for sm_90 at the 16B shape's
-    tiles (GEMV and tl.dot paths, both grids, both router forms), without a GPU."""
+    tiles (GEMV and tl.dot paths, both grids, the shared form, both router forms), without a GPU."""
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton install has no bundled ptxas to compile with")

@@ -13,7 +13,9 @@ the `gather` backend; tests/test_decode_kernels.py). Each layer's weights are re
 modules as they are (nothing is copied or re-laid out). A layer stays on its own forward when
 the fast path cannot reproduce it: hash routing, the mask_top_fraction knob, LoRA on the
 experts, expert parallel, training mode. The `top_k`, `shared_enabled` and `record` knobs are
-honoured (recording keeps ids and gates; scores are not computed).
+honoured (recording keeps ids and gates; scores are not computed). The shared experts stay the
+layer's MLP (torch / inductor), or with `shared_on_kernels` (decode_backend="fused_shared") run on
+the same decode kernels as one expert every token takes (decode_moe.decode_shared).
 
 How it hooks in: the layer's `forward` is replaced by a bound method for the block's duration
 (torch.compile guards a patched forward on its function, which is the same every step, so a
@@ -40,10 +42,10 @@ _KERNELS: dict = {}
 def _kernels() -> dict:
     """The two kernel entry points (imported on first use)."""
     if not _KERNELS:
-        from deepseekmoe.kernels.decode_moe import MAX_TOKENS, decode_experts
+        from deepseekmoe.kernels.decode_moe import MAX_TOKENS, decode_experts, decode_shared
         from deepseekmoe.kernels.decode_routing import decode_router
 
-        _KERNELS.update(router=decode_router, experts=decode_experts, max_tokens=MAX_TOKENS)
+        _KERNELS.update(router=decode_router, experts=decode_experts, shared=decode_shared, max_tokens=MAX_TOKENS)
     return _KERNELS
 
 
@@ -72,8 +74,7 @@ def layer_takes_fused(moe) -> bool:
             and experts.dispatcher is None and not moe.training and plain)
 
 
-def fused_moe_forward(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor | None = None):
-    """MoE.forward of a decode step on the fused kernels (bound to the layer as `self`)."""
+def _fused(self, x_BLD: torch.Tensor, shared_on_kernels: bool):
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
     gate = self.gate
@@ -81,20 +82,39 @@ def fused_moe_forward(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor | No
     if self.record:
         self.last_routing = Routing(idx_TK, w_TK, None)
     y_TD = _KERNELS["experts"](x_TD, idx_TK, w_TK, self.experts.w13, self.experts.w2)
-    if self.shared_experts is not None and self.shared_enabled:
-        y_TD = y_TD + self.shared_experts(x_TD)
+    mlp = self.shared_experts
+    if mlp is not None and self.shared_enabled:
+        if shared_on_kernels:
+            s_TD = _KERNELS["shared"](x_TD, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            y_TD = (y_TD.float() + s_TD).to(x_TD.dtype)
+        else:
+            y_TD = y_TD + mlp(x_TD)
     return y_TD.view(B, L, D), None
 
 
+def fused_moe_forward(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor | None = None):
+    """MoE.forward of a decode step on the fused kernels (bound to the layer as `self`); the
+    shared experts stay the layer's own MLP."""
+    return _fused(self, x_BLD, False)
+
+
+def fused_moe_shared_forward(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor | None = None):
+    """As fused_moe_forward, with the shared experts on the decode kernels too (decode_shared:
+    gate|up + SwiGLU in one launch, down in a second)."""
+    return _fused(self, x_BLD, True)
+
+
 @contextlib.contextmanager
-def fused_moe_path(model):
-    """Run every eligible MoE layer of `model` with fused_moe_forward inside the block."""
+def fused_moe_path(model, shared_on_kernels: bool = False):
+    """Run every eligible MoE layer of `model` with fused_moe_forward (or, with
+    `shared_on_kernels`, fused_moe_shared_forward) inside the block."""
     _kernels()
+    fn = fused_moe_shared_forward if shared_on_kernels else fused_moe_forward
     patched = []
     for moe in model.moe_layers():
         if layer_takes_fused(moe):
             patched.append((moe, moe.__dict__.get("forward")))
-            moe.forward = types.MethodType(fused_moe_forward, moe)
+            moe.forward = types.MethodType(fn, moe)
     try:
         yield
     finally:

@@ -42,6 +42,7 @@ import torch
 from deepseekmoe.errors import ConfigError, DataError
 
 MODES = ("eager", "cuda_graph", "compile")
+FUSED_PATHS = ("fused", "fused_shared")  # decode paths on the decode kernels (inference/fast_path.py)
 
 
 # ---------------------------------------------------------------------- KV cache and masks
@@ -103,12 +104,13 @@ def expert_backend(model, name: str | None):
 
 @contextlib.contextmanager
 def decode_path(model, name: str | None):
-    """The MoE path of a decode step: "fused" (the decode kernels, inference/fast_path.py), else
-    the routed-expert backend `name` (None: the model's own)."""
-    if name == "fused":
+    """The MoE path of a decode step: "fused" / "fused_shared" (the decode kernels, without / with
+    the shared experts on them; inference/fast_path.py), else the routed-expert backend `name`
+    (None: the model's own)."""
+    if name in FUSED_PATHS:
         from deepseekmoe.inference.fast_path import fused_moe_path
 
-        with fused_moe_path(model):
+        with fused_moe_path(model, shared_on_kernels=name == "fused_shared"):
             yield
     else:
         with expert_backend(model, name):
@@ -152,12 +154,13 @@ class Decoder:
         self.slot_S = torch.arange(max_len, device=dev)
         self.decode_backend = (default_decode_backend(model, batch_size, mode) if decode_backend == "default"
                                else decode_backend)
-        if self.decode_backend == "fused":
+        if self.decode_backend in FUSED_PATHS:
             from deepseekmoe.inference.fast_path import fused_unavailable_reason
 
             reason = fused_unavailable_reason(model, batch_size)
             if reason:
-                raise ConfigError(f"decode_backend='fused' is not usable here: {reason}; use 'gather' or None")
+                raise ConfigError(f"decode_backend={self.decode_backend!r} is not usable here: {reason}; "
+                                  "use 'gather' or None")
         self.use_graph = mode != "eager" and dev.type == "cuda"
         self._fn = self._step
         if mode == "compile":

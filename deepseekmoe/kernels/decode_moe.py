@@ -79,44 +79,55 @@ def _acc_result(acc, USE_DOT: tl.constexpr):
 
 @triton.jit
 def _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2: tl.constexpr, BLOCK_M: tl.constexpr,
-                  K_P2: tl.constexpr, BY_EXPERT: tl.constexpr):
+                  K_P2: tl.constexpr, BY_EXPERT: tl.constexpr, SHARED: tl.constexpr):
     """Program s's expert e and whether it owns it, and per token m: chose e, the slot (m*K + k)
     where it did, and that slot's gate value. Programs are slots (e = the slot's expert, owner =
     no earlier slot chose e) or, with BY_EXPERT (more slots than experts), experts (e = s, owner =
-    some slot chose e)."""
-    offs_s = tl.arange(0, S_P2)
-    if BY_EXPERT:
-        e = s.to(tl.int64)
-        chosen = tl.load(idx_ptr + offs_s, mask=offs_s < T * K_TOP, other=-1)
-        owner = tl.sum((chosen == e).to(tl.int32), 0) > 0
-    else:
-        e = tl.load(idx_ptr + s).to(tl.int64)
-        before = tl.load(idx_ptr + offs_s, mask=offs_s < s, other=-1)
-        owner = tl.sum((before == e).to(tl.int32), 0) == 0
+    some slot chose e). SHARED: one expert every token takes with weight 1 (idx/w unread)."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, K_P2)
-    mk = (offs_m[:, None] < T) & (offs_k[None, :] < K_TOP)
-    ids = tl.load(idx_ptr + offs_m[:, None] * K_TOP + offs_k[None, :], mask=mk, other=-1)
-    hit = ids == e
-    chose_m = tl.sum(hit.to(tl.int32), 1) > 0
-    slot_m = offs_m * K_TOP + tl.sum(tl.where(hit, offs_k[None, :], 0), 1)
-    gate_m = tl.sum(tl.where(hit, tl.load(w_ptr + offs_m[:, None] * K_TOP + offs_k[None, :], mask=mk, other=0.0),
-                             0.0), 1)
+    if SHARED:
+        e = tl.zeros([], dtype=tl.int64)
+        owner = s == 0
+        chose_m = offs_m < T
+        slot_m = offs_m
+        gate_m = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        offs_s = tl.arange(0, S_P2)
+        if BY_EXPERT:
+            e = s.to(tl.int64)
+            chosen = tl.load(idx_ptr + offs_s, mask=offs_s < T * K_TOP, other=-1)
+            owner = tl.sum((chosen == e).to(tl.int32), 0) > 0
+        else:
+            e = tl.load(idx_ptr + s).to(tl.int64)
+            before = tl.load(idx_ptr + offs_s, mask=offs_s < s, other=-1)
+            owner = tl.sum((before == e).to(tl.int32), 0) == 0
+        offs_k = tl.arange(0, K_P2)
+        mk = (offs_m[:, None] < T) & (offs_k[None, :] < K_TOP)
+        ids = tl.load(idx_ptr + offs_m[:, None] * K_TOP + offs_k[None, :], mask=mk, other=-1)
+        hit = ids == e
+        chose_m = tl.sum(hit.to(tl.int32), 1) > 0
+        slot_m = offs_m * K_TOP + tl.sum(tl.where(hit, offs_k[None, :], 0), 1)
+        gate_m = tl.sum(tl.where(hit, tl.load(w_ptr + offs_m[:, None] * K_TOP + offs_k[None, :], mask=mk,
+                                              other=0.0), 0.0), 1)
     return e, owner, offs_m, chose_m, slot_m, gate_m
 
 
 @triton.jit
-def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
+def _decode_gateup(x_ptr, w1_ptr, w3_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP, stride_e,
                    S_P2: tl.constexpr, BLOCK_M: tl.constexpr, K_P2: tl.constexpr, USE_DOT: tl.constexpr,
-                   PREC: tl.constexpr, BY_EXPERT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a[slot(m)] = silu(x_m W1_e^T) * (x_m W3_e^T) for the F block, every token m that chose e."""
+                   PREC: tl.constexpr, BY_EXPERT: tl.constexpr, SHARED: tl.constexpr, BLOCK_F: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """a[slot(m)] = silu(x_m W1_e^T) * (x_m W3_e^T) for the F block, every token m that chose e
+    (W1_e / W3_e: [F, D] row-major at w1/w3 + e * stride_e)."""
     s = tl.program_id(0)
-    e, owner, offs_m, chose_m, slot_m, _ = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2, BY_EXPERT)
+    e, owner, offs_m, chose_m, slot_m, _ = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2, BY_EXPERT,
+                                                         SHARED)
     if owner:
         offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = offs_f < F
-        wg_base = w13_ptr + e.to(tl.int64) * 2 * F * D + offs_f[:, None].to(tl.int64) * D
-        wu_base = wg_base + F * D
+        rows = e.to(tl.int64) * stride_e + offs_f[:, None].to(tl.int64) * D
+        wg_base = w1_ptr + rows
+        wu_base = w3_ptr + rows
         acc_g = _acc_zeros(BLOCK_M, BLOCK_F, BLOCK_K, USE_DOT)
         acc_u = _acc_zeros(BLOCK_M, BLOCK_F, BLOCK_K, USE_DOT)
         for k0 in range(0, D, BLOCK_K):
@@ -138,11 +149,12 @@ def _decode_gateup(x_ptr, w13_ptr, idx_ptr, w_ptr, a_ptr, T, D, F, K_TOP,
 @triton.jit
 def _decode_down(a_ptr, w2_ptr, idx_ptr, w_ptr, y_ptr, T, D, F, K_TOP,
                  S_P2: tl.constexpr, BLOCK_M: tl.constexpr, K_P2: tl.constexpr, USE_DOT: tl.constexpr,
-                 PREC: tl.constexpr, BY_EXPERT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                 PREC: tl.constexpr, BY_EXPERT: tl.constexpr, SHARED: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_F: tl.constexpr):
     """y[slot(m)] = w_m * (a[slot(m)] @ W2_e^T) (fp32) for the D block, every token m that chose e."""
     s = tl.program_id(0)
     e, owner, offs_m, chose_m, slot_m, gate_m = _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2, BLOCK_M, K_P2,
-                                                              BY_EXPERT)
+                                                              BY_EXPERT, SHARED)
     if owner:
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -167,7 +179,7 @@ def _cfgs(names, *rows):
 # long contiguous reads along the reduction dimension.
 GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
 DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
-_KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC", "BY_EXPERT"]
+_KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC", "BY_EXPERT", "SHARED"]
 _RAW = {"gateup": _decode_gateup, "down": _decode_down}
 _TUNED = {} if INTERPRET else {"gateup": triton.autotune(GATEUP_CFGS, key=_KEY)(_decode_gateup),
                                "down": triton.autotune(DOWN_CFGS, key=_KEY)(_decode_down)}
@@ -203,20 +215,47 @@ def decode_experts_impl(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     S = T * K
     if S == 0:
         return torch.zeros(0, D, dtype=torch.float32, device=x_TD.device), x_TD.new_empty(0, F_)
-    BLOCK_M, use_dot = token_tile(T)
     by_expert = S > E
     n_prog = E if by_expert else S
-    meta = dict(S_P2=triton.next_power_of_2(S), BLOCK_M=BLOCK_M, K_P2=triton.next_power_of_2(K),
-                USE_DOT=use_dot, PREC="ieee" if x_TD.dtype == torch.float32 else "tf32", BY_EXPERT=by_expert)
+    meta = _meta(x_TD, T, K, BY_EXPERT=by_expert, SHARED=False)
     x_TD, idx_TK, w_TK = x_TD.contiguous(), idx_TK.contiguous(), w_TK.float().contiguous()
     w13, w2 = w13_E2FD.to(x_TD.dtype).contiguous(), w2_EDF.to(x_TD.dtype).contiguous()
-    a_SF = x_TD.new_empty(S, F_)
+    return _run(x_TD, w13, w13[:, F_:], 2 * F_ * D, w2, idx_TK, w_TK, n_prog, T, K, F_, meta)
+
+
+def _meta(x_TD, T: int, K: int, **flags) -> dict:
+    BLOCK_M, use_dot = token_tile(T)
+    return dict(S_P2=triton.next_power_of_2(T * K), BLOCK_M=BLOCK_M, K_P2=triton.next_power_of_2(K), USE_DOT=use_dot,
+                PREC="ieee" if x_TD.dtype == torch.float32 else "tf32", **flags)
+
+
+def _run(x_TD, w1, w3, stride_e: int, w2, idx_TK, w_TK, n_prog: int, T: int, K: int, F_: int, meta: dict):
+    """Both launches: a_SF (compute dtype), then the gate-weighted slot outputs y_SD (fp32)."""
+    D = x_TD.shape[1]
+    a_SF = x_TD.new_empty(T * K, F_)
     _launch("gateup", lambda m: (n_prog, triton.cdiv(F_, m["BLOCK_F"])),
-            (x_TD, w13, idx_TK, w_TK, a_SF, T, D, F_, K), meta)
-    y_SD = torch.empty(S, D, dtype=torch.float32, device=x_TD.device)
+            (x_TD, w1, w3, idx_TK, w_TK, a_SF, T, D, F_, K, stride_e), meta)
+    y_SD = torch.empty(T * K, D, dtype=torch.float32, device=x_TD.device)
     _launch("down", lambda m: (n_prog, triton.cdiv(D, m["BLOCK_D"])),
             (a_SF, w2, idx_TK, w_TK, y_SD, T, D, F_, K), meta)
     return y_SD, a_SF
+
+
+def decode_shared_impl(x_TD, gate_FD, up_FD, down_DF):
+    """The shared experts (one SwiGLU MLP of width F, every token at weight 1) on the same two
+    kernels: y_TD fp32 = down(silu(x gate^T) * (x up^T))."""
+    T, D = x_TD.shape
+    F_ = gate_FD.shape[0]
+    if T > MAX_TOKENS:
+        raise ValueError(f"decode_shared handles at most {MAX_TOKENS} tokens per call (got {T})")
+    if T == 0:
+        return torch.zeros(0, D, dtype=torch.float32, device=x_TD.device)
+    dt = x_TD.dtype
+    x_TD = x_TD.contiguous()
+    dummy = x_TD.new_empty(0, dtype=torch.int64)
+    y_TD, _ = _run(x_TD, gate_FD.to(dt).contiguous(), up_FD.to(dt).contiguous(), 0, down_DF.to(dt).contiguous(),
+                   dummy, dummy.float(), 1, T, 1, F_, _meta(x_TD, T, 1, BY_EXPERT=False, SHARED=True))
+    return y_TD
 
 
 @torch.library.custom_op("deepseekmoe::decode_experts", mutates_args=())
@@ -238,6 +277,30 @@ def decode_experts(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
     T, K = idx_TK.shape
     y_SD = decode_experts_op(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF)
     return y_SD.view(T, K, -1).sum(1).to(x_TD.dtype)
+
+
+@torch.library.custom_op("deepseekmoe::decode_shared", mutates_args=())
+def decode_shared_op(x_TD: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor,
+                     down_DF: torch.Tensor) -> torch.Tensor:
+    return decode_shared_impl(x_TD, gate_FD, up_FD, down_DF)
+
+
+@decode_shared_op.register_fake
+def _(x_TD, gate_FD, up_FD, down_DF):
+    return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
+
+
+def decode_shared(x_TD, gate_FD, up_FD, down_DF):
+    """The shared experts of a decode step on the decode kernels, [T, D] fp32 (inference only);
+    reference twin: deepseekmoe.model.layers.MLP (decode_shared_reference)."""
+    return decode_shared_op(x_TD, gate_FD, up_FD, down_DF)
+
+
+def decode_shared_reference(x_TD, gate_FD, up_FD, down_DF):
+    """The reference twin: MLP's math, down(silu(gate(x)) * up(x))."""
+    import torch.nn.functional as Fn
+
+    return Fn.linear(Fn.silu(Fn.linear(x_TD, gate_FD)) * Fn.linear(x_TD, up_FD), down_DF)
 
 
 def decode_experts_reference(x_TD, idx_TK, w_TK, w13_E2FD, w2_EDF):
