@@ -14,8 +14,8 @@ import torch
 
 from deepseekmoe.kernels.options import KernelOptions, current_options, kernel_options
 
-__all__ = ["KernelOptions", "current_options", "decode_experts", "decode_router", "experts_triton", "kernel_options",
-           "triton_unavailable_reason"]
+__all__ = ["KernelOptions", "current_options", "decode_experts", "decode_router", "decode_shared", "experts_triton",
+           "kernel_options", "triton_unavailable_reason"]
 
 
 def triton_unavailable_reason(device: torch.device | str | None) -> str | None:
@@ -55,3 +55,10 @@ def decode_router(x_TD, w_ED, k: int, normalize: bool):
     from deepseekmoe.kernels.decode_routing import decode_router as fn
 
     return fn(x_TD, w_ED, k, normalize)
+
+
+def decode_shared(x_TD, gate_FD, up_FD, down_DF):
+    """The shared experts' SwiGLU MLP on the decode kernels, [T, D] fp32 (inference only; decode_moe.py)."""
+    from deepseekmoe.kernels.decode_moe import decode_shared as fn
+
+    return fn(x_TD, gate_FD, up_FD, down_DF)
