@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--smoke", action="store_true", help="2 tiny runs of 6 steps")
+    ap.add_argument("--replot", action="store_true", help="no training: the table and figure of every run JSON "
+                                                          "in --out (grids run one after another into one --out)")
     args = ap.parse_args(argv)
     import torch
 
@@ -80,6 +82,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, rows = {}, {}
+    if args.replot:
+        for path in sorted(out.glob("*_s*.json")):
+            res = json.loads(path.read_text())
+            results[path.stem], rows[path.stem] = res, summarize(res)
+        args.models = ""
     for model in [m for m in args.models.split(",") if m]:
         for lr in _floats(args.lrs):
             for kind in [k for k in args.schedules.split(",") if k]:
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
                         print(f"== {label}: {time.time() - t0:.0f} s", flush=True)
                     results[label] = res
                     rows[label] = summarize(res)
-    cols = ["final_val", "best_val", "best_step", "rise_after_best", "max_spike", "load_max_over_mean",
+    cols = ["final_val", "best_val", "max_rise", "drop_mid", "drop_end", "load_max_over_mean",
             "dead_experts", "router_entropy", "gate_sum", "bal_over_lm_router_grad", "epochs"]
     print(f"\n{'run':34s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
     for label, r in rows.items():

@@ -101,14 +101,19 @@ def _colours(labels):
 
 
 def plot_training(runs: dict, path: str | Path, title: str = "") -> Path:
-    """Six panels over steps, one line per run (label -> train_with_diagnostics result): training
+    """Six panels over steps, one line per run (label model_recipe_seed -> train_with_diagnostics
+    result; a colour per model, a line style per recipe): training
     LM loss (moving mean), validation loss, max/mean expert load and dead experts (worst / summed
     over MoE layers), router entropy / log E, and the router's balance / LM gradient-norm ratio."""
     fig = _figure(13, 7.5)
     axes = [fig.add_subplot(2, 3, i + 1) for i in range(6)]
     col = _colours(list(runs))
+    # One line style per recipe (the label's parts after the model, before the seed).
+    recipes = list(dict.fromkeys("_".join(lb.split("_")[1:-1]) for lb in runs))
+    dash = ["-", "--", ":", "-."]
     for label, r in runs.items():
-        kw = dict(color=col[label], lw=0.9, alpha=0.85, label=label)
+        ls = dash[recipes.index("_".join(label.split("_")[1:-1])) % len(dash)]
+        kw = dict(color=col[label], lw=0.9, alpha=0.85, label=label, ls=ls)
         tr = r["train"]
         w = max(1, len(tr) // 40)
         axes[0].plot([t["step"] for t in tr], _smooth([t["lm_loss"] for t in tr], w), **kw)

@@ -227,16 +227,20 @@ def _probe_record(rec: dict, tap: _RouterTap, grads: dict) -> dict:
 
 
 def summarize(result: dict) -> dict:
-    """One row per run: final and best validation loss, how much it rose after its best point
-    before the end, the training loss's largest jump, and the routing health at the end."""
+    """One row per run: final and best validation loss; the largest rise of the validation loss
+    above its best so far (`max_rise`); how much it fell from 25% to 80% of the run (`drop_mid`:
+    small when it stalls before a step decay at 80%) and from 80% to the end (`drop_end`); the
+    training loss's largest jump; and the routing health at the end."""
     ev = [(e["step"], e["val_loss"]) for e in result["eval"]]
     best_step, best = min(ev, key=lambda t: t[1])
-    before_end = [v for s, v in ev if best_step < s < ev[-1][0]]
+    rises = [v - min(u for _, u in ev[:i]) for i, (_, v) in enumerate(ev) if i]
+    total = result["train"][-1]["step"] if result["train"] else ev[-1][0]
+    at = lambda frac: min(ev, key=lambda t: abs(t[0] - frac * total))[1]  # the evaluation nearest frac
     lm = [r["lm_loss"] for r in result["train"]]
     w = max(1, len(lm) // 50)  # jumps against the mean of the preceding window
     spikes = [lm[i] - sum(lm[i - w:i]) / w for i in range(w, len(lm))]
     row = {"final_val": ev[-1][1], "best_val": best, "best_step": best_step,
-           "rise_after_best": max(before_end) - best if before_end else 0.0,
+           "max_rise": max([0.0, *rises]), "drop_mid": at(0.25) - at(0.8), "drop_end": at(0.8) - ev[-1][1],
            "max_spike": max(spikes) if spikes else 0.0, "epochs": result["epochs"], "seconds": result["seconds"]}
     if result["probes"]:
         last = result["probes"][-1]["layers"]
