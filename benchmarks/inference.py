@@ -402,7 +402,7 @@ def phase_kernels(model, dev, args) -> None:
     in a CUDA graph): microseconds per call and the GB/s of the distinct experts' weights read."""
     cfg = model.config
     rows = RESULTS.setdefault("kernels", [])
-    for B in sorted(set(args.compile_batches + [1])):
+    for B in args.kernel_batches:
         if fused_unavailable_reason(model, B):
             continue
         try:
@@ -540,6 +540,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-backends", nargs="+", default=["grouped", "gather", "fused"],
                    choices=["grouped", "gather", "fused", "fused_shared"],
                    help="decode MoE paths to compare (fused_shared: the shared experts on the decode kernels too)")
+    p.add_argument("--kernel-batches", type=int, nargs="*", default=[1],
+                   help="batches of the decode-kernel micro-benchmark (each new batch tunes the kernels: ~10 s)")
     p.add_argument("--greedy-tokens", type=int, default=256, help="greedy parity length (0: skip)")
     p.add_argument("--greedy-batch", type=int, default=8, help="prompts of the greedy parity check")
     p.add_argument("--greedy-reserve", type=float, default=20.0, help="seconds kept for the greedy check")

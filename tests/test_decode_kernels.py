@@ -315,7 +315,7 @@ def test_benchmark_kernel_phase_and_backend_choice_run_on_the_interpreter():
     assert bench.backends_at(model, 5, ["gather", "fused"], compiled=True) == ["grouped", "fused"]
     assert bench.backends_at(model, 5, ["grouped", "gather"], compiled=False) == ["grouped"]
     assert bench.backends_at(model, 65, ["fused"], compiled=True) == []
-    bench.phase_kernels(model, torch.device("cpu"), argparse.Namespace(compile_batches=[2], json=None))
+    bench.phase_kernels(model, torch.device("cpu"), argparse.Namespace(kernel_batches=[1, 2], json=None))
     rows = bench.RESULTS["kernels"]
     assert {(r["batch"], r["what"]) for r in rows} == {
         (b, w) for b in (1, 2) for w in ("router_kernel", "router_kernel_split8", "router_torch", "experts_fused",
