@@ -35,6 +35,33 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def run_one(args, label: str, model: str, lr: float, kind: str, seed: int, data: str, vocab: int, out: Path) -> dict:
+    """One diagnosed run of the grid, or its JSON when <out>/<label>.json exists."""
+    from deepseekmoe.analysis.training import DiagRun, train_with_diagnostics
+    from deepseekmoe.train.recipe import OptimSection, ScheduleSection
+
+    path = out / f"{label}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    extra = {} if args.alpha is None else {"aux_loss_alpha": args.alpha}
+    cfg = _table1().model_config(model, vocab, args.hidden, args.layers, args.heads, args.ffn,
+                                 expert_backend=args.backend, max_position_embeddings=max(512, args.seq_len), **extra)
+    run = DiagRun(model=cfg, data=data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed,
+                  data_seed=args.data_seed, optim=OptimSection(lr=lr),
+                  schedule=ScheduleSection(kind=kind, warmup_steps=args.warmup or max(1, args.steps // 50)),
+                  probe_every=args.probe_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                  device=args.device, bf16=args.device.startswith("cuda"))
+    print(f"== {label}", flush=True)
+    t0 = time.time()
+    res = train_with_diagnostics(run, echo=lambda s: print(s, flush=True))
+    res["label"] = label
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(path)
+    print(f"== {label}: {time.time() - t0:.0f} s", flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -67,16 +94,14 @@ def main(argv=None) -> int:
     import torch
 
     from deepseekmoe.analysis.plots import plot_training
-    from deepseekmoe.analysis.training import DiagRun, summarize, train_with_diagnostics
+    from deepseekmoe.analysis.training import summarize
     from deepseekmoe.data import default_dataset, load_meta
-    from deepseekmoe.train.recipe import OptimSection, ScheduleSection
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.hidden, args.layers, args.heads, args.ffn, args.steps = 32, 2, 2, 64, 6
         args.batch_size, args.seq_len, args.probe_every, args.eval_every, args.eval_batches = 4, 32, 3, 3, 2
-    t1 = _table1()
     data = args.data or str(default_dataset())
     vocab = int(load_meta(Path(data))["vocab_size"])
     out = Path(args.out)
@@ -92,29 +117,7 @@ def main(argv=None) -> int:
             for kind in [k for k in args.schedules.split(",") if k]:
                 for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
                     label = f"{model}_lr{lr:g}_{kind}_s{seed}"
-                    path = out / f"{label}.json"
-                    if path.exists():
-                        res = json.loads(path.read_text())
-                    else:
-                        extra = {} if args.alpha is None else {"aux_loss_alpha": args.alpha}
-                        cfg = t1.model_config(model, vocab, args.hidden, args.layers, args.heads, args.ffn,
-                                              expert_backend=args.backend,
-                                              max_position_embeddings=max(512, args.seq_len), **extra)
-                        run = DiagRun(model=cfg, data=data, steps=args.steps, batch_size=args.batch_size,
-                                      seq_len=args.seq_len, seed=seed, data_seed=args.data_seed,
-                                      optim=OptimSection(lr=lr), schedule=ScheduleSection(
-                                          kind=kind, warmup_steps=args.warmup or max(1, args.steps // 50)),
-                                      probe_every=args.probe_every, eval_every=args.eval_every,
-                                      eval_batches=args.eval_batches, device=args.device,
-                                      bf16=args.device.startswith("cuda"))
-                        print(f"== {label}", flush=True)
-                        t0 = time.time()
-                        res = train_with_diagnostics(run, echo=lambda s: print(s, flush=True))
-                        res["label"] = label
-                        tmp = path.with_suffix(".json.tmp")
-                        tmp.write_text(json.dumps(res))
-                        tmp.replace(path)
-                        print(f"== {label}: {time.time() - t0:.0f} s", flush=True)
+                    res = run_one(args, label, model, lr, kind, seed, data, vocab, out)
                     results[label] = res
                     rows[label] = summarize(res)
     cols = ["final_val", "best_val", "max_rise", "drop_mid", "drop_end", "load_max_over_mean",
