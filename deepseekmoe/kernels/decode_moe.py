@@ -86,7 +86,7 @@ def _owner_tokens(idx_ptr, w_ptr, s, T, K_TOP, S_P2: tl.constexpr, BLOCK_M: tl.c
     some slot chose e). SHARED: one expert every token takes with weight 1 (idx/w unread)."""
     offs_m = tl.arange(0, BLOCK_M)
     if SHARED:
-        e = tl.zeros([], dtype=tl.int64)
+        e = s.to(tl.int64) * 0  # expert 0 (a scalar of the right type in every triton version)
         owner = s == 0
         chose_m = offs_m < T
         slot_m = offs_m
