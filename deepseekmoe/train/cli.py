@@ -38,7 +38,8 @@ def _key_listing(sections=SECTIONS) -> str:
         elif isinstance(v, str):
             lines.append(f"  {section} = {v!r}")
         else:
-            items = ", ".join(f"{k}={getattr(v, k)!r}" for k in vars(v))
+            # an unset (None) option is decided at run time: system.compute_weights
+            items = ", ".join(f"{k}={'auto' if getattr(v, k) is None else repr(getattr(v, k))}" for k in vars(v))
             lines.append(f"  {section}: {items}")
     return "\n".join(lines)
 

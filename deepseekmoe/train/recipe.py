@@ -131,6 +131,31 @@ class SystemSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # Compute copies of the weights in the autocast dtype, cast once per optimizer step, gradients
+    # summed in fp32 (train/optim.py ComputeWeights); see compute_weights_on. Unset = "auto".
+    compute_weights: bool | None = None
+
+
+def compute_weights_on(want: bool | None, device_type: str, amp: bool, distributed: bool,
+                       lm_loss_chunk: int) -> bool:
+    """Whether a run keeps compute copies of its weights (`system.compute_weights`).
+
+    Unset ("auto"): on for one-process CUDA runs under bf16 / fp16 autocast with the plain LM head,
+    where it is exact (losses, gradients and updates bit-identical to autocast casting the fp32
+    weights at every use: tests/test_train_step_fast.py) and saves those casts per micro-batch; off
+    on CPU (fp32 there by default; a CPU bf16 run may set it), under torchrun (FSDP2 casts with its
+    own MixedPrecisionPolicy) and with `model.lm_loss_chunk` > 0 (the fused head then gets its
+    weight gradient rounded to bf16 per micro-batch, as the plain head's is, instead of in fp32).
+    true where it cannot apply (no autocast, several processes) is a ConfigError; false: off."""
+    if want is None:
+        return device_type == "cuda" and amp and not distributed and lm_loss_chunk == 0
+    if want and not amp:
+        raise ConfigError("system.compute_weights=true needs bf16 / fp16 autocast (--system.dtype=bfloat16); an fp32 "
+                          "run computes with its fp32 weights themselves: drop the option")
+    if want and distributed:
+        raise ConfigError("system.compute_weights=true runs in one process only; under torchrun FSDP2 keeps the "
+                          "compute copies (its MixedPrecisionPolicy): drop the option or set it false")
+    return want
 
 
 @dataclass
@@ -358,6 +383,8 @@ def _coerce(key: str, value, typ):
     args = typing.get_args(typ)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() == "auto" and type(None) in args:  # unset, spelled out
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])

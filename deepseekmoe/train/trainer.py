@@ -7,7 +7,8 @@
      device and initialise it from `train.seed` (`Transformer.init_weights(seed=...)`: identical
      weights on any device and in any layout), AdamW and the schedule; restore a checkpoint when
      resuming;
-  3. loop over optimizer steps: `grad_accum` micro-batches under bf16 autocast (GPU), gradient
+  3. loop over optimizer steps: `grad_accum` micro-batches under bf16 autocast (GPU; one process:
+     with bf16 copies of the weights cast once per step, `system.compute_weights`), gradient
      clipping, a finiteness check (a NaN/inf step is skipped and logged; too many in a row stop
      the run with the last good checkpoint intact), AdamW step; metrics every `log.every`,
      validation every `eval.every`, an atomic checkpoint every `checkpoint.every`;
@@ -69,9 +70,9 @@ from deepseekmoe.train.metrics import (
     read_metrics,
     truncate_metrics,
 )
-from deepseekmoe.train.optim import OptimizerList, Schedule, build_optimizer
+from deepseekmoe.train.optim import ComputeWeights, OptimizerList, Schedule, build_optimizer
 from deepseekmoe.train.pretrain import PretrainData, open_pretrain_data
-from deepseekmoe.train.recipe import TrainConfig, to_toml
+from deepseekmoe.train.recipe import TrainConfig, compute_weights_on, to_toml
 from deepseekmoe.train.recovery import DivergedError, Divergence, Interrupted, StopSignals, check_new_run_dir
 from deepseekmoe.train.step import LocalStep, PipelineStep, StepStats
 
@@ -160,6 +161,8 @@ class Trainer:
             dt = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.amp_dtype = None if dt == torch.float32 else dt
         self.mcfg = cfg.model_config()
+        self.compute_weights = compute_weights_on(cfg.system.compute_weights, self.device.type, self.amp_dtype
+                                                  is not None, self.rt.distributed, self.mcfg.lm_loss_chunk)
         if (cfg.parallel.compile and self.device.type == "cpu" and self.amp_dtype is None
                 and self.mcfg.n_routed_experts and self.mcfg.expert_backend in ("auto", "grouped")):
             # torch.compile traces grouped_mm with a bf16-only meta function: fp32 CPU runs fail deep
@@ -263,7 +266,8 @@ class Trainer:
         self.ckpt_model, self.ckpt_optim = model, self.optimizer
         self.load = ExpertLoad(model, self.device)
         self.load_on = bool(self.load)
-        self.stepper = LocalStep(model, self.accum, self._autocast, self.load, self.device)
+        weights = ComputeWeights(model, self.amp_dtype) if self.compute_weights else None  # fp32 masters stay
+        self.stepper = LocalStep(model, self.accum, self._autocast, self.load, self.device, weights=weights)
 
     def _build_pipeline(self, model: Transformer) -> None:
         """This rank's stages only (allocated on its device there), each EP -> act. ckpt ->
@@ -460,7 +464,8 @@ class Trainer:
             self.echo = SilentLogger.print
         m = self.mcfg
         self.echo(f"training {m.name} ({m.num_params() / 1e6:.2f}M params, {m.num_active_params() / 1e6:.2f}M "
-                  f"active) on {self.device}{' bf16' if self.amp_dtype else ' fp32'}: {cfg.train.steps} steps x "
+                  f"active) on {self.device}{' bf16' if self.amp_dtype else ' fp32'}"
+                  f"{' (compute weights)' if self.compute_weights else ''}: {cfg.train.steps} steps x "
                   f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens (accum {self.accum}), data "
                   f"{self.data.path}, run dir {self.run_dir}"
                   + (f", resumed at step {step}" if self.resume_from else "")
