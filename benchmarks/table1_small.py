@@ -285,9 +285,15 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-tokens-per-s", action="store_true",
                     help="only a short run of each model: tokens/s and the time a --steps run would take")
     ap.add_argument("--measure-steps", type=int, default=20)
+    ap.add_argument("--measured", default="", help="a tokens_per_s.json of --measure-tokens-per-s (same sizes)")
+    ap.add_argument("--fit-s", type=float, default=0,
+                    help="with --measured: lower --steps (never raise it) so that this call's runs, --parallel at "
+                         "a time, take about this many seconds; the steps chosen are printed and recorded")
     ap.add_argument("--analyze", action="store_true", help="after training: Figs 4-6 (deepseekmoe analyze) of "
                                                            f"{', '.join(ANALYZED)} for the first seed")
     ap.add_argument("--analyze-limit", type=int, default=64, help="validation windows the analyses use")
+    ap.add_argument("--analyze-reserve-s", type=float, default=120,
+                    help="with --analyze: the training stops this long before --deadline-s, for the analyses")
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="build the Table 1 / 2 markdown and plots from result JSONs (no training)")
     ap.add_argument("--report-out", default="", help="folder of the report's markdown and PNGs")
@@ -329,19 +335,12 @@ def train_set(args, models: list[str]) -> int:
         m, _, s = spec.partition("=")
         seeds[ALIASES.get(m, m)] = [int(x) for x in s.split(",") if x.strip()]
     out = Path(args.out)
-    jobs, runs = [], []
-    for seed in sorted({s for v in seeds.values() for s in v}):  # seed-major: a cut-off run loses whole seeds last
-        for m in models:
-            if seed not in seeds.get(m, []):
-                continue
-            ov = overrides(m, args.hidden, args.layers, args.heads, args.ffn)
-            run = out / f"{m}-s{seed}"
-            runs.append((m, seed, run, ov))
-            if not finished(run, args.steps):
-                cmd = [sys.executable, "-m", "deepseekmoe", "train", "--out", str(run), *ov,
-                       *common_overrides(args, vocab, args.steps), f"--train.seed={seed}", *args.extra]
-                jobs.append((m, seed, run, cmd))
-    took = run_all(jobs, args.parallel, t_start + args.deadline_s)
+    jobs, runs = _jobs(args, models, seeds, vocab, out)
+    if args.fit_s and args.measured and jobs:
+        args.steps = fit_steps(args, [m for m, *_ in jobs], json.loads(Path(args.measured).read_text())["rows"])
+        jobs, runs = _jobs(args, models, seeds, vocab, out)
+    reserve = args.analyze_reserve_s if args.analyze else 0.0
+    took = run_all(jobs, args.parallel, t_start + args.deadline_s - reserve)
     table = []
     for m, seed, run, ov in runs:
         if not finished(run, args.steps):
@@ -368,6 +367,42 @@ def train_set(args, models: list[str]) -> int:
     _plot(table, out / "val_loss.png")
     print(f"wrote {results} and {out / 'val_loss.png'} ({time.time() - t_start:.0f} s)")
     return 0
+
+
+def _jobs(args, models: list[str], seeds: dict, vocab: int, out: Path):
+    """(training commands still to run, every (model, seed, run dir, overrides)), seed-major so that a
+    cut-off call loses whole seeds last."""
+    jobs, runs = [], []
+    for seed in sorted({s for v in seeds.values() for s in v}):
+        for m in models:
+            if seed not in seeds.get(m, []):
+                continue
+            ov = overrides(m, args.hidden, args.layers, args.heads, args.ffn)
+            run = out / f"{m}-s{seed}"
+            runs.append((m, seed, run, ov))
+            if not finished(run, args.steps):
+                cmd = [sys.executable, "-m", "deepseekmoe", "train", "--out", str(run), *ov,
+                       *common_overrides(args, vocab, args.steps), f"--train.seed={seed}", *args.extra]
+                jobs.append((m, seed, run, cmd))
+    return jobs, runs
+
+
+def fit_steps(args, planned: list[str], measured: dict) -> int:
+    """The most steps (a multiple of 100, at least 100, never above --steps) at which the planned runs,
+    --parallel at a time, take about --fit-s seconds by the measured tokens/s, start-up and
+    validation of each model (a model not measured counts as the slowest one measured)."""
+    ok = {m: r for m, r in measured.items() if not r.get("failed")}
+    if not ok:
+        raise SystemExit("table1_small: --measured holds no successful measurement")
+    slow = min(ok.values(), key=lambda r: r["tokens_per_s"])
+    tok_step = args.batch_size * args.seq_len
+    fixed = sum(ok.get(m, slow)["overhead_s"] + ok.get(m, slow)["est_eval_s"] for m in planned)
+    per_step = sum(tok_step / ok.get(m, slow)["tokens_per_s"] for m in planned)
+    steps = int((args.fit_s * args.parallel - fixed) / per_step) // 100 * 100
+    chosen = min(args.steps, max(100, steps))
+    print(f"== --fit-s {args.fit_s:.0f}: {len(planned)} runs, {args.parallel} at a time -> {chosen} steps "
+          f"(at most {args.steps}); give the next round --steps {chosen}", flush=True)
+    return chosen
 
 
 def analyze(args, runs, t_start: float) -> dict:

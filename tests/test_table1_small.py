@@ -83,3 +83,16 @@ def test_runs_stop_at_the_deadline(tmp_path):
     assert took[("fast", 0)] > 0 and took[("slow", 0)] is None  # stopped at the deadline
     assert took[("late", 0)] > 0  # started beside the slow one when the fast one ended
     assert __import__("time").time() - t0 < 20 and (tmp_path / "slow.log").exists()
+
+
+def test_steps_are_fitted_to_the_measured_time():
+    import types
+
+    a = types.SimpleNamespace(batch_size=32, seq_len=512, fit_s=400, parallel=4, steps=2000)
+    meas = {"dense-2b": {"tokens_per_s": 300000, "overhead_s": 15, "est_eval_s": 5},
+            "gshard-2b": {"tokens_per_s": 200000, "overhead_s": 15, "est_eval_s": 8}, "hash-2b": {"failed": True}}
+    # 4 dense + 8 at the slowest measured rate: (1600 - 264) / (4 x 0.0546 + 8 x 0.0819) = 1528 -> 1500
+    assert t1.fit_steps(a, ["dense-2b", "gshard-2b", "deepseekmoe-2b"] * 4, meas) == 1500
+    assert t1.fit_steps(a, ["dense-2b"], meas) == 2000  # never above --steps
+    a.fit_s = 10
+    assert t1.fit_steps(a, ["gshard-2b"] * 8, meas) == 100  # never below 100
