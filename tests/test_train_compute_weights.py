@@ -107,16 +107,16 @@ def test_compute_weights_resume_is_exact(runs, tmp_path, at, after):
 
 
 def test_resolution():
-    # auto: one-process CUDA under autocast with the plain head; off on CPU, under torchrun, fused head
-    assert compute_weights_on(None, "cuda", True, False, 0)
-    for args in (("cpu", True, False, 0), ("cuda", False, False, 0), ("cuda", True, True, 0), ("cuda", True, False, 8)):
+    # auto: one-process CUDA under autocast; off on CPU and under torchrun
+    assert compute_weights_on(None, "cuda", True, False)
+    for args in (("cpu", True, False), ("cuda", False, False), ("cuda", True, True)):
         assert not compute_weights_on(None, *args), args
-    assert compute_weights_on(True, "cpu", True, False, 8)
-    assert not compute_weights_on(False, "cuda", True, False, 0)
+    assert compute_weights_on(True, "cpu", True, False)
+    assert not compute_weights_on(False, "cuda", True, False)
     with pytest.raises(ConfigError, match="system.compute_weights=true needs bf16"):
-        compute_weights_on(True, "cuda", False, False, 0)
+        compute_weights_on(True, "cuda", False, False)
     with pytest.raises(ConfigError, match="system.compute_weights=true runs in one process only"):
-        compute_weights_on(True, "cuda", True, True, 0)
+        compute_weights_on(True, "cuda", True, True)
     cfg = recipe.build(overrides=[("system.compute_weights", "true")])
     assert cfg.system.compute_weights is True
     assert recipe.build(overrides=[("system.compute_weights", "auto")]).system.compute_weights is None

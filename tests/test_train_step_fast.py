@@ -92,6 +92,18 @@ def test_fast_weights_with_fused_loss():
     _compare(ref, got, tol=2e-2)
 
 
+def test_fused_head_keeps_its_fp32_weight_and_is_exact():
+    """With the fused head the head's weight keeps no bf16 copy (its gradient is formed in fp32), so
+    compute weights change nothing against the fused head on the reference path."""
+    m = _model(lm_loss_chunk=10, tie_word_embeddings=False)
+    assert all(p is not m.lm_head.weight for p in compute_weight_params(m))
+    plain = _model(tie_word_embeddings=False)
+    assert any(p is plain.lm_head.weight for p in compute_weight_params(plain))
+    ref = _run(_model(lm_loss_chunk=10, tie_word_embeddings=False), fast=False)
+    got = _run(_model(lm_loss_chunk=10, tie_word_embeddings=False), fast=True)
+    _compare(ref, got)
+
+
 def test_chosen_weights_and_restore():
     m = _model(tie_word_embeddings=False)
     names = {id(p): clean_name(n) for n, p in m.named_parameters()}

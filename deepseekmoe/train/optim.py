@@ -201,6 +201,11 @@ def compute_weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     from deepseekmoe.model.moe.layer import RoutedExperts
 
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    cfg, head = getattr(model, "config", None), getattr(model, "lm_head", None)
+    if getattr(cfg, "lm_loss_chunk", 0) and head is not None:
+        # The fused head + loss (model/loss.py) forms its weight gradient in fp32 from the fp32
+        # weight; a bf16 copy would round that gradient per micro-batch.
+        tied.add(id(head.weight))
     out, seen = [], set()
     for m in model.modules():
         if not isinstance(m, (torch.nn.Linear, RoutedExperts)):

@@ -136,19 +136,18 @@ class SystemSection:
     compute_weights: bool | None = None
 
 
-def compute_weights_on(want: bool | None, device_type: str, amp: bool, distributed: bool,
-                       lm_loss_chunk: int) -> bool:
+def compute_weights_on(want: bool | None, device_type: str, amp: bool, distributed: bool) -> bool:
     """Whether a run keeps compute copies of its weights (`system.compute_weights`).
 
-    Unset ("auto"): on for one-process CUDA runs under bf16 / fp16 autocast with the plain LM head,
-    where it is exact (losses, gradients and updates bit-identical to autocast casting the fp32
-    weights at every use: tests/test_train_step_fast.py) and saves those casts per micro-batch; off
-    on CPU (fp32 there by default; a CPU bf16 run may set it), under torchrun (FSDP2 casts with its
-    own MixedPrecisionPolicy) and with `model.lm_loss_chunk` > 0 (the fused head then gets its
-    weight gradient rounded to bf16 per micro-batch, as the plain head's is, instead of in fp32).
-    true where it cannot apply (no autocast, several processes) is a ConfigError; false: off."""
+    Unset ("auto"): on for one-process CUDA runs under bf16 / fp16 autocast, where it is exact
+    (losses, gradients and updates bit-identical to autocast casting the fp32 weights at every use:
+    tests/test_train_step_fast.py) and saves those casts per micro-batch; off on CPU (fp32 there by
+    default; a CPU bf16 run may set it) and under torchrun (FSDP2 casts with its own
+    MixedPrecisionPolicy). With `model.lm_loss_chunk` > 0 the head's weight keeps no copy (the fused
+    loss forms its gradient in fp32). true where it cannot apply (no autocast, several processes)
+    is a ConfigError; false: off."""
     if want is None:
-        return device_type == "cuda" and amp and not distributed and lm_loss_chunk == 0
+        return device_type == "cuda" and amp and not distributed
     if want and not amp:
         raise ConfigError("system.compute_weights=true needs bf16 / fp16 autocast (--system.dtype=bfloat16); an fp32 "
                           "run computes with its fp32 weights themselves: drop the option")

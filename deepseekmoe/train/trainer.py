@@ -162,7 +162,7 @@ class Trainer:
         self.amp_dtype = None if dt == torch.float32 else dt
         self.mcfg = cfg.model_config()
         self.compute_weights = compute_weights_on(cfg.system.compute_weights, self.device.type, self.amp_dtype
-                                                  is not None, self.rt.distributed, self.mcfg.lm_loss_chunk)
+                                                  is not None, self.rt.distributed)
         if (cfg.parallel.compile and self.device.type == "cpu" and self.amp_dtype is None
                 and self.mcfg.n_routed_experts and self.mcfg.expert_backend in ("auto", "grouped")):
             # torch.compile traces grouped_mm with a bf16-only meta function: fp32 CPU runs fail deep
