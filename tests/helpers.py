@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 
 import torch
@@ -81,3 +82,44 @@ def kernels_in_process() -> bool:
     built = sys.modules.get("deepseekmoe.kernels.moe_kernels")
     return ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
             or bool(getattr(built, "INTERPRET", False)))
+
+
+def interpreter_suite(module_file: str, in_process: bool):
+    """What every Triton-kernel test module shares, given kernels_in_process() at its import:
+    (needs_interp, _interpreter, test_in_subprocess). `needs_interp` marks the tests that need the
+    interpreter in this process; the autouse module fixture keeps TRITON_INTERPRET=1 around them;
+    `test_in_subprocess` re-runs the module in a fresh process when they cannot run here. Assign
+    the three at module level (pytest collects the fixture and the test from there)."""
+    import pytest
+
+    needs = pytest.mark.skipif(not in_process, reason="triton was imported without the interpreter; "
+                               "test_in_subprocess runs this module in a fresh process")
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _interpreter():
+        with triton_interpreter():  # the interpreter rewrites each kernel at its first call
+            yield
+
+    @pytest.mark.skipif(in_process, reason="the tests of this module ran in this process")
+    def test_in_subprocess():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", module_file],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+    return needs, _interpreter, test_in_subprocess
+
+
+def compile_for_hopper(snippet: str) -> None:
+    """Run `snippet` (Python that compiles kernels with triton.compile for sm_90 and prints
+    "compiled") in a fresh process without the interpreter: the real compiler refuses code the
+    interpreter runs. Needs no GPU, only triton's bundled ptxas (skips without it)."""
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton install has no bundled ptxas to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -8,14 +8,11 @@ of tests/test_kernels.py, from tests/helpers.py.
 """
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import kernels_in_process, triton_interpreter
+from tests.helpers import interpreter_suite, kernels_in_process, triton_interpreter
 
 IN_PROCESS = kernels_in_process()
 with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
@@ -24,24 +21,9 @@ with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
     from deepseekmoe.kernels import decode_routing as dr
 
 from deepseekmoe.model.moe.experts import experts_gather, experts_loop  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import compile_for_hopper, rel_err  # noqa: E402
 
-needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
-                                  "test_in_subprocess runs this module in a fresh process")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    with triton_interpreter():
-        yield
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
-def test_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+needs_interp, _interpreter, test_in_subprocess = interpreter_suite(__file__, IN_PROCESS)
 
 
 def _inputs(T, K, E, D, F, seed=0, idx=None, dtype=torch.float32):
@@ -359,10 +341,4 @@ print("compiled")
 def test_decode_kernels_compile_for_hopper():
     """The real compiler (not the interpreter) accepts the decode kernels for sm_90 at the 16B shape's
     tiles (GEMV and tl.dot paths, both grids, the shared form, both router forms), without a GPU."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton install has no bundled ptxas to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", COMPILE_SNIPPET], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    compile_for_hopper(COMPILE_SNIPPET)

@@ -14,14 +14,11 @@ scripts/gpu_kernels_check.py.
 """
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import kernels_in_process, triton_interpreter
+from tests.helpers import interpreter_suite, kernels_in_process, triton_interpreter
 
 IN_PROCESS = kernels_in_process()
 with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
@@ -37,22 +34,7 @@ from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, resolve
 from tests.helpers import rel_err  # noqa: E402
 
 NAMES = ("y", "dx", "dw", "dw13", "dw2")
-needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
-                                  "test_in_subprocess runs this module in a fresh process")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    with triton_interpreter():  # the interpreter rewrites each kernel at its first call
-        yield
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
-def test_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+needs_interp, _interpreter, test_in_subprocess = interpreter_suite(__file__, IN_PROCESS)
 
 
 def _inputs(T, K, E, D, F, seed=0, idx=None, dtype=torch.float32):

@@ -17,7 +17,7 @@ import torch
 
 from deepseekmoe import ModelConfig, Transformer
 from deepseekmoe.model.loss import ce_grad_rows, lm_head_loss_fused, lm_head_loss_plain, shifted_labels
-from tests.helpers import TINY, kernels_in_process, rel_err, triton_interpreter
+from tests.helpers import TINY, compile_for_hopper, kernels_in_process, rel_err, triton_interpreter
 
 IN_PROCESS = kernels_in_process()
 
@@ -186,10 +186,4 @@ print("compiled")
 def test_kernel_compiles_for_hopper():
     """The real compiler (not the interpreter) accepts the kernel for sm_90, without a GPU: the
     interpreter runs code the compiler refuses (e.g. a non-constexpr global inside the kernel)."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton install has no bundled ptxas to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", COMPILE_SNIPPET], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    compile_for_hopper(COMPILE_SNIPPET)

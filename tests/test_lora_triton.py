@@ -6,14 +6,11 @@ sets TRITON_INTERPRET=1 first when it can, else re-runs itself in a fresh proces
 """
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import kernels_in_process, triton_interpreter
+from tests.helpers import interpreter_suite, kernels_in_process, triton_interpreter
 
 IN_PROCESS = kernels_in_process()
 with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
@@ -26,22 +23,7 @@ from deepseekmoe.model.moe.experts import experts_grouped, experts_loop, experts
 from tests.helpers import rel_err, tiny_model  # noqa: E402
 from tests.test_lora import _expert_case, expert_fwd_bwd  # noqa: E402
 
-needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
-                                  "test_in_subprocess runs this module in a fresh process")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    with triton_interpreter():  # the interpreter rewrites each kernel at its first call
-        yield
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests of this module ran in this process")
-def test_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+needs_interp, _interpreter, test_in_subprocess = interpreter_suite(__file__, IN_PROCESS)
 
 
 def _triton(x, idx, w, w13, w2, lora):
