@@ -238,6 +238,21 @@ def test_left_padding_and_cache_match_unpadded_rows():
         assert (step[:, 0] - padded[:, 4]).abs().max().item() <= 1e-5
 
 
+def test_unpadded_prefill_into_an_empty_dynamic_cache_takes_the_causal_path():
+    """No padding and an empty DynamicCache: keys are the queries, so no explicit mask (SDPA's fused
+    causal kernel); the logits and the next cached step are those of the full forward."""
+    model = dt.DeepseekForCausalLM.from_transformer(tiny_model(64))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    full = model(ids).logits
+    cache = DynamicCache()
+    assert model.model._mask(torch.ones_like(ids[:, :5]), cache, 1, 5, 0, torch.arange(5)) is None
+    pre = model(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), cache=cache, use_cache=True).logits
+    assert (pre - full[:, :5]).abs().max().item() <= 1e-5
+    assert model.model._mask(torch.ones_like(ids), cache, 1, 1, 5, torch.arange(5, 6)) is not None
+    step = model(ids[:, 5:], attention_mask=torch.ones_like(ids), cache=cache, use_cache=True).logits
+    assert (step[:, 0] - full[:, 5]).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_generate_greedy_left_padded_equals_generate_ids(tmp_path, cache_implementation):
     ours = tiny_model(64, max_position_embeddings=128)

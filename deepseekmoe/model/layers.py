@@ -61,10 +61,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            if attn_mask is None:
-                raise ValueError("a KV cache needs an explicit attention mask over its slots "
-                                 "(see deepseekmoe.inference.generate)")
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position)
+            if attn_mask is None and k.shape[-2] != L:  # keys = queries (an empty dynamic cache): causal is exact
+                raise ValueError("a KV cache holding other slots than this call's tokens needs an explicit "
+                                 "attention mask over its slots (see deepseekmoe.inference.generate)")
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -237,9 +237,10 @@ class DeepseekModel(DeepseekPreTrainedModel):
         return out
 
     def _mask(self, attention_mask, cache, B, L, past, cache_position):
-        """The SDPA mask for this call, or None where plain causal attention is exact (no cache, no
-        padding): SDPA then takes its fused causal path."""
-        if cache is None:
+        """The SDPA mask for this call, or None where plain causal attention is exact (no padding, and
+        no cache or a dynamic one still empty, so keys = queries): SDPA then takes its fused causal
+        path (a 2K prefill through a DynamicCache ran ~10% slower with the explicit mask)."""
+        if cache is None or (_max_cache_len(cache) is None and not torch.compiler.is_compiling() and past == 0):
             if attention_mask is None:
                 return None
             if (attention_mask.dim() == 2 and not torch.compiler.is_compiling()
