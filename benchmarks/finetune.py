@@ -17,8 +17,9 @@ Each case runs twice:
             experts' LoRA to grouped: deepseekmoe/model/moe/experts.py)
   released  in a child process with --site first on PYTHONPATH (transformers 4.46.3, huggingface_hub,
             tokenizers, peft 0.13.2): the released DeepseekForCausalLM (--code, imported as a package as
-            scripts/released_adapter_check.py does), sdpa attention, bf16 weights without autocast, as the released
-            script runs under DeepSpeed (its MoE training path fails under autocast on a GPU); LoRA through PEFT
+            scripts/released_adapter_check.py does), sdpa attention, bf16 weights without autocast and fp32 master
+            weights + AdamW state in the optimizer, as the released script runs under DeepSpeed's
+            bf16 mode (its MoE training path fails under autocast on a GPU); LoRA through PEFT
             (target_modules q/k/v/o/gate/up/down_proj, modules_to_save embed_tokens, lm_head); the same
             conversations unpacked, one per row, right-padded (the script does not pack);
             `model(input_ids, attention_mask, labels)`
@@ -194,10 +195,14 @@ class Trainee:
                 loss = self.forward_loss(batch, rows) / len(parts)
             loss.backward()
             total += float(loss.detach())  # one host sync per micro-batch, as a logging trainer has
+        self.update()
+        return total
+
+    def update(self) -> None:
+        """Clip, optimizer step, gradients freed."""
         torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
         self.opt.step()
         self.zero_grad()
-        return total
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -326,7 +331,15 @@ class Released(Trainee):
         # runs the cast model as it is). Its MoE training path fails under autocast on a GPU (index_put
         # of a bf16 expert output into an fp32 buffer), which is also why the HF Trainer alone cannot run it.
         self.amp = False
-        super().__init__(model, params, dev, spec["rows_per_forward"], False)
+        # ... and its optimizer as DeepSpeed's bf16 mode keeps it: fp32 master weights (and so fp32 AdamW
+        # state) beside the bf16 model, the bf16 gradients summed into fp32 master gradients, the
+        # updated masters copied back into the model. Plain AdamW on bf16 weights would hold less
+        # memory than the script does, and its 1e-5 updates would mostly round away.
+        self.masters = [p.detach().float() for p in params]
+        for m in self.masters:
+            m.requires_grad_(True)
+        self.bf16_params = params
+        super().__init__(model, self.masters, dev, spec["rows_per_forward"], False)
         if spec["activation_checkpointing"]:
             self.enable_ac()
             self.ac = True
@@ -334,14 +347,29 @@ class Released(Trainee):
 
         self.info = {"trainable_params": sum(p.numel() for p in params),
                      "total_params": sum(p.numel() for p in model.parameters()),
-                     "weights": "bf16, no autocast, as under DeepSpeed (PEFT adapters fp32)"
-                                if spec["mode"] == "lora" else "bf16, no autocast, as under DeepSpeed",
+                     "weights": ("bf16, no autocast, fp32 master weights + AdamW state, as DeepSpeed's bf16 mode"
+                                 + (" (PEFT adapters fp32)" if spec["mode"] == "lora" else "")),
                      "attention": "sdpa",
                      "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
                                   "torch": torch.__version__}}
 
     def n_rows(self, batch) -> int:
         return batch["padded"]["input_ids"].shape[0]
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for p in self.bf16_params:
+            p.grad = None
+
+    def update(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.bf16_params, self.masters):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        super().update()
+        with torch.no_grad():
+            for p, m in zip(self.bf16_params, self.masters):
+                p.copy_(m)
 
     def forward_loss(self, batch, rows: slice) -> torch.Tensor:
         p = batch["padded"]
