@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import released_stack  # noqa: E402 - benchmarks/released_stack.py, beside this file
 
 CASES = {"16b-lora": ("deepseekmoe-16b", "lora"), "2b-full": ("deepseekmoe-2b", "full")}
 LORA = {"r": 8, "alpha": 32.0, "dropout": 0.1}  # the released finetune script's settings
@@ -298,78 +300,42 @@ def _to(step: dict, dev) -> dict:
 
 # ------------------------------------------------------------------------------------ the released stack
 class Released(Trainee):
-    """Runs in the child process (transformers 4.46 + peft from --site)."""
+    """Runs in the child process (transformers 4.46 + peft from --site): benchmarks/released_stack.py
+    builds the model and keeps its fp32 masters (DeepSpeed's bf16 mode, the released script's)."""
 
     def __init__(self, spec: dict, dev: torch.device, where: Path):
-        import importlib.util
-
         import peft
 
-        # By file path: scripts/ is no package, and an installed one of that name would shadow it.
-        loader = importlib.util.spec_from_file_location("released_adapter_check",
-                                                        ROOT / "scripts" / "released_adapter_check.py")
-        check = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(check)
-        DeepseekConfig, DeepseekForCausalLM = check.import_released(Path(spec["code"]), where)
-        raw = {k: v for k, v in spec["hf_config"].items() if k not in ("auto_map", "architectures")}
-        cfg = DeepseekConfig(**raw)
-        cfg._attn_implementation = "sdpa"
-        torch.set_default_dtype(torch.bfloat16)  # bf16 weights, built on the device (as torch_dtype=bf16 does)
-        try:
-            with torch.device(dev):
-                model = DeepseekForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(torch.float32)
-        model.config.use_cache = False
+        model = released_stack.build_model(spec["hf_config"], spec["code"], where, dev)
         if spec["mode"] == "lora":
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=PEFT_TARGETS,
                 modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        # The finetune script's bf16=True under DeepSpeed: bf16 weights and no autocast (DeepSpeed's engine
-        # runs the cast model as it is). Its MoE training path fails under autocast on a GPU (index_put
-        # of a bf16 expert output into an fp32 buffer), which is also why the HF Trainer alone cannot run it.
-        self.amp = False
-        # ... and its optimizer as DeepSpeed's bf16 mode keeps it: fp32 master weights (and so fp32 AdamW
-        # state) beside the bf16 model, the bf16 gradients summed into fp32 master gradients, the
-        # updated masters copied back into the model. Plain AdamW on bf16 weights would hold less
-        # memory than the script does, and its 1e-5 updates would mostly round away.
-        self.masters = [p.detach().float() for p in params]
-        for m in self.masters:
-            m.requires_grad_(True)
-        self.bf16_params = params
-        super().__init__(model, self.masters, dev, spec["rows_per_forward"], False)
+        self.amp = False  # bf16 weights, no autocast (released_stack's docstring says why)
+        self.master = released_stack.MasterWeights(params)
+        super().__init__(model, self.master.masters, dev, spec["rows_per_forward"], False)
         if spec["activation_checkpointing"]:
             self.enable_ac()
             self.ac = True
-        import transformers
-
         self.info = {"trainable_params": sum(p.numel() for p in params),
                      "total_params": sum(p.numel() for p in model.parameters()),
                      "weights": ("bf16, no autocast, fp32 master weights + AdamW state, as DeepSpeed's bf16 mode"
                                  + (" (PEFT adapters fp32)" if spec["mode"] == "lora" else "")),
-                     "attention": "sdpa",
-                     "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
-                                  "torch": torch.__version__}}
+                     "attention": "sdpa", "versions": released_stack.versions()}
 
     def n_rows(self, batch) -> int:
         return batch["padded"]["input_ids"].shape[0]
 
     def zero_grad(self) -> None:
         super().zero_grad()
-        for p in self.bf16_params:
-            p.grad = None
+        self.master.zero_grad()
 
     def update(self) -> None:
-        with torch.no_grad():
-            for p, m in zip(self.bf16_params, self.masters):
-                m.grad = None if p.grad is None else p.grad.float()
-                p.grad = None
+        self.master.accumulate()  # the step's bf16 gradient sums into the fp32 masters' gradients
         super().update()
-        with torch.no_grad():
-            for p, m in zip(self.bf16_params, self.masters):
-                p.copy_(m)
+        self.master.copy_back()
 
     def forward_loss(self, batch, rows: slice) -> torch.Tensor:
         p = batch["padded"]
@@ -403,22 +369,13 @@ def run_released(cfg, mode: str, steps: list, args, dev, timeout: float) -> dict
     from deepseekmoe.checkpoint.hf import config_to_hf
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        torch.save([{"tokens": s["tokens"], "padded": s["padded"]} for s in steps], tmp / "batches.pt")
+        batches = Path(tmp) / "batches.pt"
+        torch.save([{"tokens": s["tokens"], "padded": s["padded"]} for s in steps], batches)
         spec = {"hf_config": config_to_hf(cfg, torch.bfloat16), "mode": mode, "device": str(dev),
-                "code": str(Path(args.code).resolve()), "batches": str(tmp / "batches.pt"), "warmup": args.warmup,
+                "code": str(Path(args.code).resolve()), "batches": str(batches), "warmup": args.warmup,
                 "rows_per_forward": max(len(s["padded"]["input_ids"]) for s in steps),
                 "activation_checkpointing": args.activation_checkpointing}
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(args.site).resolve()), str(ROOT)]))
-        try:
-            r = subprocess.run([sys.executable, __file__, "--child", str(tmp / "spec.json"), str(tmp / "out.json")],
-                               env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"status": "failed", "error": f"timed out after {timeout:.0f}s (the time budget)"}
-        if not (tmp / "out.json").is_file():
-            return {"status": "failed", "error": f"the child exited {r.returncode}: {r.stderr[-2000:]}"}
-        return json.loads((tmp / "out.json").read_text())
+        return released_stack.run_child(__file__, spec, args.site, timeout)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -494,9 +451,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=None, help="packed row length (default 4096; 128 with --tiny)")
     ap.add_argument("--rows", type=int, default=2, help="packed rows per optimizer step (default 2); the released "
                     "side gets the same conversations, one per row")
-    ap.add_argument("--site", default=None, help="folder with transformers 4.46.3, huggingface_hub 0.36.2, "
-                    "tokenizers 0.20.3, peft 0.13.2 (pip install --no-deps --target DIR); needed for the released side")
-    ap.add_argument("--code", default=str(ROOT.parent / "shared" / "reference" / "released-code"),
+    ap.add_argument("--site", default=None, help=released_stack.SITE_HELP + "; needed for the released side")
+    ap.add_argument("--code", default=str(released_stack.DEFAULT_CODE),
                     help="folder of the released configuration_deepseek.py / modeling_deepseek.py "
                          "(default ../shared/reference/released-code beside the repository)")
     ap.add_argument("--skip-released", action="store_true", help="measure this project only")

@@ -29,7 +29,16 @@ fast variant it includes the one cast of the weights); "opt" is clipping + check
 Profile: torch.profiler over 3 small steps of each case; every CUDA kernel counted once and grouped
 by its name into attention, expert GEMMs, dense GEMMs (cuBLAS/CUTLASS), routing + permutation,
 loss (head softmax), optimizer + clipping, compiled (Inductor/Triton) kernels, and elementwise /
-norms / casts (the rest). No released-code run here: ANCHOR is its figure measured elsewhere.
+norms / casts (the rest).
+Released column (--site DIR, optionally --code DIR): before our cases, the released reference code
+(deepseek-moe-16b's modeling_deepseek.py under transformers 4.46, in a child process with the site first
+on its path: benchmarks/released_stack.py) trains --released-case's shape (default deepseekmoe-16b-4l)
+from random bf16 weights: sdpa attention, bf16 weights without autocast, fp32 master weights + fp32
+AdamW state as DeepSpeed's bf16 mode keeps them (bf16 gradients summed into fp32 per micro-batch),
+fused AdamW, the same micro-batch and random tokens, clipping at 1.0, the same small and large step
+sizes, median step time (CUDA events) after warm-up, peak memory of the child. The table gets its
+rows and, per step size, ours / released tokens/s and peak memory against the goal (GOAL). Without
+--site the anchor (ANCHOR, its figure measured elsewhere) is printed instead.
 Results are written to JSON after every case, so a run cut short still reports what it finished.
 """
 
@@ -57,6 +66,9 @@ from deepseekmoe.train.metrics import peak_flops  # noqa: E402
 from deepseekmoe.train.optim import ComputeWeights, build_optimizer  # noqa: E402
 from deepseekmoe.train.recipe import OptimSection  # noqa: E402
 from deepseekmoe.train.step import LocalStep  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import released_stack  # noqa: E402 - benchmarks/released_stack.py, beside this file
 
 CASES = {
     "deepseekmoe-2b": dict(preset="deepseekmoe-2b", overrides={}, seq_len=2048, micro=8, accum=32),
@@ -93,6 +105,8 @@ KERNEL_CATEGORIES = [  # GPU: (category, substrings of the CUDA kernel name), fi
                                "cumsum")),
     ("loss (head softmax)", ("softmax", "nll", "cross_entropy")),
 ]
+GOAL = {"speed": 5.0, "memory": 1.0,
+        "what": ">= 5x the released code's tokens/s at the 16B-4l shape, at no more (peak allocated) memory"}
 T0 = time.time()
 RESULTS: dict = {"anchor": ANCHOR, "cases": [], "profiles": {}, "errors": {}}
 
@@ -183,24 +197,29 @@ def sync(device):
 
 
 def _record(case: Case, accum: int, times: list[tuple[bool, float, float]], warm_s: float) -> dict:
-    step = statistics.median(t for _, _, t in times)
-    fb = statistics.median(f for _, f, _ in times)
-    tokens = case.micro * case.seq_len * accum
-    peak = peak_flops(case.device)
-    fpt = case.cfg.flops_per_token(case.seq_len)
-    tps = tokens / step
-    return {"case": case.name, "variant": case.variant, "compile": case.compile, "backend": case.cfg.expert_backend,
+    peak_mem = torch.cuda.max_memory_allocated(case.device) / 2**30 if case.device.type == "cuda" else None
+    meta = {"case": case.name, "variant": case.variant, "compile": case.compile, "backend": case.cfg.expert_backend,
             "activation_checkpointing": case.ac, "loss_chunk": case.cfg.lm_loss_chunk,
             "compute_weights": case.weights is not None, "micro_batch": case.micro, "seq_len": case.seq_len,
-            "accum": accum, "tokens_per_step": tokens, "params": case.cfg.num_params(),
-            "active_params": case.cfg.num_active_params(), "flops_per_token": fpt, "warmup_s": round(warm_s, 2),
+            "params": case.cfg.num_params(), "active_params": case.cfg.num_active_params(),
+            "flops_per_token": case.cfg.flops_per_token(case.seq_len)}
+    return figures(meta, accum, times, warm_s, peak_flops(case.device), peak_mem)
+
+
+def figures(meta: dict, accum: int, times: list, warm_s: float, peak: float | None, peak_mem: float | None) -> dict:
+    """One row of the table: `meta` (case, variant, micro_batch, seq_len, flops_per_token, ...) and the
+    medians of `times` [(finite, fwd+bwd s, step s)] of steps of `accum` micro-batches."""
+    step = statistics.median(t for _, _, t in times)
+    fb = statistics.median(f for _, f, _ in times)
+    tokens = meta["micro_batch"] * meta["seq_len"] * accum
+    fpt = meta["flops_per_token"]
+    tps = tokens / step
+    return {**meta, "accum": accum, "tokens_per_step": tokens, "warmup_s": round(warm_s, 2),
             "timed_steps": len(times), "step_s_median": step, "step_s_min": min(t for _, _, t in times),
             "step_s_max": max(t for _, _, t in times), "fwd_bwd_s_median": fb, "opt_s_median": step - fb,
             "tokens_per_s": tps, "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "fwd_bwd_mfu": fpt * tokens / fb / peak if peak else None,
-            "all_finite": all(ok for ok, _, _ in times),
-            "peak_mem_gib": torch.cuda.max_memory_allocated(case.device) / 2**30 if case.device.type == "cuda"
-            else None}
+            "all_finite": all(ok for ok, _, _ in times), "peak_mem_gib": peak_mem}
 
 
 def time_case(case: Case, args, big_accum: int) -> list[dict]:
@@ -342,6 +361,74 @@ def big_accum(spec: dict, args) -> int:
     return spec["accum"]
 
 
+# ------------------------------------------------------------------------------------ the released code
+def child_main(spec_file: Path, out_file: Path) -> int:
+    spec = json.loads(spec_file.read_text())
+    try:
+        res = released_stack.pretrain_child(spec)
+    except Exception as e:  # noqa: BLE001 - the parent records it
+        res = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    out_file.write_text(json.dumps(res, default=str))
+    return 0
+
+
+def run_released(name: str, spec: dict, device: torch.device, args) -> None:
+    """The released code at the case's shape in a child process; its rows into RESULTS["cases"]."""
+    from deepseekmoe.checkpoint.hf import config_to_hf
+
+    cfg = presets.get(spec["preset"], **spec["overrides"])
+    accum = big_accum(spec, args)
+    budget = max(60.0, args.released_timeout)
+    child = {"hf_config": config_to_hf(cfg, torch.bfloat16), "code": str(Path(args.code).resolve()),
+             "device": str(device), "micro": spec["micro"], "seq_len": spec["seq_len"], "warmup": args.warmup,
+             "steps": args.steps, "big_accum": accum, "big_steps": args.big_steps,
+             "deadline": time.time() + budget - 15}
+    log(f"{name} [released]: child process (micro-batch {spec['micro']} x {spec['seq_len']}, large step x{accum})")
+    res = released_stack.run_child(__file__, child, args.site, budget)
+    if res.get("status") != "ok":
+        RESULTS["errors"][f"{name} [released]"] = res.get("error", "?") + ("\n" + res["traceback"]
+                                                                        if "traceback" in res else "")
+        log(f"{name} [released]: FAILED: {res.get('error')}")
+        return
+    meta = {"case": name, "variant": "released", "compile": False, "backend": "released (per-expert loop)",
+            "activation_checkpointing": False, "loss_chunk": 0, "compute_weights": False,
+            "micro_batch": spec["micro"], "seq_len": spec["seq_len"], "params": res["params"],
+            "active_params": cfg.num_active_params(), "flops_per_token": cfg.flops_per_token(spec["seq_len"]),
+            "weights": res["weights"], "attention": res["attention"], "versions": res["versions"]}
+    for acc, key in ((1, "small"), (accum, "big")):
+        if res.get(key):
+            row = figures(meta, acc, res[key], res["warmup_s"], peak_flops(device), res["peak_mem_gib"])
+            RESULTS["cases"].append(row)
+            log(f"{name} [released] x{acc}: {row['tokens_per_s']:,.0f} tokens/s, MFU {_pct(row['mfu'])}")
+    if "big_skipped" in res:
+        RESULTS["errors"][f"{name}/released x{accum}"] = "skipped: " + res["big_skipped"]
+
+
+def side_by_side(rows: list[dict], goal: dict = GOAL) -> list[dict]:
+    """Per case and step size with a released row: the fastest of our rows at the same tokens per step,
+    ours / released tokens/s and peak memory, and whether each half of the goal is met (None: no figure)."""
+    out = []
+    for ref in (r for r in rows if r["variant"] == "released"):
+        ours = [r for r in rows if r["variant"] != "released" and r["case"] == ref["case"]
+                and r["tokens_per_step"] == ref["tokens_per_step"]]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["tokens_per_s"])
+        speed = best["tokens_per_s"] / ref["tokens_per_s"]
+        mem = (best["peak_mem_gib"] / ref["peak_mem_gib"] if best["peak_mem_gib"] is not None and ref["peak_mem_gib"]
+               else None)
+        out.append({"case": ref["case"], "accum": ref["accum"], "tokens_per_step": ref["tokens_per_step"],
+                    "ours": f"{best['variant']}{' +compile' if best['compile'] else ''}",
+                    "ours_tokens_per_s": best["tokens_per_s"], "released_tokens_per_s": ref["tokens_per_s"],
+                    "speed_ratio": speed, "memory_ratio": mem, "speed_met": speed >= goal["speed"],
+                    "memory_met": None if mem is None else mem <= goal["memory"]})
+    return out
+
+
+def _met(v) -> str:
+    return "-" if v is None else "met" if v else "NOT met"
+
+
 def _pct(v):
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -355,8 +442,20 @@ def print_tables():
         print(f"{r['case']:<23}{r['variant']:>8}{'yes' if r['compile'] else 'no':>8}{r['accum']:>6}"
               f"{r['tokens_per_step']:>9}{1e3 * r['step_s_median']:>10.1f}{1e3 * r['opt_s_median']:>8.1f}"
               f"{r['tokens_per_s']:>11,.0f}{r['tflops']:>9.1f}{_pct(r['mfu']):>7}{_pct(r['fwd_bwd_mfu']):>12}{mem:>9}")
-    print(f"anchor: {ANCHOR['what']}: {ANCHOR['tokens_per_s']:,} tokens/s = {100 * ANCHOR['mfu']:.1f}% MFU "
-          f"({ANCHOR['case']} shape)")
+    sbs = RESULTS["side_by_side"] = side_by_side(RESULTS["cases"])
+    if not any(r["variant"] == "released" for r in RESULTS["cases"]):
+        print(f"anchor: {ANCHOR['what']}: {ANCHOR['tokens_per_s']:,} tokens/s = {100 * ANCHOR['mfu']:.1f}% MFU "
+              f"({ANCHOR['case']} shape)")
+    for r in sbs:
+        mem = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
+        print(f"vs released, {r['case']} x{r['accum']} ({r['tokens_per_step']:,} tokens/step): ours ({r['ours']}) "
+              f"{r['ours_tokens_per_s']:,.0f} / released {r['released_tokens_per_s']:,.0f} tokens/s = "
+              f"{r['speed_ratio']:.2f}x, peak memory {mem}")
+    if sbs:
+        print(f"goal: {GOAL['what']}")
+        for r in sbs:
+            print(f"  {r['case']} x{r['accum']}: >= {GOAL['speed']:g}x tokens/s {_met(r['speed_met'])}; "
+                  f"no more memory {_met(r['memory_met'])}")
     for label, prof in RESULTS["profiles"].items():
         print(f"\nwhere the time goes: {label}, small step ({prof['unit']}, {prof['total_ms_per_step']:.1f} ms)")
         for cat, v in prof["categories"].items():
@@ -397,8 +496,25 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget", type=float, default=380.0,
                     help="seconds; cases not started by then are skipped, large steps cut (reported as such); "
                     "a case started just before it may run ~1.5 minutes past it (compilation)")
+    ap.add_argument("--site", default=None, help=released_stack.SITE_HELP + "; runs the released code's column")
+    ap.add_argument("--code", default=str(released_stack.DEFAULT_CODE),
+                    help="folder of the released modeling_deepseek.py / configuration_deepseek.py")
+    ap.add_argument("--released-case", default=None,
+                    help="the case the released code runs (default deepseekmoe-16b-4l; tiny with --smoke)")
+    ap.add_argument("--released-timeout", type=float, default=300.0,
+                    help="seconds for the released child (build, warm-up, small and large steps)")
+    ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write results here (default $OUT/train_throughput.json if set)")
     args = ap.parse_args(argv)
+    if args.child:
+        return args
+    args.released_case = args.released_case or ("tiny" if args.smoke else "deepseekmoe-16b-4l")
+    if args.released_case not in CASES | SMOKE:
+        ap.error(f"--released-case: unknown {args.released_case!r}; choose from {', '.join(CASES | SMOKE)}")
+    if args.site is not None and not Path(args.site).is_dir():
+        ap.error(f"--site {args.site}: no such folder")
+    if args.site is not None and not (Path(args.code) / "modeling_deepseek.py").is_file():
+        ap.error(f"--code {args.code}: no modeling_deepseek.py there; name the released code's folder")
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS)}")
@@ -411,6 +527,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child:
+        return child_main(Path(args.child[0]), Path(args.child[1]))
     json_path = args.json or (os.path.join(os.environ["OUT"], "train_throughput.json") if os.environ.get("OUT")
                               else None)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -446,6 +564,13 @@ def main(argv=None) -> int:
         except Exception as e:
             RESULTS["errors"]["fused_loss_check"] = f"{type(e).__name__}: {e}"
             log(f"fused loss check FAILED\n{traceback.format_exc()}")
+    if args.site:  # first, on an idle device: a bounded child (--released-timeout)
+        try:
+            run_released(args.released_case, (CASES | SMOKE)[args.released_case], device, args)
+        except Exception as e:  # noqa: BLE001 - our cases still run
+            RESULTS["errors"][f"{args.released_case} [released]"] = f"{type(e).__name__}: {e}"
+            log(f"released: FAILED\n{traceback.format_exc()}")
+        save(json_path)
     for compile_ in modes:
         for variant in args.variants.split(","):
             for name, spec in cases.items():
