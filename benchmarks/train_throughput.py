@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py --backend triton --json out.json   # GPU: the three cases below
     python benchmarks/train_throughput.py --smoke                            # CPU: the tiny preset, every code path
+    python benchmarks/train_throughput.py --backend triton --cases deepseekmoe-16b-4l --site SITE --code CODE
+                                                                  # + the released code's column, same run
 
 Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness
 check and AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights,
