@@ -113,7 +113,7 @@ def build(name: str, args, dev: torch.device):
 
 def train_run(name: str, args, dev: torch.device, data_dir: Path, deadline: float) -> dict:
     """One run of args.steps optimizer steps; per-step figures (stops early at `deadline`)."""
-    from deepseekmoe.data import PackedLoader, iter_eval_batches
+    from deepseekmoe.data import PackedLoader
     from deepseekmoe.train.optim import Schedule
     from deepseekmoe.train.recipe import ScheduleSection
 
@@ -153,10 +153,16 @@ def train_run(name: str, args, dev: torch.device, data_dir: Path, deadline: floa
             if step % args.log_every == 0 or step == args.steps - 1:
                 log(f"{name} step {step}: loss {vals[0]:.4f} (lm {vals[1]:.4f}), gnorm {vals[3]:.3f}, lr {lr:.2e}")
         val = None
-        if args.val_batches:
-            total, count = stepper.eval_sums(iter_eval_batches(data_dir, "val", args.seq_len, args.micro,
-                                                               max_batches=args.val_batches))
-            val = float(total.detach()) / max(count, 1)
+        if args.val_batches:  # full [micro, seq_len] batches, in train mode and with grad on as the steps
+            # ran: the compiled blocks' guards hold and nothing recompiles; the fast run evaluates on its
+            # bf16 compute copies (what autocast's cast at each use gives)
+            if stepper.weights is not None:
+                stepper.weights.begin()
+            try:
+                val = validate(stepper, data_dir, args, dev)
+            finally:
+                if stepper.weights is not None:
+                    stepper.weights.end()
     finally:
         if stepper.weights is not None:
             stepper.weights.remove()
@@ -170,6 +176,22 @@ def train_run(name: str, args, dev: torch.device, data_dir: Path, deadline: floa
             "first_step_s": times[0] if times else None,  # includes compilation
             "step_s_median": statistics.median(times[1:] or times) if times else None,
             "wall_s": time.time() - t_start}
+
+
+def validate(stepper, data_dir: Path, args, dev: torch.device) -> float:
+    """The mean LM loss over args.val_batches batches of the validation split. Not LocalStep.eval_sums:
+    its running sum would keep every batch's graph alive (grad stays on, see train_run)."""
+    from deepseekmoe.data import iter_eval_batches
+    from deepseekmoe.train.step import forward
+
+    total, count = 0.0, 0
+    for x in iter_eval_batches(data_dir, "val", args.seq_len, args.micro, max_batches=args.val_batches):
+        with stepper.autocast():
+            out, n = forward(stepper.model, x.to(dev))
+        total += float(out.lm_loss.detach()) * n
+        count += n
+        del out
+    return total / max(count, 1)
 
 
 # ------------------------------------------------------------------------------------ comparison
