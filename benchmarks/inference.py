@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py --json out.json            # GPU: the full 16B, random bf16 weights
     python benchmarks/inference.py --quick --decode-backends gather fused   # GPU, ~3-4 minutes (below)
+    python benchmarks/inference.py --quick --compile-batches 1 8 --decode-backends fused_nopack fused fused_shared
     python benchmarks/inference.py --smoke                    # CPU: a tiny shape, every code path
 
 What it does, in one process (results are written to JSON after every phase, so a run cut short
@@ -13,13 +14,17 @@ still reports what it finished):
      written; a cold read of the first GiB of one shard gives the disk's own rate);
   3. prefill of a 2,048-token prompt (batch 1), tokens/s;
   4. decode at batch 1, 8, 32 (prompt 256 tokens, greedy), per execution mode (eager, CUDA
-     graph, torch.compile + CUDA graph) and decode MoE path (`--decode-backends`: grouped, gather,
-     fused = the decode kernels of inference/fast_path.py), tokens/s; each step function is also
+     graph, torch.compile + CUDA graph) and decode path (`--decode-backends`: grouped, gather,
+     fused = the decode kernels of inference/fast_path.py, fused_shared = with the shared experts
+     and dense MLPs on them too; every path with q|k|v and gate|up packed into one GEMV each,
+     inference/packing.py, unless its name ends in _nopack), tokens/s; each step function is also
      run once under torch.cuda.set_sync_debug_mode("error") to prove it has no host sync, and
      every step's first logits are compared with the eager reference step's (the model's own
-     backend); with --profile, the kernel launches per step and a per-kernel device-time table;
+     backend, unpacked); with --profile, the kernel launches per step and a per-kernel device-time table;
   4b. with the fused path on a GPU: the decode kernels alone on one layer's weights against their
-     torch twins (us per call from a CUDA graph; GB/s of the distinct selected experts' weights);
+     torch twins (us per call from a CUDA graph; GB/s of the distinct selected experts' weights),
+     and the projections packing merges (q|k|v, the dense and shared MLPs: separate, packed, on the
+     decode kernels; benchmarks/inference_micro.py);
   5. greedy parity: --greedy-tokens tokens of a fixed prompt set at batch --greedy-batch on each
      compiled path against the eager reference, token for token (first divergence and both
      logit margins there when they differ; inference/parity.py);
@@ -41,7 +46,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +60,24 @@ from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.checkpoint import files as dio  # noqa: E402
 from deepseekmoe.checkpoint import hf  # noqa: E402
 from deepseekmoe.inference.fast_path import fused_unavailable_reason  # noqa: E402
-from deepseekmoe.inference.generate import Decoder, decode_path, expert_backend  # noqa: E402
+from deepseekmoe.inference.generate import Decoder, expert_backend  # noqa: E402
 from deepseekmoe.inference.parity import compare_greedy, greedy_run  # noqa: E402
+
+
+def _load(name: str):
+    """A sibling file of this script as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+REPORT = _load("inference_report")  # the printed tables
+MICRO = _load("inference_micro")  # the decode kernels and projections alone (micro-benchmarks)
+timed, graph_time = MICRO.timed, MICRO.graph_time
+NOPACK = "_nopack"  # a decode path's name with this suffix: the same path without packed projections
 
 ANCHORS = {"decode_b1": 5.5, "decode_b8": 16.0, "prefill_2k": 4350.0}
 T0 = time.time()
@@ -77,26 +97,6 @@ def save_json(path: str | None) -> None:
 def sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def timed(fn, dev, reps: int = 3, warmup: int = 1) -> float:
-    """Median seconds of fn() over `reps` runs (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def copy_bandwidth(dev, nbytes: int) -> float:
@@ -191,7 +191,7 @@ def phase_prefill(model, dev, L: int, backend: str) -> None:
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, L), device=dev)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
-    dec = Decoder(model, 1, L + 64, decode_backend=None)
+    dec = Decoder(model, 1, L + 64, decode_backend=None, pack=False)
     with expert_backend(model, backend):
         t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
     RESULTS.setdefault("prefill", {})[backend] = {"prompt": L, "seconds": t, "tok_s": L / t}
@@ -202,7 +202,7 @@ def kernel_profile(dec, n: int = 4) -> dict:
     """Device time per decode step by kernel (the step run outside its graph, same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), decode_path(dec.model, dec.decode_backend):
+    with torch.no_grad(), dec.decode_block():
         dec._fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -233,7 +233,7 @@ def sync_free(dec) -> dict:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.no_grad(), decode_path(dec.model, dec.decode_backend):
+        with torch.no_grad(), dec.decode_block():
             dec._fn()
         return {"host_sync_free": True}
     except RuntimeError as e:
@@ -249,7 +249,7 @@ def decode_run(model, dev, B: int, mode: str, backend: str, args, profile: bool 
     g = torch.Generator(device=dev).manual_seed(B)
     ids = torch.randint(0, V, (B, args.prompt), device=dev, generator=g)
     pad = torch.zeros(B, dtype=torch.long, device=dev)
-    dec = Decoder(model, B, decode_max_len(args), mode=mode, decode_backend=backend)
+    dec = Decoder(model, B, decode_max_len(args), mode=mode, **decoder_args(backend))
     nxt = dec.prefill(ids, pad).argmax(-1)
     first = None
     for i in range(3):  # warm-up; in graph modes the first call captures
@@ -268,6 +268,8 @@ def decode_run(model, dev, B: int, mode: str, backend: str, args, profile: bool 
     info.update({"batch": B, "mode": mode, "backend": backend, "prompt": args.prompt, "steps": args.steps,
                  "ms_per_step": t / args.steps * 1e3, "tok_s": B * args.steps / t,
                  "graph": dec.graph is not None, "graph_error": dec.graph_error,
+                 "packed_modules": len(dec.packing.entries) if dec.packing else 0,
+                 "unpacked_modules": dict(list(dec.packing.skipped.items())[:4]) if dec.packing else None,
                  "finite": bool(torch.isfinite(first).all())})
     if profile and dev.type == "cuda" and mode != "eager":
         try:
@@ -285,9 +287,17 @@ def reference_logits(model, dev, B: int, args):
     V = model.config.vocab_size
     g = torch.Generator(device=dev).manual_seed(B)
     ids = torch.randint(0, V, (B, args.prompt), device=dev, generator=g)
-    dec = Decoder(model, B, decode_max_len(args), decode_backend=None)
+    dec = Decoder(model, B, decode_max_len(args), decode_backend=None, pack=False)
     nxt = dec.prefill(ids, torch.zeros(B, dtype=torch.long, device=dev)).argmax(-1)
     return dec.step(nxt).clone()
+
+
+def decoder_args(backend: str) -> dict:
+    """Decoder keywords of a benchmark decode path: packed projections (inference/packing.py) unless
+    the name ends in _nopack (the path as it ran before them)."""
+    if backend.endswith(NOPACK):
+        return {"decode_backend": backend[:-len(NOPACK)], "pack": False}
+    return {"decode_backend": backend, "pack": True}
 
 
 def backends_at(model, B: int, names, compiled: bool) -> list[str]:
@@ -297,14 +307,18 @@ def backends_at(model, B: int, names, compiled: bool) -> list[str]:
     cfg = model.config
     gather_ok = B * cfg.num_experts_per_tok <= cfg.n_routed_experts
     out = []
-    for name in names:
-        if name == "gather" and not gather_ok:
+    for full in names:
+        base = full[:-len(NOPACK)] if full.endswith(NOPACK) else full
+        suffix = full[len(base):]
+        name = base
+        if base == "gather" and not gather_ok:
             name = "grouped" if compiled else None
-        elif name.startswith("fused") and fused_unavailable_reason(model, B):
-            RESULTS["errors"][f"b{B}/{name}"] = f"skipped: {fused_unavailable_reason(model, B)}"
+        elif base.startswith("fused") and fused_unavailable_reason(model, B):
+            RESULTS["errors"][f"b{B}/{full}"] = f"skipped: {fused_unavailable_reason(model, B)}"
             name = None
-        elif name == "grouped" and compiled and gather_ok and "gather" in names:
+        elif base == "grouped" and compiled and gather_ok and "gather" + suffix in names:
             name = None
+        name = name and name + suffix
         if name and name not in out:
             out.append(name)
     return out
@@ -349,54 +363,6 @@ def phase_decode(model, dev, args, refs, keep) -> None:
             torch.cuda.empty_cache()
 
 
-def graph_time(fn, dev, n: int = 20) -> float:
-    """Seconds per call of fn(), replayed from a CUDA graph of n calls on a GPU (no launch
-    overhead); timed plainly on the CPU."""
-    fn()
-    if dev.type != "cuda":
-        return timed(fn, dev, reps=3, warmup=0)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    return timed(g.replay, dev, reps=5, warmup=2) / n
-
-
-def kernel_rows(moe, dev, B: int, with_gather: bool) -> list[dict]:
-    """The decode kernels and their torch twins on one MoE layer's weights at batch B."""
-    from deepseekmoe.kernels.decode_moe import decode_experts, decode_shared
-    from deepseekmoe.kernels.decode_routing import decode_router, decode_router_reference
-    from deepseekmoe.model.moe.experts import experts_gather
-
-    gate, ex = moe.gate, moe.experts
-    x = torch.randn(B, ex.w13.shape[-1], device=dev, dtype=ex.w13.dtype)
-    idx, w = decode_router(x, gate.weight, gate.top_k, gate.normalize)
-    expert_bytes = idx.unique().numel() * (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
-    fns = {"router_kernel": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize, 1),
-           "router_kernel_split8": lambda: decode_router(x, gate.weight, gate.top_k, gate.normalize, 8),
-           "router_torch": lambda: decode_router_reference(x, gate.weight, gate.top_k, gate.normalize),
-           "experts_fused": lambda: decode_experts(x, idx, w, ex.w13, ex.w2)}
-    if with_gather:
-        fns["experts_gather_eager"] = lambda: experts_gather(x, idx, w, ex.w13, ex.w2)
-    mlp = moe.shared_experts
-    if mlp is not None:
-        fns["shared_kernels"] = lambda: decode_shared(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        fns["shared_torch"] = lambda: mlp(x)
-    rows = []
-    for name, fn in fns.items():
-        with torch.no_grad():
-            t = graph_time(fn, dev)
-        row = {"batch": B, "what": name, "us": t * 1e6}
-        if name.startswith("experts"):
-            row["GB_s"] = expert_bytes / t / 1e9
-        elif name.startswith("shared"):
-            row["GB_s"] = sum(p.numel() * p.element_size() for p in mlp.parameters()) / t / 1e9
-        rows.append(row)
-        log(f"kernel b{B} {name}: {t * 1e6:.1f} us" + (f", {row['GB_s']:,.0f} GB/s" if "GB_s" in row else ""))
-    return rows
-
-
 def phase_kernels(model, dev, args) -> None:
     """The decode kernels alone on the first MoE layer's weights, against their torch twins (eager,
     in a CUDA graph): microseconds per call and the GB/s of the distinct experts' weights read."""
@@ -406,9 +372,22 @@ def phase_kernels(model, dev, args) -> None:
         if fused_unavailable_reason(model, B):
             continue
         try:
-            rows += kernel_rows(model.moe_layers()[0], dev, B, B * cfg.num_experts_per_tok <= cfg.n_routed_experts)
+            gather = B * cfg.num_experts_per_tok <= cfg.n_routed_experts
+            rows += MICRO.kernel_rows(model.moe_layers()[0], dev, B, gather, log)
         except Exception as e:  # noqa: BLE001
             RESULTS["errors"][f"kernels/b{B}"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+    save_json(args.json)
+
+
+def phase_projections(model, dev, args) -> None:
+    """projection_rows at each of --kernel-batches."""
+    rows = RESULTS.setdefault("projections", [])
+    for B in args.kernel_batches:
+        try:
+            rows += MICRO.projection_rows(model, dev, B, log)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"projections/b{B}"] = f"{type(e).__name__}: {e}"[:300]
             traceback.print_exc()
     save_json(args.json)
 
@@ -440,10 +419,10 @@ def phase_greedy(model, dev, args, keep) -> None:
                for i in range(B)]
     max_len = decode_max_len(args)
     if not keep:
-        keep = {f"b{B}/eager/{b}": Decoder(model, B, max_len, decode_backend=b)
+        keep = {f"b{B}/eager/{b}": Decoder(model, B, max_len, **decoder_args(b))
                 for b in backends_at(model, B, args.decode_backends, compiled=False)}
     t = time.time()
-    ref = greedy_run(Decoder(model, B, max_len, decode_backend=None), prompts, n)
+    ref = greedy_run(Decoder(model, B, max_len, decode_backend=None, pack=False), prompts, n)
     out = RESULTS.setdefault("greedy", {"batch": B, "tokens": n, "prompt_lengths": [len(p) for p in prompts],
                                         "reference": "eager, the model's own expert backend", "paths": {}})
     for name, dec in keep.items():
@@ -454,70 +433,6 @@ def phase_greedy(model, dev, args, keep) -> None:
                f"{rep['max_margin_at_divergence']:.3g}" if rep["first_divergence"] is not None else ""))
     out["seconds"] = time.time() - t
     save_json(args.json)
-
-
-def print_profiles(rows, top: int = 12) -> None:
-    """The per-kernel device-time table of every profiled decode variant."""
-    for r in rows:
-        pr = r.get("profile")
-        if not pr:
-            continue
-        print(f"\nkernels of decode b{r['batch']} {r['mode']}/{r['backend']}: {pr['kernels_per_step']:.0f} launches, "
-              f"{pr['kernel_us_per_step']:.0f} us device time per step (step {r['ms_per_step'] * 1e3:.0f} us)")
-        print(f"  {'us/step':>8} {'share':>6} {'calls':>6}  kernel")
-        for k in pr["top"][:top]:
-            print(f"  {k['us_per_step']:8.1f} {k['us_per_step'] / pr['kernel_us_per_step']:6.1%} "
-                  f"{k['calls_per_step']:6.0f}  {k['kernel'][:90]}")
-
-
-def summary(cfg) -> None:
-    bw = RESULTS.get("copy_bandwidth_GB_s")
-    act = activated_bytes(cfg)
-    RESULTS["activated_bytes_per_token"] = act
-    best = {}
-    for r in RESULTS.get("decode", []):
-        if r["tok_s"] > best.get(r["batch"], {"tok_s": 0})["tok_s"]:
-            best[r["batch"]] = r
-    RESULTS["best_decode"] = {str(b): r for b, r in best.items()}
-    if bw and 1 in best:
-        bound = bw * 1e9 / act
-        RESULTS["batch1_bound_tok_s"] = bound
-        RESULTS["batch1_fraction_of_bound"] = best[1]["tok_s"] / bound
-    print_profiles(RESULTS.get("decode", []))
-    print()
-    print(f"device: {RESULTS.get('device')}   torch {torch.__version__}   triton {RESULTS.get('triton')}   "
-          f"preset {cfg.name}")
-    print(f"{'what':44} {'ours':>14} {'anchor':>12}   kernels/step  max|dlogit| vs eager")
-    if "load" in RESULTS:
-        ld = RESULTS["load"]
-        print(f"{'load from disk (page cache), s':44} {ld['seconds']:14.1f} {'':>12}")
-        if "peak_gpu_GiB" in ld:
-            print(f"{'load peak GPU memory, GiB (paper: < 40 GB)':44} {ld['peak_gpu_GiB']:14.2f} {'':>12}")
-    for backend, p in RESULTS.get("prefill", {}).items():
-        print(f"{'prefill ' + str(p['prompt']) + ' tok, tok/s (' + backend + ')':44} {p['tok_s']:14,.0f} "
-              f"{ANCHORS['prefill_2k']:12,.0f}")
-    for r in RESULTS.get("decode", []):
-        name = f"decode b{r['batch']} {r['mode']}/{r['backend']}, tok/s"
-        anchor = ANCHORS.get(f"decode_b{r['batch']}")
-        kern = f"{r['profile']['kernels_per_step']:12.0f}" if "profile" in r else f"{'':>12}"
-        print(f"{name:44} {r['tok_s']:14,.1f} {anchor if anchor else '':>12}   {kern}  "
-              f"{r.get('max_abs_diff_vs_eager_reference', float('nan')):.3g} (of {r.get('logit_scale', 0):.3g})")
-    for k in RESULTS.get("kernels", []):
-        what = f"kernel b{k['batch']} {k['what']}, us" + (" (GB/s)" if "GB_s" in k else "")
-        print(f"{what:44} {k['us']:14.1f} {'':>12}" + (f"   {k['GB_s']:,.0f} GB/s" if "GB_s" in k else ""))
-    gr = RESULTS.get("greedy")
-    for name, g in (gr or {}).get("paths", {}).items():
-        div = ("" if g["first_divergence"] is None else f", first divergence at {g['first_divergence']} "
-               f"(ref margin {g['max_margin_at_divergence']:.3g})")
-        what = f"greedy {gr['tokens']} tok {name}"
-        print(f"{what:44} {g['rows_matching']:>8}/{g['rows']} rows match{div}")
-    if "batch1_bound_tok_s" in RESULTS:
-        print(f"{'copy bandwidth (read+write), GB/s':44} {bw:14,.0f}")
-        print(f"{'activated bytes / token, GB':44} {act / 1e9:14.3f}")
-        print(f"{'batch-1 bound (bandwidth / bytes), tok/s':44} {RESULTS['batch1_bound_tok_s']:14,.1f}")
-        print(f"{'batch-1 best / bound (goal >= 0.60)':44} {RESULTS['batch1_fraction_of_bound']:14.2f}")
-    if RESULTS["errors"]:
-        print("errors / skips:", json.dumps(RESULTS["errors"], indent=1)[:3000])
 
 
 def main(argv=None) -> int:
@@ -538,8 +453,9 @@ def main(argv=None) -> int:
                    help="uncompiled decode modes to time (compiled ones: --compile-batches)")
     p.add_argument("--profile", action="store_true", help="kernel time breakdown of graph/compiled steps")
     p.add_argument("--decode-backends", nargs="+", default=["grouped", "gather", "fused"],
-                   choices=["grouped", "gather", "fused", "fused_shared"],
-                   help="decode MoE paths to compare (fused_shared: the shared experts on the decode kernels too)")
+                   choices=[b + s for b in ("grouped", "gather", "fused", "fused_shared") for s in ("", NOPACK)],
+                   help="decode paths to compare (fused_shared: the shared experts and dense MLPs on the decode "
+                        "kernels too; a _nopack suffix: without the packed q|k|v and gate|up projections)")
     p.add_argument("--kernel-batches", type=int, nargs="*", default=[1],
                    help="batches of the decode-kernel micro-benchmark (each new batch tunes the kernels: ~10 s)")
     p.add_argument("--greedy-tokens", type=int, default=256, help="greedy parity length (0: skip)")
@@ -606,6 +522,7 @@ def main(argv=None) -> int:
                       ("decode", lambda: phase_decode(model, dev, args, refs, keep)),
                       ("kernels", lambda: any(b.startswith("fused") for b in args.decode_backends)
                        and phase_kernels(model, dev, args)),
+                      ("projections", lambda: phase_projections(model, dev, args)),
                       ("compile", lambda: phase_compile(model, dev, args, refs, keep)),
                       ("greedy", lambda: args.greedy_tokens and phase_greedy(model, dev, args, keep))):
         try:
@@ -616,7 +533,7 @@ def main(argv=None) -> int:
         save_json(args.json)
     if dev.type == "cuda":
         RESULTS["peak_gpu_GiB_overall"] = torch.cuda.max_memory_allocated() / 2**30
-    summary(cfg)
+    REPORT.summary(RESULTS, cfg, activated_bytes(cfg), ANCHORS)
     save_json(args.json)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)

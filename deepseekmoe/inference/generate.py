@@ -25,6 +25,10 @@ Design, for speed without surprises:
   compile-safe). Elsewhere compiled steps with few token slots (batch x top-k <= E) use
   "gather" (the gather fused into the reduction), and the rest the model's own backend
   ("grouped"). CPU stays on the readable path.
+- Decode steps on a CUDA GPU also read attention's q|k|v and each MLP's gate|up as one packed
+  weight, one GEMV each (inference/packing.py: the Linears' storage is shared, nothing is copied
+  or renamed); `pack=True` asks for it elsewhere (tests), `pack=False` never. Prefill keeps the
+  modules' own forwards.
 
 The 16b-chat template: bos, then "User: {msg}\\n\\n", "Assistant: {reply}<eos>" per turn, and
 "Assistant:" to prompt the reply (a system message is its content followed by "\\n\\n").
@@ -106,7 +110,8 @@ def expert_backend(model, name: str | None):
 def decode_path(model, name: str | None):
     """The MoE path of a decode step: "fused" / "fused_shared" (the decode kernels, without / with
     the shared experts on them; inference/fast_path.py), else the routed-expert backend `name`
-    (None: the model's own)."""
+    (None: the model's own). (A Decoder's packing puts the dense MLPs of "fused_shared" on the
+    kernels too: Decoder.decode_block.)"""
     if name in FUSED_PATHS:
         from deepseekmoe.inference.fast_path import fused_moe_path
 
@@ -141,7 +146,7 @@ class Decoder:
     """Prefill and single-token decode steps of one batch over a static KV cache."""
 
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "eager",
-                 decode_backend: str | None = "default"):
+                 decode_backend: str | None = "default", pack: bool | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
         self.model = model
@@ -161,6 +166,11 @@ class Decoder:
             if reason:
                 raise ConfigError(f"decode_backend={self.decode_backend!r} is not usable here: {reason}; "
                                   "use 'gather' or None")
+        self.packing = None  # inference/packing.py: q|k|v and gate|up as one GEMV each in decode steps
+        if pack or (pack is None and dev.type == "cuda"):
+            from deepseekmoe.inference.packing import DecodePacking
+
+            self.packing = DecodePacking(model, mlp_on_kernels=self.decode_backend == "fused_shared")
         self.use_graph = mode != "eager" and dev.type == "cuda"
         self._fn = self._step
         if mode == "compile":
@@ -197,13 +207,23 @@ class Decoder:
         """Feed one token per row; return next-token logits [B, V] fp32 (a static buffer in graph
         modes: read it before the next step)."""
         self.tokens_B1.copy_(tokens_B.view(-1, 1))
-        with decode_path(self.model, self.decode_backend):
+        with self.decode_block():
             if not self.use_graph:
                 return self._fn()
             if self.graph is None:
                 return self._capture()
             self.graph.replay()
             return self.logits_BV
+
+    @contextlib.contextmanager
+    def decode_block(self):
+        """What a decode step runs inside: its MoE path (decode_path) and the packed projections
+        (re-packed first if the weights moved since; a graph captured before is then dropped)."""
+        packing = self.packing
+        if packing is not None and packing.ensure():
+            self.graph = None
+        with decode_path(self.model, self.decode_backend), (packing.active() if packing else contextlib.nullcontext()):
+            yield
 
     def _capture(self):
         """Warm up on a side stream (this also computes the step for real), then capture."""
@@ -277,7 +297,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  seed: int | None = None, mode: str = "eager", decode_backend: str | None = "default",
-                 should_stop: Callable[[int, list[int]], bool] | None = None,
+                 pack: bool | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt (token-id lists, any lengths); return the new
     ids of each row, without the eos that ended it. `should_stop(row, ids)` may end a row early;
@@ -303,7 +323,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     # Round the cache up so repeated calls of similar lengths reuse compiled / captured shapes.
     max_len = -(-(L + max_new_tokens) // 64) * 64
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    dec = Decoder(model, B, max_len, mode=mode, decode_backend=decode_backend)
+    dec = Decoder(model, B, max_len, mode=mode, decode_backend=decode_backend, pack=pack)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     with torch.no_grad():
