@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import released_stack  # noqa: E402 - benchmarks/released_stack.py, beside this file
+from common import write_json  # noqa: E402 - benchmarks/common.py
 
 CASES = {"16b-lora": ("deepseekmoe-16b", "lora"), "2b-full": ("deepseekmoe-2b", "full")}
 LORA = {"r": 8, "alpha": 32.0, "dropout": 0.1}  # the released finetune script's settings
@@ -71,11 +71,7 @@ def log(msg: str) -> None:
 def save(path) -> None:
     """Write RESULTS to `path` through a temporary name (a run cut short leaves the last good file)."""
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_json(path, RESULTS)
 
 
 # ------------------------------------------------------------------------------------ data

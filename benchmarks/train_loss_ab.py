@@ -56,6 +56,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_json  # noqa: E402 - benchmarks/common.py
 
 RUNS = {"ref": "reference path (autocast casts at every use, plain head + cross-entropy)",
         "fast": "ComputeWeights + fused chunked head loss",
@@ -76,11 +79,7 @@ def log(msg: str) -> None:
 
 def save(res: dict, path) -> None:
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
+        write_json(path, res, indent=1)
 
 
 # ------------------------------------------------------------------------------------ one run

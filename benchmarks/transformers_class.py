@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import released_stack  # noqa: E402 - benchmarks/released_stack.py, beside this file
+from common import write_json  # noqa: E402 - benchmarks/common.py
 
 from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.checkpoint import hf  # noqa: E402
@@ -53,8 +55,7 @@ def log(msg: str) -> None:
 
 def save(path: str | None) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(RESULTS, indent=2, default=str))
+        write_json(path, RESULTS)
 
 
 def sync(dev: torch.device) -> None:
@@ -166,36 +167,21 @@ def phase_decode(args, cfg, ours, theirs, dev, B: int) -> None:
 # ------------------------------------------------------------------------------------ the released code
 def released_child(spec_file: Path, out_file: Path) -> int:
     """Child process (transformers 4.46.3 first on its path): the released modeling code with its own
-    random bf16 weights, prefill and decode timed as above; writes its figures (or its error)."""
-    import importlib.util
-
+    random bf16 weights (released_stack.build_model), prefill and decode timed as above; writes its
+    figures (or its error)."""
     spec = json.loads(spec_file.read_text())
     dev = torch.device(spec["device"])
     res: dict = {}
     try:
-        # By file path: scripts/ is no package, and an installed one of that name would shadow it.
-        loader = importlib.util.spec_from_file_location("released_adapter_check",
-                                                        ROOT / "scripts" / "released_adapter_check.py")
-        check = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(check)
         with tempfile.TemporaryDirectory() as where:
-            DeepseekConfig, DeepseekForCausalLM = check.import_released(Path(spec["code"]), Path(where))
-            cfg = DeepseekConfig(**{k: v for k, v in spec["hf_config"].items()
-                                    if k not in ("auto_map", "architectures")})
-            cfg._attn_implementation = "sdpa"
-            torch.set_default_dtype(torch.bfloat16)
-            with torch.device(dev):
-                model = DeepseekForCausalLM(cfg).eval()
-            torch.set_default_dtype(torch.float32)
-            import transformers
-
-            res["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
-            L, reps = spec["prompt_len"], spec["reps"]
-            ids = torch.randint(2, cfg.vocab_size, (1, L), device=dev)
+            model = released_stack.build_model(spec["hf_config"], spec["code"], Path(where), dev).eval()
+            res["versions"] = released_stack.versions()
+            L, reps, vocab = spec["prompt_len"], spec["reps"], model.config.vocab_size
+            ids = torch.randint(2, vocab, (1, L), device=dev)
             with torch.no_grad():
                 res["prefill_tok_s"] = L / wall(lambda: model(ids, use_cache=True).logits[:, -1], dev, reps)
             for B in spec["batches"]:
-                ids = torch.randint(2, cfg.vocab_size, (B, spec["decode_prompt"]), device=dev)
+                ids = torch.randint(2, vocab, (B, spec["decode_prompt"]), device=dev)
                 n = spec["new_tokens"]
                 t1 = wall(lambda x=ids: _hf_generate(model, x, 1, False), dev, reps)
                 tn = wall(lambda x=ids, k=n: _hf_generate(model, x, k, False), dev, reps)
@@ -210,18 +196,13 @@ def released_child(spec_file: Path, out_file: Path) -> int:
 def phase_released(args, cfg, dev, batches: list[int]) -> None:
     from deepseekmoe.checkpoint.hf import config_to_hf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        spec = {"hf_config": config_to_hf(cfg, torch.bfloat16), "device": str(dev),
-                "code": str(Path(args.code).resolve()), "prompt_len": args.prompt_len,
-                "decode_prompt": args.decode_prompt, "batches": batches,
-                "new_tokens": args.released_tokens, "reps": 1}
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(args.site).resolve()), str(ROOT)]))
-        r = subprocess.run([sys.executable, __file__, "--released-child", str(tmp / "spec.json"),
-                            str(tmp / "out.json")], env=env, capture_output=True, text=True)
-        out = json.loads((tmp / "out.json").read_text()) if (tmp / "out.json").is_file() else \
-            {"error": f"the child exited {r.returncode}: {r.stderr[-2000:]}"}
+    spec = {"hf_config": config_to_hf(cfg, torch.bfloat16), "device": str(dev),
+            "code": str(Path(args.code).resolve()), "prompt_len": args.prompt_len,
+            "decode_prompt": args.decode_prompt, "batches": batches,
+            "new_tokens": args.released_tokens, "reps": 1}
+    out = released_stack.run_child(__file__, spec, args.site, timeout=args.released_timeout)
+    if out.get("status") == "failed":
+        out = {"error": out["error"]}
     RESULTS["released"] = {"new_tokens": args.released_tokens, "reps": 1, **out}
     if "error" in out:
         RESULTS["errors"]["released"] = out["error"]
@@ -264,10 +245,11 @@ def main(argv=None) -> int:
                     "huggingface_hub 0.36 (pip --target): runs the released column (needs --code)")
     ap.add_argument("--code", default=None, help="the released remote-code folder (modeling_deepseek.py)")
     ap.add_argument("--released-tokens", type=int, default=16, help="new tokens timed on the released code")
-    ap.add_argument("--released-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--released-timeout", type=float, default=600.0, help="seconds the released child may take")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.released_child:
-        return released_child(Path(args.released_child[0]), Path(args.released_child[1]))
+    if args.child:
+        return released_child(Path(args.child[0]), Path(args.child[1]))
     if (args.site is None) != (args.code is None):
         ap.error("--site and --code go together (the released column needs both)")
     for flag in ("site", "code"):
