@@ -123,3 +123,22 @@ def compile_for_hopper(snippet: str) -> None:
     r = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def decode_step_logits(model, backend=None, B=2, steps=4, mode="eager", pack=None):
+    """(logits [steps, B, V], Decoder) of `steps` greedy decode steps after a fixed 5-token prompt
+    (the second row left-padded by 2), for comparing decode paths step by step."""
+    import torch
+
+    from deepseekmoe.inference.generate import Decoder
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=g)
+    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend, pack=pack)
+    nxt = dec.prefill(ids, torch.tensor([0, 2][:B])).argmax(-1)
+    out = []
+    for _ in range(steps):
+        logits = dec.step(nxt).clone()
+        out.append(logits)
+        nxt = logits.argmax(-1)
+    return torch.stack(out), dec

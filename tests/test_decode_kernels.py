@@ -21,7 +21,7 @@ with triton_interpreter() if IN_PROCESS else contextlib.nullcontext():
     from deepseekmoe.kernels import decode_routing as dr
 
 from deepseekmoe.model.moe.experts import experts_gather, experts_loop  # noqa: E402
-from tests.helpers import compile_for_hopper, rel_err  # noqa: E402
+from tests.helpers import compile_for_hopper, decode_step_logits, rel_err  # noqa: E402
 
 needs_interp, _interpreter, test_in_subprocess = interpreter_suite(__file__, IN_PROCESS)
 
@@ -148,19 +148,7 @@ def test_decode_router_matches_reference_and_topk_router(T, E, D, k, normalize, 
 
 # ---------------------------------------------------------------------- the Decoder's fused path
 def _decode_logits(model, backend, B=2, steps=4, mode="eager"):
-    from deepseekmoe.inference.generate import Decoder
-
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=g)
-    pad = torch.tensor([0, 2][:B])
-    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend)
-    nxt = dec.prefill(ids, pad).argmax(-1)
-    out = []
-    for _ in range(steps):
-        logits = dec.step(nxt).clone()
-        out.append(logits)
-        nxt = logits.argmax(-1)
-    return torch.stack(out), dec
+    return decode_step_logits(model, backend, B=B, steps=steps, mode=mode)
 
 
 @needs_interp

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseekmoe.inference.generate import Decoder, generate_ids
+from deepseekmoe.inference.generate import generate_ids
 from deepseekmoe.inference.packing import DecodePacking, packed_handle
-from tests.helpers import interpreter_suite, kernels_in_process, rel_err, tiny_model
+from tests.helpers import decode_step_logits, interpreter_suite, kernels_in_process, rel_err, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The fused-path tests run the decode kernels through Triton's interpreter (tests/helpers.py).
@@ -22,16 +22,7 @@ PROMPTS = [[0, 5, 9, 3], [0, 7], [0, 11, 12, 13, 14, 2]]
 
 
 def _steps(model, pack, mode="eager", B=2, steps=4, backend=None):
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=g)
-    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend, pack=pack)
-    nxt = dec.prefill(ids, torch.tensor([0, 2][:B])).argmax(-1)
-    out = []
-    for _ in range(steps):
-        logits = dec.step(nxt).clone()
-        out.append(logits)
-        nxt = logits.argmax(-1)
-    return torch.stack(out), dec
+    return decode_step_logits(model, backend, B=B, steps=steps, mode=mode, pack=pack)
 
 
 def _storage(lin) -> int:
@@ -216,6 +207,16 @@ def test_the_transformers_class_packs_through_its_shell(tmp_path):
     hf.save_pretrained(tmp_path / "saved")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items())
+    # PEFT LoRA on the attention projections: those keep their forward (with the adapter), the rest packs
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    pm.eval()
+    shell = transformer_shell(pm.base_model.model)
+    packing = DecodePacking(shell)
+    assert len(packing.skipped) == shell.config.num_hidden_layers
+    assert all("self_attn" in k and "q_proj" in v for k, v in packing.skipped.items())
+    assert generate_ids(shell, PROMPTS, 6, pack=True) == generate_ids(shell, PROMPTS, 6, pack=False)
 
 
 @needs_interp

@@ -128,7 +128,7 @@ def packed_handle(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     t0 = tensors[0]
     try:
         storage = t0.untyped_storage()
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage (traced, sharded): not packed
         return None
     rows, off = 0, 0
     for t in tensors:
