@@ -41,8 +41,17 @@ def test_stats_and_verdicts(tmp_path):
     assert v["gshard-2b < switch-2b"]["verdict"].startswith("reversed")
     md = (tmp_path / "out" / "table1_report.md").read_text()
     assert "| Switch | 40.00M | 10.00M | 5.0 | 3 | 4.0000 | 4.0200 | 4.0400 | **4.0200** |" in md
+    assert "### Training-stream loss" in md
+    # the stream table: the mean training loss after 90% of the steps (here only step 1 of 1)
+    assert summary["stream"]["stats"]["switch-2b"]["mean"] == pytest.approx(4.02 + 2)
     for png in ("table1_curves", "table1_train_curves"):
         assert (tmp_path / "out" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stream_loss_averages_the_last_tenth_of_steps():
+    run = {"step": 100, "train_curve": [[50, 5.0], [80, 4.5], [91, 4.2], [100, 4.0]]}
+    assert rep.stream_loss(run) == pytest.approx(4.1)
+    assert rep.stream_loss({"step": 100, "train_curve": []}) is None
 
 
 def test_the_first_single_seed_format_is_read(tmp_path):
@@ -61,3 +70,18 @@ def test_figs_4_to_6_are_plotted_from_the_analysis(tmp_path):
         "gshard-2b": {"fig6_topk": {"rows": [{"top_k": k, "loss": 3.4 - k / 10} for k in (1, 2, 3)]}}}
     written = rep.plot_figs([analysis], tmp_path)
     assert [p.name for p in written] == ["table1_fig4.png", "table1_fig5.png", "table1_fig6.png"]
+
+
+def test_table2_claims_need_the_reference_to_beat_its_base():
+    st = lambda mean, se: {"mean": mean, "se": se}
+    # equal within 2 SE, the reference better than its base: reproduced
+    v = rep.table2_verdict(st(4.00, 0.01), st(4.01, 0.01), st(4.20, 0.01), "GShard x1.5", "GShard")
+    assert v["verdict"] == "reproduced (equal within 2 SE)" and v["gap"] == pytest.approx(-0.01)
+    base = st(4.20, 0.01)
+    assert rep.table2_verdict(st(4.10, 0.01), st(4.00, 0.01), base, "R", "B")["verdict"].startswith("exceeded")
+    assert rep.table2_verdict(st(4.00, 0.01), st(4.10, 0.01), base, "R", "B")["verdict"].startswith("not repro")
+    # the reference no better than its base: the claim cannot be tested, the comparison still shown
+    v = rep.table2_verdict(st(5.00, 0.01), st(4.88, 0.004), st(4.98, 0.02), "Dense x16", "Dense")
+    assert v["verdict"].startswith("not testable at this scale: Dense x16 is not better than Dense (5.0000 vs 4.9800)")
+    assert v["verdict"].endswith("exceeded (DeepSeekMoE better by > 2 SE)")
+    assert v["reference_vs_base"]["gap"] == pytest.approx(-0.02)
