@@ -105,6 +105,23 @@ def test_packing_keeps_names_values_and_saved_files(tmp_path):
             assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
 
 
+def test_saving_a_packed_model_hands_safetensors_tensors_of_their_own_storage():
+    """Older safetensors releases (the >= 0.4 the package allows) refuse tensors sharing storage."""
+    from deepseekmoe.checkpoint.native import cpu_for_save
+
+    model = tiny_model(tie_word_embeddings=True)
+    DecodePacking(model)
+    q = model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().nbytes() > q.numel() * q.element_size()  # a row slice of q|k|v
+    saved = {k: cpu_for_save(v) for k, v in model.state_dict().items()}
+    packed = [k for k in saved if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
+    assert packed and all(saved[k].untyped_storage().nbytes() == saved[k].numel() * saved[k].element_size()
+                          for k in packed)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    # whole-storage tensors are not copied: the tied head still shares the embedding's storage
+    assert saved["lm_head.weight"].data_ptr() == saved["embed_tokens.weight"].data_ptr()
+
+
 def test_a_packed_model_is_not_copied_again_and_repacks_after_a_cast():
     model = tiny_model(expert_backend="gather")  # the grouped_mm backend has no float64
     first = DecodePacking(model)

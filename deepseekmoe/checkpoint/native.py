@@ -28,7 +28,7 @@ def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extr
     `companions` files (the tokenizer) copied in beside them."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = {k: cpu_for_save(v) for k, v in state_dict.items()}
     _untie(tensors)
     meta = {"format": NATIVE_FORMAT, "model": cfg.to_dict(), **(extra or {})}
     with atomic_directory(path) as tmp:
@@ -36,6 +36,15 @@ def save_native(path: str | Path, cfg, state_dict: dict[str, torch.Tensor], extr
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for f in companions:
             shutil.copyfile(f, tmp / Path(f).name)
+
+
+def cpu_for_save(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached, contiguous and on the CPU, in storage of its own when it was a view into a
+    larger one (the decode packing's q|k|v and gate|up row slices, inference/packing.py): older
+    safetensors releases refuse tensors that share storage. A whole-storage tensor is not copied,
+    so tied embeddings still share theirs (`_untie` saves them once)."""
+    t = t.detach().contiguous().cpu()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> None:

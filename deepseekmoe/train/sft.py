@@ -48,6 +48,7 @@ import torch
 from deepseekmoe.checkpoint import training as ckpt_io
 from deepseekmoe.checkpoint.files import atomic_directory, prune, write_failure
 from deepseekmoe.checkpoint.finetuned import ADAPTER_DIR, MERGED_DIR
+from deepseekmoe.checkpoint.native import cpu_for_save
 from deepseekmoe.errors import CheckpointError, ConfigError, DataError
 from deepseekmoe.model.config import ModelConfig
 from deepseekmoe.model.transformer import Transformer
@@ -323,7 +324,7 @@ def _name_base(adapter: Path, base: Path) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train (adapters, and embeddings / router when they train), by their plain
     names (without activation-checkpoint / compile wrappers, so a resume may toggle those)."""
-    return {_canonical(n): p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {_canonical(n): cpu_for_save(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep: int,
