@@ -12,7 +12,8 @@ still reports what it finished):
      (save_pretrained, 5 GB shards), then `Transformer.from_pretrained(dir, device="cuda")`:
      wall time and peak GPU memory of the load (files are in the page cache right after being
      written; a cold read of the first GiB of one shard gives the disk's own rate);
-  3. prefill of a 2,048-token prompt (batch 1), tokens/s;
+  3. prefill of a 2,048-token prompt (batch 1; `--prefill` takes several lengths) on each of
+     `--prefill-backends` (grouped, and the triton expert kernels where they run), tokens/s;
   4. decode at batch 1, 8, 32 (prompt 256 tokens, greedy), per execution mode (eager, CUDA
      graph, torch.compile + CUDA graph) and decode path (`--decode-backends`: grouped, gather,
      fused = the decode kernels of inference/fast_path.py, fused_shared = with the shared experts
@@ -31,7 +32,7 @@ still reports what it finished):
   6. batch-1 decode against the memory-bandwidth bound: activated bytes per token (every weight
      a token multiplies through: attention, dense / shared / its K routed experts, router, norms,
      lm_head; the embedding table contributes one row) over the measured copy bandwidth.
---quick (GPU): bandwidth, prefill 2K, no disk round trip, no uncompiled modes; compiled decode at
+--quick (GPU): bandwidth, prefill 2K (grouped and triton), no disk round trip, no uncompiled modes; compiled decode at
 batch 1, 8, 32 for each of --decode-backends (fused at every batch first, then the baselines, b1
 first, while the time budget lasts: a compile is ~50 s), with kernel profiles, then greedy parity
 of 256 tokens at batch 8.
@@ -187,15 +188,31 @@ def cold_read_rate(file: Path, nbytes: int = 1 << 30) -> float | None:
     return got / (time.time() - t) / 1e9
 
 
-def phase_prefill(model, dev, L: int, backend: str) -> None:
+def phase_prefill(model, dev, L: int, backend: str, key: str | None = None) -> None:
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, L), device=dev)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     dec = Decoder(model, 1, L + 64, decode_backend=None, pack=False)
     with expert_backend(model, backend):
         t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
-    RESULTS.setdefault("prefill", {})[backend] = {"prompt": L, "seconds": t, "tok_s": L / t}
+    RESULTS.setdefault("prefill", {})[key or backend] = {"prompt": L, "backend": backend, "seconds": t,
+                                                         "tok_s": L / t}
     log(f"prefill {L} tokens ({backend}): {t * 1e3:.1f} ms, {L / t:,.0f} tok/s")
+
+
+def phase_prefills(model, dev, args) -> None:
+    """Prefill at each --prefill length on each --prefill-backends backend that runs here; results
+    keyed by the backend (the first length) or backend_L (the others)."""
+    from deepseekmoe.kernels import triton_unavailable_reason
+
+    for backend in args.prefill_backends:
+        reason = triton_unavailable_reason(dev) if backend == "triton" else None
+        if reason:
+            RESULTS.setdefault("skipped", {})[f"prefill_{backend}"] = reason
+            log(f"prefill ({backend}): skipped, {reason}")
+            continue
+        for i, L in enumerate(args.prefill):
+            phase_prefill(model, dev, L, backend, key=backend if i == 0 else f"{backend}_{L}")
 
 
 def kernel_profile(dec, n: int = 4) -> dict:
@@ -441,7 +458,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU: exercise every code path quickly")
     p.add_argument("--out-dir", default=None, help="where the checkpoint is written (default: a temp dir)")
     p.add_argument("--json", default=None, help="write results here (default: $OUT/inference.json if set)")
-    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--prefill", type=int, nargs="+", default=[2048], help="prompt lengths of the prefill timing")
+    p.add_argument("--prefill-backends", nargs="+", default=["grouped", "triton"],
+                   choices=["grouped", "triton", "gather"],
+                   help="expert backends of the prefill timing (triton only where it runs: CUDA with triton)")
     p.add_argument("--prompt", type=int, default=256, help="prompt length before decode timing")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed repeat (3 repeats)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -487,7 +507,8 @@ def main(argv=None) -> int:
     cfg = presets.get(args.preset)
     if args.smoke:
         cfg = presets.get("tiny")
-        args.prefill, args.prompt, args.steps = min(args.prefill, 128), min(args.prompt, 32), min(args.steps, 4)
+        args.prefill = [min(L, 128) for L in args.prefill]
+        args.prompt, args.steps = min(args.prompt, 32), min(args.steps, 4)
         args.compile_batches, args.greedy_tokens, args.greedy_batch = [], min(args.greedy_tokens, 8), 2
     cfg = cfg.replace(expert_backend="grouped")
     RESULTS.update({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -518,7 +539,7 @@ def main(argv=None) -> int:
         model = random_model(cfg, dtype, dev)
     # Compiles come last (slowest, and guarded by the time budget); batch 1 first among them.
     refs, keep = {}, {}  # eager reference logits per batch; decoders kept for the greedy check
-    for phase, fn in (("prefill", lambda: phase_prefill(model, dev, args.prefill, "grouped")),
+    for phase, fn in (("prefill", lambda: phase_prefills(model, dev, args)),
                       ("decode", lambda: phase_decode(model, dev, args, refs, keep)),
                       ("kernels", lambda: any(b.startswith("fused") for b in args.decode_backends)
                        and phase_kernels(model, dev, args)),
