@@ -7,8 +7,10 @@
 
 Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness
 check and AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights,
-backward, global-norm clipping at 1.0 (`clip_grad_norm_(foreach=True)`), one host sync per step,
-AdamW with the paper's parameter groups (`fused=True` on CUDA: --optim-impl). Fresh random token
+backward, global-norm clipping at 1.0, one host sync per step, AdamW with the paper's parameter
+groups (`fused=True` on CUDA: --optim-impl). Clipping: the `fast` variant folds the clip coefficient
+into fused AdamW's step (train/optim.py ClippedStep, --clip fused, the trainer's default); `ref` and
+--clip inplace scale the grads in place first (`clip_grad_norm_(foreach=True)`, then step). Fresh random token
 ids every micro-batch (never zeros; random tokens route more evenly than text). Each case is timed
 at two sizes of optimizer step, with the same micro-batch:
   small  one micro-batch per step (8-16K tokens: the optimizer and clipping every micro-batch)
@@ -65,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.parallel.fsdp import apply_activation_checkpointing, apply_compile  # noqa: E402
 from deepseekmoe.train.metrics import peak_flops  # noqa: E402
-from deepseekmoe.train.optim import ComputeWeights, build_optimizer  # noqa: E402
+from deepseekmoe.train.optim import ClippedStep, ComputeWeights, build_optimizer  # noqa: E402
 from deepseekmoe.train.recipe import OptimSection  # noqa: E402
 from deepseekmoe.train.step import LocalStep  # noqa: E402
 
@@ -149,6 +151,8 @@ class Case:
             apply_compile(self.model)
         self.opt = build_optimizer(self.model, OptimSection(lr=1e-4, impl=args.optim_impl), device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = args.clip if fast else "inplace"
+        self.clipped = ClippedStep(self.opt, self.params, 1.0, impl=clip)
         self.amp = args.amp == "yes" or (args.amp == "auto" and device.type == "cuda")
         self.weights = ComputeWeights(self.model) if fast and self.amp else None
         self.stepper = LocalStep(self.model, 1, self.autocast, None, device, weights=self.weights)
@@ -174,9 +178,9 @@ class Case:
         if cuda:
             ev[1].record()
         t1 = time.perf_counter()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        gnorm = self.clipped.clip(stats.loss)  # --clip fused: AdamW's update is taken here
         ok = bool(torch.isfinite(stats.loss + gnorm))
-        self.opt.step()
+        self.clipped.update()  # inplace: the step, even a non-finite one, as before (fused: done in clip())
         self.opt.zero_grad(set_to_none=True)
         if cuda:
             ev[2].record()
@@ -187,7 +191,7 @@ class Case:
     def close(self):
         if self.weights is not None:
             self.weights.remove()
-        del self.model, self.opt, self.params, self.stepper, self.weights
+        del self.model, self.opt, self.params, self.stepper, self.weights, self.clipped
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -202,7 +206,8 @@ def _record(case: Case, accum: int, times: list[tuple[bool, float, float]], warm
     peak_mem = torch.cuda.max_memory_allocated(case.device) / 2**30 if case.device.type == "cuda" else None
     meta = {"case": case.name, "variant": case.variant, "compile": case.compile, "backend": case.cfg.expert_backend,
             "activation_checkpointing": case.ac, "loss_chunk": case.cfg.lm_loss_chunk,
-            "compute_weights": case.weights is not None, "micro_batch": case.micro, "seq_len": case.seq_len,
+            "compute_weights": case.weights is not None,
+            "clip": "fused" if case.clipped.folded else "inplace", "micro_batch": case.micro, "seq_len": case.seq_len,
             "params": case.cfg.num_params(), "active_params": case.cfg.num_active_params(),
             "flops_per_token": case.cfg.flops_per_token(case.seq_len)}
     return figures(meta, accum, times, warm_s, peak_flops(case.device), peak_mem)
@@ -487,6 +492,9 @@ def parse_args(argv=None):
                     help="tokens per chunk of the fused LM-head loss in the fast variant; 0: the plain loss")
     ap.add_argument("--optim-impl", default="auto", choices=("auto", "fused", "foreach", "single"),
                     help="AdamW implementation (auto: fused on CUDA)")
+    ap.add_argument("--clip", default="fused", choices=("fused", "inplace"),
+                    help="the fast variant's clipping: folded into fused AdamW's step (fused, needs --optim-impl "
+                         "fused or auto on CUDA) or clip_grad_norm_ in place, then step (inplace; ref always)")
     ap.add_argument("--amp", default="auto", choices=("auto", "yes", "no"),
                     help="bf16 autocast (auto: on CUDA only; --smoke turns it on to run the fast paths)")
     ap.add_argument("--tokens-per-step", type=int, default=None,

@@ -18,7 +18,8 @@ def test_smoke_writes_both_variants_and_step_sizes(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--smoke", "--cases", "tiny",
                            "--variants", "fast,ref", "--no-profile", "--warmup", "1", "--steps", "1",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--optim-impl", "fused", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert not res["errors"]
@@ -26,6 +27,7 @@ def test_smoke_writes_both_variants_and_step_sizes(tmp_path):
     assert set(got) == {("fast", 1), ("fast", 3), ("ref", 1), ("ref", 3)}
     assert got[("fast", 3)]["compute_weights"] and got[("fast", 3)]["loss_chunk"] == 50
     assert not got[("ref", 3)]["compute_weights"] and got[("ref", 3)]["loss_chunk"] == 0
+    assert got[("fast", 1)]["clip"] == "fused" and got[("ref", 1)]["clip"] == "inplace"  # fused AdamW on CPU too
     for r in res["cases"]:
         assert r["all_finite"] and r["tokens_per_step"] == 2 * 64 * r["accum"]
         assert 0 < r["fwd_bwd_s_median"] <= r["step_s_median"]

@@ -6,6 +6,10 @@ decay would pull a gain towards zero rather than regularise a mapping.
 
 `OptimizerList` steps one AdamW per pipeline stage held by a rank as one optimizer.
 
+`ClippedStep` is global-norm clipping and the AdamW update of a step: with a fused AdamW on one
+process the clip coefficient is folded into the optimizer's kernel (its `grad_scale` / `found_inf`
+inputs) instead of a separate in-place pass over the gradients; otherwise clip_grad_norm_ + step.
+
 `ComputeWeights` keeps bf16 compute copies of the weights autocast would cast at every use, made
 once per optimizer step, and accumulates their gradients into fp32 (train/step.py's fast path);
 outside a step the parameters are the fp32 masters the optimizer and checkpoints see.
@@ -116,6 +120,86 @@ class OptimizerList:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
+
+
+def folds_clip(optimizer) -> bool:
+    """Whether `optimizer` is one torch Adam / AdamW whose every group runs the fused kernel (the
+    ones that read `grad_scale` / `found_inf`, see ClippedStep)."""
+    return (isinstance(optimizer, torch.optim.Adam) and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(g.get("fused") for g in optimizer.param_groups))
+
+
+class ClippedStep:
+    """Global-norm clipping at `max_norm` and the optimizer's update of one step:
+
+        gnorm = cs.clip(loss)      # before the step's host sync
+        finite = bool(torch.isfinite(loss + gnorm))
+        if finite: cs.update()
+
+    impl "inplace" (the reference twin, and the path of every run before it): clip_fn(params,
+    max_norm) (torch.nn.utils.clip_grad_norm_(foreach=True) by default: the norm, then every grad
+    multiplied in place by coef = min(1, max_norm / (norm + 1e-6))), and update() runs step().
+
+    impl "fused", taken when folds_clip(optimizer), 0 < max_norm < inf and `fold` (the caller's
+    say: False on a distributed run, whose norm is a collective): clip() computes the same norm
+    (torch.nn.utils.get_total_norm, foreach, no host sync), then runs step() at once with
+        optimizer.grad_scale = max(1, (norm + 1e-6) / max_norm)    so grad / grad_scale = grad * coef (to an ulp)
+        optimizer.found_inf  = 1.0 if loss + norm is not finite else 0.0    (fp32 device tensors)
+    and removes both attributes after it (GradScaler's contract with `_step_supports_amp_scaling`
+    optimizers); update() does nothing. What torch does with them (torch 2.13's torch/optim/adam.py
+    _fused_adam; the kernels of aten/src/ATen/native: cuda/fused_adam_utils.cuh FusedAdamMathFunctor,
+    cpu/FusedAdamKernel.cpp, read in the PyTorch source; the CPU one checked on 2.13 by the tests):
+      - grad_scale: each grad is loaded, divided by *grad_scale in registers (the correctly rounded
+        fp32 quotient: CUDA divides in double, CPU in fp32), the update uses the quotient, and the
+        quotient is also stored back into .grad (torch keeps .grad unscaled for GradScaler's
+        callers: "Conditional Gradient Store" in the CUDA source). So per fp32 parameter
+        the step moves 4 bytes more (the grad store) and the separate clip pass (read + write of the
+        grad, 8 bytes) is gone: inplace = norm 4 + multiply 8 + AdamW 28 = 40 B; fused = norm 4 +
+        AdamW 32 = 36 B, and the multiply's launches are gone. The grad store happens whenever
+        grad_scale is set, also when it is 1.
+      - found_inf: the step tensors are incremented by a foreach add before the kernel and
+        decremented by found_inf after it; the kernel returns before touching any tensor when
+        *found_inf == 1 (CUDA: every block; CPU: once, read on the host). A non-finite step thus
+        leaves weights, moments, step count and grads as they were; the caller drops the grads.
+    Rounding: grad / grad_scale and grad * fl(max_norm / (norm + 1e-6)) can differ by an ulp when
+    the clip is active; when it is not (grad_scale 1) the two paths are bit-identical.
+    A step whose optimizer has no state yet for some parameter with a gradient (the first) takes
+    the inplace path, so a non-finite first step creates no state, as before.
+    """
+
+    IMPLS = ("fused", "inplace")
+
+    def __init__(self, optimizer, params, max_norm: float, *, impl: str = "fused", fold: bool = True,
+                 clip_fn=None):
+        if impl not in self.IMPLS:
+            raise ValueError(f"ClippedStep(impl={impl!r}): one of {self.IMPLS}")
+        self.optimizer, self.params, self.max_norm = optimizer, list(params), max_norm
+        self.clip_fn = clip_fn or (lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c, foreach=True))
+        self.folded = impl == "fused" and fold and folds_clip(optimizer) and 0 < max_norm < math.inf
+        self.stepped = False
+
+    def clip(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global grad norm before clipping; the folded path has also taken the update."""
+        state = self.optimizer.state if self.folded else None
+        if state is None or any(p.grad is not None and p not in state for p in self.params):
+            self.stepped = False
+            return self.clip_fn(self.params, self.max_norm)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        opt = self.optimizer
+        opt.grad_scale = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0).float()
+        opt.found_inf = (~torch.isfinite(loss.detach() + norm)).float()
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+        self.stepped = True
+        return norm
+
+    def update(self) -> None:
+        """The update of a finite step (after the host's finiteness check): step() unless clip() took it."""
+        if not self.stepped:
+            self.optimizer.step()
 
 
 class ComputeWeights:

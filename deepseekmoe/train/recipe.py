@@ -67,6 +67,9 @@ class OptimSection:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     impl: str = "auto"  # auto (fused on GPU, foreach on CPU) | fused | foreach | single
+    # fused: the clip coefficient folded into fused AdamW's step (one process, impl fused; else as
+    # inplace) | inplace: clip_grad_norm_ scales the grads, then step (train/optim.py ClippedStep)
+    clip_impl: str = "fused"
 
 
 SCHEDULES = ("step", "constant", "cosine", "wsd")
@@ -275,6 +278,7 @@ class TrainConfig:
         if self.optim.grad_clip < 0 or self.optim.weight_decay < 0:
             raise ConfigError("optim.grad_clip and optim.weight_decay cannot be negative")
         _choice("optim.impl", self.optim.impl, ("auto", "fused", "foreach", "single"))
+        _choice("optim.clip_impl", self.optim.clip_impl, ("fused", "inplace"))
         _choice("schedule.kind", self.schedule.kind, SCHEDULES)
         parse_dtype(self.system.dtype, "system.dtype", ("auto", *TRAINING_NAMES))
         dev = self.system.device

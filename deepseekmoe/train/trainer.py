@@ -70,7 +70,7 @@ from deepseekmoe.train.metrics import (
     read_metrics,
     truncate_metrics,
 )
-from deepseekmoe.train.optim import ComputeWeights, OptimizerList, Schedule, build_optimizer
+from deepseekmoe.train.optim import ClippedStep, ComputeWeights, OptimizerList, Schedule, build_optimizer
 from deepseekmoe.train.pretrain import PretrainData, open_pretrain_data
 from deepseekmoe.train.recipe import TrainConfig, compute_weights_on, to_toml
 from deepseekmoe.train.recovery import DivergedError, Divergence, Interrupted, StopSignals, check_new_run_dir
@@ -255,6 +255,9 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        # One process with fused AdamW: the clip folded into the optimizer's kernel (else today's path).
+        self.clipped = ClippedStep(self.optimizer, self.params, self.clip, impl=cfg.optim.clip_impl,
+                                   fold=not self.rt.distributed, clip_fn=self.rt.clip_grad_norm_)
 
     def _build_local(self, model: Transformer) -> None:
         """One model on this rank: EP -> activation checkpointing -> compile -> FSDP2 (one process:
@@ -483,7 +486,7 @@ class Trainer:
         heartbeat(loop.step)  # progress, for the distributed watchdog (a stall notice otherwise)
         lr = self.schedule.set(self.optimizer, loop.step)
         stats = self.stepper.run(self._step_batches())
-        gnorm = self.rt.clip_grad_norm_(self.params, self.clip)
+        gnorm = self.clipped.clip(stats.loss)  # folded: the update is taken too, skipped on device if non-finite
         if self.rt.distributed:  # global means, so every rank takes the same finiteness (and stop) decision
             stacked, stop = self.rt.mean_and_any(stats.stacked(), self.stop.received is not None)
             stats, loop.stop = StepStats.from_stacked(stacked), bool(stop)  # the one wait for the all-reduce
@@ -494,7 +497,7 @@ class Trainer:
         meter.count_tokens(ntok)
         if finite:
             loop.streak = 0
-            self.optimizer.step()
+            self.clipped.update()
             self.optimizer.zero_grad(set_to_none=True)
             meter.add(stats, gnorm)
             if due(loop.step, cfg.log.every, cfg.train.steps):
