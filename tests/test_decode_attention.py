@@ -173,16 +173,24 @@ def test_attention_switch_refuses_bad_values(monkeypatch):
 
 
 @needs_interp
-def test_benchmark_attention_rows_run_on_the_interpreter():
-    """benchmarks/inference_micro.py's attention rows (its GPU run is one shot) on a small shape."""
+def test_benchmark_attention_paths_and_rows_run_on_the_interpreter():
+    """benchmarks/inference.py's attention pieces (its GPU run is one shot): the NAME+splitkv path
+    names and their Decoder keywords, and the attention micro-benchmark rows on a small shape."""
+    import argparse
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_micro.py"
-    spec = importlib.util.spec_from_file_location("bench_micro_attention", path)
-    micro = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(micro)
-    rows = micro.attention_rows(tiny_model(), torch.device("cpu"), 2, [(12, 9)], log=lambda _msg: None)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.decoder_args("fused_nopack+splitkv") == {"decode_backend": "fused", "pack": False,
+                                                         "attention": "splitkv"}
+    assert bench.decoder_args("gather") == {"decode_backend": "gather", "pack": True}
+    args = argparse.Namespace(decode_backends=["gather", "fused"], decode_attention=["sdpa", "splitkv"])
+    assert bench.variants_at(tiny_model(), 2, args, compiled=True) == ["gather", "gather+splitkv", "fused",
+                                                                       "fused+splitkv"]
+    rows = bench.MICRO.attention_rows(tiny_model(), torch.device("cpu"), 2, [(12, 9)], log=lambda _msg: None)
     assert {r["what"] for r in rows} == {"attention_sdpa", "attention_splitkv"}
     assert all(r["batch"] == 2 and r["slots"] == 12 and r["visible"] == 10 and r["us"] > 0 and r["GB_s"] > 0
                for r in rows)
