@@ -3,6 +3,7 @@
     python benchmarks/inference.py --json out.json            # GPU: the full 16B, random bf16 weights
     python benchmarks/inference.py --quick --decode-backends gather fused   # GPU, ~3-4 minutes (below)
     python benchmarks/inference.py --quick --compile-batches 1 8 --decode-backends fused_nopack fused fused_shared
+    python benchmarks/inference.py --quick --decode-backends fused --decode-attention sdpa splitkv   # A/B attention
     python benchmarks/inference.py --smoke                    # CPU: a tiny shape, every code path
 
 What it does, in one process (results are written to JSON after every phase, so a run cut short
@@ -18,7 +19,9 @@ still reports what it finished):
      graph, torch.compile + CUDA graph) and decode path (`--decode-backends`: grouped, gather,
      fused = the decode kernels of inference/fast_path.py, fused_shared = with the shared experts
      and dense MLPs on them too; every path with q|k|v and gate|up packed into one GEMV each,
-     inference/packing.py, unless its name ends in _nopack), tokens/s; each step function is also
+     inference/packing.py, unless its name ends in _nopack), and decode attention (`--decode-attention`:
+     sdpa = the masked SDPA over the whole cache, splitkv = the split-KV kernel over the visible
+     slots, inference/splitkv.py; a path with splitkv is named NAME+splitkv), tokens/s; each step function is also
      run once under torch.cuda.set_sync_debug_mode("error") to prove it has no host sync, and
      every step's first logits are compared with the eager reference step's (the model's own
      backend, unpacked); with --profile, the kernel launches per step and a per-kernel device-time table;
@@ -26,6 +29,10 @@ still reports what it finished):
      torch twins (us per call from a CUDA graph; GB/s of the distinct selected experts' weights),
      and the projections packing merges (q|k|v, the dense and shared MLPs: separate, packed, on the
      decode kernels; benchmarks/inference_micro.py);
+  4c. with splitkv among --decode-attention on a GPU: one layer's decode attention alone at
+     --attention-batches, SDPA against the split-KV kernel, at the benchmark's own cache (its
+     prompt's slot) and a full 4K cache (us per call from a CUDA graph; GB/s of the keys and
+     values the step needs);
   5. greedy parity: --greedy-tokens tokens of a fixed prompt set at batch --greedy-batch on each
      compiled path against the eager reference, token for token (first divergence and both
      logit margins there when they differ; inference/parity.py);
@@ -63,6 +70,7 @@ from deepseekmoe.checkpoint import hf  # noqa: E402
 from deepseekmoe.inference.fast_path import fused_unavailable_reason  # noqa: E402
 from deepseekmoe.inference.generate import Decoder, expert_backend  # noqa: E402
 from deepseekmoe.inference.parity import compare_greedy, greedy_run  # noqa: E402
+from deepseekmoe.inference.splitkv import ATTENTIONS, splitkv_unavailable_reason  # noqa: E402
 
 
 def _load(name: str):
@@ -309,12 +317,24 @@ def reference_logits(model, dev, B: int, args):
     return dec.step(nxt).clone()
 
 
-def decoder_args(backend: str) -> dict:
+def decoder_args(name: str) -> dict:
     """Decoder keywords of a benchmark decode path: packed projections (inference/packing.py) unless
-    the name ends in _nopack (the path as it ran before them)."""
+    the backend's name ends in _nopack (the path as it ran before them); a "+splitkv" suffix asks
+    for the split-KV decode attention."""
+    backend, _, attention = name.partition("+")
+    extra = {"attention": attention} if attention else {}
     if backend.endswith(NOPACK):
-        return {"decode_backend": backend[:-len(NOPACK)], "pack": False}
-    return {"decode_backend": backend, "pack": True}
+        return {"decode_backend": backend[:-len(NOPACK)], "pack": False, **extra}
+    return {"decode_backend": backend, "pack": True, **extra}
+
+
+def variants_at(model, B: int, args, compiled: bool) -> list[str]:
+    """backends_at for every --decode-attention: NAME (sdpa) or NAME+splitkv (where it can run)."""
+    reason = splitkv_unavailable_reason(model) if "splitkv" in args.decode_attention else None
+    if reason:
+        RESULTS["errors"][f"b{B}/+splitkv"] = f"skipped: {reason}"
+    return [b + ("" if a == "sdpa" else "+" + a) for b in backends_at(model, B, args.decode_backends, compiled)
+            for a in args.decode_attention if a == "sdpa" or not reason]
 
 
 def backends_at(model, B: int, names, compiled: bool) -> list[str]:
@@ -373,7 +393,7 @@ def phase_decode(model, dev, args, refs, keep) -> None:
     modes = [m for m in args.modes if m == "eager" or dev.type == "cuda"]
     for B in args.batches:
         for mode in modes:
-            for backend in backends_at(model, B, args.decode_backends, compiled=False):
+            for backend in variants_at(model, B, args, compiled=False):
                 record_decode(model, dev, args, B, mode, backend, refs, keep)
         gc.collect()
         if dev.type == "cuda":
@@ -409,10 +429,23 @@ def phase_projections(model, dev, args) -> None:
     save_json(args.json)
 
 
+def phase_attention(model, dev, args) -> None:
+    """MICRO.attention_rows at each of --attention-batches: the benchmark's cache at its prompt's
+    slot, and a full 4K cache."""
+    rows = RESULTS.setdefault("attention", [])
+    for B in args.attention_batches:
+        try:
+            rows += MICRO.attention_rows(model, dev, B, [(decode_max_len(args), args.prompt), (4096, 4095)], log)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"attention/b{B}"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+    save_json(args.json)
+
+
 def phase_compile(model, dev, args, refs, keep) -> None:
     """torch.compile + CUDA graph inside the time budget: the fused path at every batch first
     (batch 1 first), then the baselines (batch 1 first)."""
-    runs = [(B, b) for B in args.compile_batches for b in backends_at(model, B, args.decode_backends, compiled=True)]
+    runs = [(B, b) for B in args.compile_batches for b in variants_at(model, B, args, compiled=True)]
     runs.sort(key=lambda r: (not r[1].startswith("fused"), r[0] != 1, r[0], r[1]))
     for B, backend in runs:
         left = args.time_budget - (time.time() - T0)
@@ -437,7 +470,7 @@ def phase_greedy(model, dev, args, keep) -> None:
     max_len = decode_max_len(args)
     if not keep:
         keep = {f"b{B}/eager/{b}": Decoder(model, B, max_len, **decoder_args(b))
-                for b in backends_at(model, B, args.decode_backends, compiled=False)}
+                for b in variants_at(model, B, args, compiled=False)}
     t = time.time()
     ref = greedy_run(Decoder(model, B, max_len, decode_backend=None, pack=False), prompts, n)
     out = RESULTS.setdefault("greedy", {"batch": B, "tokens": n, "prompt_lengths": [len(p) for p in prompts],
@@ -476,6 +509,11 @@ def main(argv=None) -> int:
                    choices=[b + s for b in ("grouped", "gather", "fused", "fused_shared") for s in ("", NOPACK)],
                    help="decode paths to compare (fused_shared: the shared experts and dense MLPs on the decode "
                         "kernels too; a _nopack suffix: without the packed q|k|v and gate|up projections)")
+    p.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=ATTENTIONS,
+                   help="decode-step attention of every path: sdpa (masked, whole cache) and/or splitkv (the "
+                        "split-KV kernel over the visible slots; its paths are named NAME+splitkv)")
+    p.add_argument("--attention-batches", type=int, nargs="*", default=[1, 8],
+                   help="batches of the attention micro-benchmark (with splitkv among --decode-attention)")
     p.add_argument("--kernel-batches", type=int, nargs="*", default=[1],
                    help="batches of the decode-kernel micro-benchmark (each new batch tunes the kernels: ~10 s)")
     p.add_argument("--greedy-tokens", type=int, default=256, help="greedy parity length (0: skip)")
@@ -544,6 +582,8 @@ def main(argv=None) -> int:
                       ("kernels", lambda: any(b.startswith("fused") for b in args.decode_backends)
                        and phase_kernels(model, dev, args)),
                       ("projections", lambda: phase_projections(model, dev, args)),
+                      ("attention", lambda: "splitkv" in args.decode_attention and not splitkv_unavailable_reason(model)
+                       and phase_attention(model, dev, args)),
                       ("compile", lambda: phase_compile(model, dev, args, refs, keep)),
                       ("greedy", lambda: args.greedy_tokens and phase_greedy(model, dev, args, keep))):
         try:

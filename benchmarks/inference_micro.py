@@ -1,7 +1,9 @@
 """Micro-benchmarks of benchmarks/inference.py: single decode pieces on one layer's weights, timed
 from a CUDA graph on a GPU (no launch overhead; plainly on the CPU): the decode kernels against
-their torch twins (kernel_rows), and the projections packing merges (projection_rows: q|k|v and
-gate|up as one GEMV against separate ones). Each row: batch, what, us per call, GB/s of weights."""
+their torch twins (kernel_rows), the projections packing merges (projection_rows: q|k|v and
+gate|up as one GEMV against separate ones), and one layer's decode attention (attention_rows: the
+masked SDPA against the split-KV kernel). Each row: batch, what, us per call, GB/s of weights (of
+keys and values for attention)."""
 
 from __future__ import annotations
 
@@ -120,4 +122,30 @@ def projection_rows(model, dev, B: int, log=print) -> list[dict]:
             group = name.rsplit("_", 1)[0]
             rows.append({"batch": B, "what": name, "us": t * 1e6, "GB_s": nbytes[group] / t / 1e9})
             log(f"projection b{B} {name}: {t * 1e6:.1f} us, {rows[-1]['GB_s']:,.0f} GB/s")
+    return rows
+
+
+def attention_rows(model, dev, B: int, contexts, log=print) -> list[dict]:
+    """One layer's decode attention at batch B for each (cache slots S, step slot pos) of `contexts`:
+    the masked SDPA over the whole cache that decode steps run by default (the kernel's reference
+    twin, with its mask and GQA repeat) against the split-KV kernel (deepseekmoe.kernels.decode_attention).
+    GB/s counts the keys and values the step needs (slots 0..pos of every row), for both."""
+    from deepseekmoe.kernels.decode_attention import decode_attention, decode_attention_reference
+
+    cfg = model.config
+    H, K, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dtype = model.embed_tokens.weight.dtype
+    rows = []
+    for S, pos in contexts:
+        q = torch.randn(B, H, d, device=dev, dtype=dtype)
+        k, v = (torch.randn(B, K, S, d, device=dev, dtype=dtype) for _ in range(2))
+        pos_1, pad_B = torch.tensor([pos], device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+        nbytes = 2 * B * K * (pos + 1) * d * k.element_size()
+        args = (q, k, v, pos_1, pad_B, d ** -0.5)
+        for name, fn in (("attention_sdpa", decode_attention_reference), ("attention_splitkv", decode_attention)):
+            with torch.no_grad():
+                t = graph_time(lambda f=fn, a=args: f(*a), dev)
+            rows.append({"batch": B, "what": name, "slots": S, "visible": pos + 1, "us": t * 1e6,
+                         "GB_s": nbytes / t / 1e9})
+            log(f"attention b{B} S={S} pos={pos} {name}: {t * 1e6:.1f} us, {rows[-1]['GB_s']:,.0f} GB/s")
     return rows

@@ -1,5 +1,5 @@
 """The printed report of benchmarks/inference.py: the per-kernel tables of the profiled decode steps
-and the summary table (decode, prefill, kernel and projection micro-benchmarks, greedy parity,
+and the summary table (decode, prefill, kernel, projection and attention micro-benchmarks, greedy parity,
 the batch-1 bound). Reads the benchmark's results dict; adds the derived figures to it."""
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def summary(results: dict, cfg, act: int, anchors: dict) -> None:
                                                                        results.get("projections", [])]:
         what = f"{kind} b{k['batch']} {k['what']}, us" + (" (GB/s)" if "GB_s" in k else "")
         print(f"{what:44} {k['us']:14.1f} {'':>12}" + (f"   {k['GB_s']:,.0f} GB/s" if "GB_s" in k else ""))
+    for k in results.get("attention", []):
+        what = f"attn. b{k['batch']} S={k['slots']} {k['what']}, us (GB/s)"
+        print(f"{what:44} {k['us']:14.1f} {'':>12}   {k['GB_s']:,.0f} GB/s of the {k['visible']} visible slots' K/V")
     gr = results.get("greedy")
     for name, g in (gr or {}).get("paths", {}).items():
         div = ("" if g["first_divergence"] is None else f", first divergence at {g['first_divergence']} "

@@ -125,7 +125,7 @@ def compile_for_hopper(snippet: str) -> None:
     assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
-def decode_step_logits(model, backend=None, B=2, steps=4, mode="eager", pack=None):
+def decode_step_logits(model, backend=None, B=2, steps=4, mode="eager", pack=None, attention="sdpa"):
     """(logits [steps, B, V], Decoder) of `steps` greedy decode steps after a fixed 5-token prompt
     (the second row left-padded by 2), for comparing decode paths step by step."""
     import torch
@@ -134,7 +134,7 @@ def decode_step_logits(model, backend=None, B=2, steps=4, mode="eager", pack=Non
 
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=g)
-    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend, pack=pack)
+    dec = Decoder(model, B, 16, mode=mode, decode_backend=backend, pack=pack, attention=attention)
     nxt = dec.prefill(ids, torch.tensor([0, 2][:B])).argmax(-1)
     out = []
     for _ in range(steps):

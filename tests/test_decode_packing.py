@@ -45,7 +45,8 @@ def test_packed_decode_steps_equal_the_modules_own(overrides):
     assert len(dec.packing.entries) == 2 * model.config.num_hidden_layers and not dec.packing.skipped
     _assert_packed(model)
     assert (got - ref).abs().max() < 1e-6 * ref.abs().max()
-    assert all("forward" not in m.__dict__ for m in model.modules()), "a packed forward outlived its block"
+    assert all("forward" not in m.__dict__ and "project" not in m.__dict__ for m in model.modules()), \
+        "a packed forward outlived its block"
     if overrides.get("attention_bias"):
         w, b = (dec.packing.entries[0].attrs[k] for k in ("_decode_packed_w", "_decode_packed_b"))
         a = model.layers[0].self_attn
@@ -65,7 +66,7 @@ def test_packed_modules_forward_like_the_reference_twins():
     with torch.no_grad():
         ref_a, ref_m = block.self_attn(x, cos, sin), block.mlp(x)
         with packing.active():
-            assert "forward" in block.self_attn.__dict__
+            assert "project" in block.self_attn.__dict__
             got_a, got_m = block.self_attn(x, cos, sin), block.mlp(x)
     assert rel_err(got_a, ref_a) < 1e-6 and rel_err(got_m, ref_m) < 1e-6
 

@@ -29,6 +29,9 @@ Design, for speed without surprises:
   weight, one GEMV each (inference/packing.py: the Linears' storage is shared, nothing is copied
   or renamed); `pack=True` asks for it elsewhere (tests), `pack=False` never. Prefill keeps the
   modules' own forwards.
+- Decode-step attention: "sdpa" (the default: masked SDPA over the whole cache, as prefill) or
+  "splitkv" (Decoder(attention="splitkv"): a split-KV Triton kernel that reads only the slots
+  pad_b..pos of each row, inference/splitkv.py; CUDA, or the CPU under TRITON_INTERPRET=1).
 
 The 16b-chat template: bos, then "User: {msg}\\n\\n", "Assistant: {reply}<eos>" per turn, and
 "Assistant:" to prompt the reply (a system message is its content followed by "\\n\\n").
@@ -43,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from deepseekmoe.errors import ConfigError, DataError
+from deepseekmoe.errors import ConfigError, DataError, suggest
+from deepseekmoe.inference.splitkv import ATTENTIONS, decode_splits, splitkv_attention, splitkv_unavailable_reason
 
 MODES = ("eager", "cuda_graph", "compile")
 FUSED_PATHS = ("fused", "fused_shared")  # decode paths on the decode kernels (inference/fast_path.py)
@@ -146,9 +150,16 @@ class Decoder:
     """Prefill and single-token decode steps of one batch over a static KV cache."""
 
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "eager",
-                 decode_backend: str | None = "default", pack: bool | None = None):
+                 decode_backend: str | None = "default", pack: bool | None = None, attention: str = "sdpa"):
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"attention={attention!r}: choose one of {', '.join(ATTENTIONS)}"
+                              f"{suggest(str(attention), ATTENTIONS)}")
+        if attention == "splitkv":
+            reason = splitkv_unavailable_reason(model)
+            if reason:
+                raise ConfigError(f"attention='splitkv' is not usable here: {reason}; use attention='sdpa'")
         self.model = model
         dev = model.embed_tokens.weight.device
         self.cache = StaticKVCache.for_model(model, batch_size, max_len)
@@ -171,6 +182,8 @@ class Decoder:
             from deepseekmoe.inference.packing import DecodePacking
 
             self.packing = DecodePacking(model, mlp_on_kernels=self.decode_backend == "fused_shared")
+        self.attention = attention  # with "splitkv", its kernel's split count, chosen here from the static shapes
+        self.attention_splits = decode_splits(model, batch_size, max_len) if attention == "splitkv" else None
         self.use_graph = mode != "eager" and dev.type == "cuda"
         self._fn = self._step
         if mode == "compile":
@@ -217,12 +230,18 @@ class Decoder:
 
     @contextlib.contextmanager
     def decode_block(self):
-        """What a decode step runs inside: its MoE path (decode_path) and the packed projections
-        (re-packed first if the weights moved since; a graph captured before is then dropped)."""
+        """What a decode step runs inside: its MoE path (decode_path), the packed projections
+        (re-packed first if the weights moved since; a graph captured before is then dropped) and,
+        with attention="splitkv", the split-KV attention (inference/splitkv.py)."""
         packing = self.packing
         if packing is not None and packing.ensure():
             self.graph = None
-        with decode_path(self.model, self.decode_backend), (packing.active() if packing else contextlib.nullcontext()):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(decode_path(self.model, self.decode_backend))
+            if packing is not None:
+                stack.enter_context(packing.active())
+            if self.attention == "splitkv":
+                stack.enter_context(splitkv_attention(self.model, self.pad_B, self.attention_splits))
             yield
 
     def _capture(self):
@@ -297,7 +316,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  seed: int | None = None, mode: str = "eager", decode_backend: str | None = "default",
-                 pack: bool | None = None, should_stop: Callable[[int, list[int]], bool] | None = None,
+                 pack: bool | None = None, attention: str = "sdpa",
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt (token-id lists, any lengths); return the new
     ids of each row, without the eos that ended it. `should_stop(row, ids)` may end a row early;
@@ -323,7 +343,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     # Round the cache up so repeated calls of similar lengths reuse compiled / captured shapes.
     max_len = -(-(L + max_new_tokens) // 64) * 64
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    dec = Decoder(model, B, max_len, mode=mode, decode_backend=decode_backend, pack=pack)
+    dec = Decoder(model, B, max_len, mode=mode, decode_backend=decode_backend, pack=pack, attention=attention)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     with torch.no_grad():

@@ -20,12 +20,14 @@ of the old storage at its next step, when it re-packs.
 packed and re-packs when they changed (after `.to()`, `load_state_dict(assign=True)`, an adapter
 wrapped around a projection, ...).
 
-Forwards. Inside `active()` each packed module's forward is the packed twin below (bound to the
-module for the block, restored after: torch.compile sees the same function every step, so a
-compiled step is not retraced). Reference twins: Attention.forward and MLP.forward (the tests
-check they agree). With `mlp_on_kernels` (decode_backend "fused_shared") the dense MLPs run on
-the decode kernels instead (decode_moe.decode_shared: gate|up + SwiGLU in one launch, down in a
-second); the MoE layers' shared experts are on them already (inference/fast_path.py).
+Forwards. Inside `active()` each packed attention's `project` (q, k, v and RoPE; Attention.forward
+calls it, and so does the split-KV decode forward, inference/splitkv.py) and each packed MLP's
+forward is the packed twin below (bound to the module for the block, restored after:
+torch.compile sees the same function every step, so a compiled step is not retraced). Reference
+twins: Attention.project and MLP.forward (the tests check they agree). With `mlp_on_kernels`
+(decode_backend "fused_shared") the dense MLPs run on the decode kernels instead
+(decode_moe.decode_shared: gate|up + SwiGLU in one launch, down in a second); the MoE layers'
+shared experts are on them already (inference/fast_path.py).
 
 A module keeps its own forward where packing cannot reproduce it: a projection that is not a bare
 nn.Linear (LoRA, PEFT or any wrapper) or has hooks, FSDP's DTensors, the meta device, training
@@ -50,32 +52,20 @@ from deepseekmoe.model.layers import MLP, Attention, apply_rope
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
-# The attributes a packed forward reads (set in the module's __dict__ for the block only).
+# The attributes a packed forward / projection reads (set in the module's __dict__ for the block only).
 _W, _B = "_decode_packed_w", "_decode_packed_b"
 
 
 # ---------------------------------------------------------------------- the packed forwards
-def packed_attention_forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_position=None):
-    """Attention.forward with q, k, v from one GEMV over the packed weight; the rest as there."""
+def packed_attention_project(self, x, cos, sin):
+    """Attention.project with q, k, v from one GEMV over the packed weight."""
     B, L, _ = x.shape
     H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
     q, k, v = F.linear(x, getattr(self, _W), getattr(self, _B)).split((H * d, Hkv * d, Hkv * d), dim=-1)
     q = q.reshape(B, L, H, d).transpose(1, 2)
     k = k.reshape(B, L, Hkv, d).transpose(1, 2)
     v = v.reshape(B, L, Hkv, d).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv_cache is not None:
-        k, v = kv_cache.update(self.layer_idx, k, v, cache_position)
-        if attn_mask is None and k.shape[-2] != L:
-            raise ValueError("a KV cache holding other slots than this call's tokens needs an explicit "
-                             "attention mask over its slots (see deepseekmoe.inference.generate)")
-    if Hkv != H:
-        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-    if attn_mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def packed_mlp_forward(self, x):
@@ -105,7 +95,7 @@ def unpackable_reason(module, names: tuple[str, ...]) -> str | None:
     """Why `module`'s projections `names` cannot be packed for decode, or None when they can."""
     if module.training:
         return "training mode"
-    if "forward" in module.__dict__:
+    if "forward" in module.__dict__ or "project" in module.__dict__:
         return "its forward is replaced already"
     ref = Attention if names == QKV else MLP
     if type(module).forward is not ref.forward:
@@ -184,7 +174,7 @@ class _Entry:
 
     module: nn.Module
     names: tuple[str, ...]
-    attrs: dict  # __dict__ entries for the block: forward, _W, _B
+    attrs: dict  # __dict__ entries for the block: forward (MLP) or project (attention), _W, _B
     linears: list = field(default_factory=list)
     params: list = field(default_factory=list)
     ptrs: list = field(default_factory=list)
@@ -231,7 +221,7 @@ class DecodePacking:
                 self.entries.append(self._entry(module, projs, kernel_mlp_forward, None, None))
             else:
                 w, b = pack_module(module, projs)
-                fn = packed_attention_forward if kind == "attention" else packed_mlp_forward
+                fn = packed_attention_project if kind == "attention" else packed_mlp_forward
                 self.entries.append(self._entry(module, projs, fn, w, b))
         es = self.entries
         self._check = {"modules": [(e.module, e.module.__dict__) for e in es],
@@ -241,7 +231,7 @@ class DecodePacking:
     def _entry(self, module, projs, fn, w, b) -> _Entry:
         lins = [getattr(module, n) for n in projs]
         params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
-        attrs = {"forward": types.MethodType(fn, module)}
+        attrs = {"project" if isinstance(module, Attention) else "forward": types.MethodType(fn, module)}
         if w is not None:
             attrs.update({_W: w, _B: b})
         return _Entry(module, projs, attrs, lins, params, [p.data_ptr() for p in params])
@@ -252,7 +242,7 @@ class DecodePacking:
         if _global_hooks():
             return not self.entries
         c = self._check
-        return (not any(m.training or "forward" in d for m, d in c["modules"])
+        return (not any(m.training or "forward" in d or "project" in d for m, d in c["modules"])
                 and all(mods.get(n) is lin and not (lin._forward_hooks or lin._forward_pre_hooks)
                         for mods, n, lin in c["links"])
                 and [p.data_ptr() for p in c["params"]] == c["ptrs"])

@@ -1,7 +1,7 @@
 """The dense building blocks: RMSNorm, rotary position embeddings, attention (grouped-query,
 optional KV cache) and the SwiGLU MLP. Module names mirror the released checkpoint.
 
-Shape legend: B batch, L query length, H heads, d head dim, D hidden.
+Shape legend: B batch, L query length, H heads, Hkv key/value heads, d head dim, D hidden.
 """
 
 from __future__ import annotations
@@ -54,12 +54,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=b)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_position=None):
+    def project(self, x, cos, sin):
+        """q [B, H, L, d] and k, v [B, Hkv, L, d] of x, RoPE applied to q and k. (Decode steps may
+        swap this for one GEMV over packed weights: deepseekmoe/inference/packing.py.)"""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_position=None):
+        B, L, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position)
             if attn_mask is None and k.shape[-2] != L:  # keys = queries (an empty dynamic cache): causal is exact
