@@ -6,8 +6,7 @@
     python benchmarks/inference.py --quick --decode-backends fused --decode-attention sdpa splitkv   # A/B attention
     python benchmarks/inference.py --smoke                    # CPU: a tiny shape, every code path
 
-What it does, in one process (results are written to JSON after every phase, so a run cut short
-still reports what it finished):
+What it does, in one process (JSON written after every phase: a run cut short keeps what it did):
   1. copy bandwidth: a large device-to-device copy, counting bytes read + written;
   2. random bf16 weights built on the GPU, written to local disk in the released format
      (save_pretrained, 5 GB shards), then `Transformer.from_pretrained(dir, device="cuda")`:
@@ -29,20 +28,17 @@ still reports what it finished):
      torch twins (us per call from a CUDA graph; GB/s of the distinct selected experts' weights),
      and the projections packing merges (q|k|v, the dense and shared MLPs: separate, packed, on the
      decode kernels; benchmarks/inference_micro.py);
-  4c. with splitkv among --decode-attention on a GPU: one layer's decode attention alone at
-     --attention-batches, SDPA against the split-KV kernel, at the benchmark's own cache (its
-     prompt's slot) and a full 4K cache (us per call from a CUDA graph; GB/s of the keys and
-     values the step needs);
+  4c. with splitkv in --decode-attention on a GPU: one layer's attention at --attention-batches, SDPA
+     against split-KV, at the benchmark's cache and a full 4K one (us per call, GB/s of the K/V read);
   5. greedy parity: --greedy-tokens tokens of a fixed prompt set at batch --greedy-batch on each
      compiled path against the eager reference, token for token (first divergence and both
      logit margins there when they differ; inference/parity.py);
   6. batch-1 decode against the memory-bandwidth bound: activated bytes per token (every weight
      a token multiplies through: attention, dense / shared / its K routed experts, router, norms,
      lm_head; the embedding table contributes one row) over the measured copy bandwidth.
---quick (GPU): bandwidth, prefill 2K (grouped and triton), no disk round trip, no uncompiled modes; compiled decode at
-batch 1, 8, 32 for each of --decode-backends (fused at every batch first, then the baselines, b1
-first, while the time budget lasts: a compile is ~50 s), with kernel profiles, then greedy parity
-of 256 tokens at batch 8.
+--quick (GPU): bandwidth, prefill 2K (grouped, triton), no disk round trip or uncompiled modes; compiled
+decode at batch 1, 8, 32 for each of --decode-backends (fused at every batch first, then the others,
+b1 first, while the time budget lasts: a compile is ~50 s), kernel profiles, greedy parity (256, b8).
 Anchors (the released remote code on one H100, random bf16 weights): 5.5 tok/s decode at batch
 1, 16 tok/s at batch 8, 4,350 tok/s prefill at a 2K prompt.
 """
@@ -203,8 +199,7 @@ def phase_prefill(model, dev, L: int, backend: str, key: str | None = None) -> N
     dec = Decoder(model, 1, L + 64, decode_backend=None, pack=False)
     with expert_backend(model, backend):
         t = timed(lambda: dec.prefill(ids, pad), dev, reps=3, warmup=1)
-    RESULTS.setdefault("prefill", {})[key or backend] = {"prompt": L, "backend": backend, "seconds": t,
-                                                         "tok_s": L / t}
+    RESULTS.setdefault("prefill", {})[key or backend] = {"prompt": L, "backend": backend, "seconds": t, "tok_s": L / t}
     log(f"prefill {L} tokens ({backend}): {t * 1e3:.1f} ms, {L / t:,.0f} tok/s")
 
 

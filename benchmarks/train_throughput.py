@@ -7,10 +7,9 @@
 
 Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness
 check and AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights,
-backward, global-norm clipping at 1.0, one host sync per step, AdamW with the paper's parameter
-groups (`fused=True` on CUDA: --optim-impl). Clipping: the `fast` variant folds the clip coefficient
-into fused AdamW's step (train/optim.py ClippedStep, --clip fused, the trainer's default); `ref` and
---clip inplace scale the grads in place first (`clip_grad_norm_(foreach=True)`, then step). Fresh random token
+backward, global-norm clipping at 1.0 (`fast`: folded into fused AdamW's step, train/optim.py
+ClippedStep, the trainer's default; `ref` and --clip inplace: clip_grad_norm_(foreach=True) in place,
+then step), one host sync per step, AdamW with the paper's groups (`fused=True` on CUDA). Fresh random token
 ids every micro-batch (never zeros; random tokens route more evenly than text). Each case is timed
 at two sizes of optimizer step, with the same micro-batch:
   small  one micro-batch per step (8-16K tokens: the optimizer and clipping every micro-batch)
@@ -30,10 +29,8 @@ tokens/s = tokens per step / median step time; MFU = flops_per_token(seq) x toke
 the paper's FLOP convention (docs/accounting.md: 3x forward, attention scores counted) and 989
 TFLOP/s dense bf16 for H100/H200 SXM. "fwd+bwd" is the part of the step before clipping (with the
 fast variant it includes the one cast of the weights); "opt" is clipping + check + AdamW.
-Profile: torch.profiler over 3 small steps of each case; every CUDA kernel counted once and grouped
-by its name into attention, expert GEMMs, dense GEMMs (cuBLAS/CUTLASS), routing + permutation,
-loss (head softmax), optimizer + clipping, compiled (Inductor/Triton) kernels, and elementwise /
-norms / casts (the rest).
+Profile: torch.profiler over 3 small steps of each case, every CUDA kernel grouped by name: attention,
+expert / dense GEMMs, routing + permutation, loss, optimizer + clipping, Inductor, elementwise (the rest).
 Released column (--site DIR, optionally --code DIR): before our cases, the released reference code
 (deepseek-moe-16b's modeling_deepseek.py under transformers 4.46, in a child process with the site first
 on its path: benchmarks/released_stack.py) trains --released-case's shape (default deepseekmoe-16b-4l)

@@ -8,27 +8,25 @@
      weights on any device and in any layout), AdamW and the schedule; restore a checkpoint when
      resuming;
   3. loop over optimizer steps: `grad_accum` micro-batches under bf16 autocast (GPU; one process:
-     with bf16 copies of the weights cast once per step, `system.compute_weights`), gradient
-     clipping, a finiteness check (a NaN/inf step is skipped and logged; too many in a row stop
-     the run with the last good checkpoint intact), AdamW step; metrics every `log.every`,
-     validation every `eval.every`, an atomic checkpoint every `checkpoint.every`;
+     with bf16 copies of the weights cast once per step, `system.compute_weights`), clipping
+     (folded into fused AdamW's step on one process: train/optim.py ClippedStep), a finiteness check
+     (a NaN/inf step is skipped and logged; too many in a row stop the run with the last good
+     checkpoint intact), AdamW; metrics every `log.every`, validation every `eval.every`, an atomic
+     checkpoint every `checkpoint.every`;
   4. final validation, checkpoint, loss-curve PNG, a generated sample and the expert-load summary.
 
 Under torchrun the same loop runs distributed through `deepseekmoe.parallel.runtime.Runtime`
 (expert parallel + FSDP2; with `parallel.pp > 1` a pipeline whose schedule step runs the
-`grad_accum` micro-batches, forward and backward, in place of the micro-batch loop). The forward
-and backward of one step is a `LocalStep` or a `PipelineStep` (train/step.py); everything around
-it (clipping, the finiteness check, the update, metrics, validation, checkpoints) is the same
-code for both. `parallelize()` applies activation checkpointing and compile in every case, one
-process included (`parallel.activation_checkpointing` / `parallel.compile`, also spelled
-`system.*` in recipes).
+`grad_accum` micro-batches, forward and backward, in place of the micro-batch loop). One step's
+forward and backward is a `LocalStep` or a `PipelineStep` (train/step.py); all around it is the
+same code for both. `parallelize()` applies activation checkpointing and compile in every case,
+one process included (`parallel.activation_checkpointing` / `parallel.compile`, or `system.*`).
 
 Exact resume: the schedule is a function of the step, the data loader's position, the RNG states
 and AdamW's state are all in the checkpoint, and on CPU the trainer turns on deterministic
 kernels, so a run killed at any point and resumed with the same thread count reproduces the
-uninterrupted run's losses and final weights bit for bit (tests/test_train_resume.py,
-tests/test_train_recovery.py; the checkpoint records the thread count and a resume with another
-one says it is not bit-exact). On GPU, atomics in the MoE backward make the last bits vary.
+uninterrupted run's losses and final weights bit for bit (tests/test_train_resume.py, test_train_recovery.py;
+a resume with another thread count says it is not bit-exact). On GPU, MoE backward atomics vary the last bits.
 
 Fine-tuning (`cfg.sft.model` set) is this loop too: train() runs train/sft.py's SFTTrainer, which
 replaces the input hooks (_open_data, _materialize, _make_loader, evaluate, _save_local, _restore).
@@ -255,7 +253,6 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        # One process with fused AdamW: the clip folded into the optimizer's kernel (else today's path).
         self.clipped = ClippedStep(self.optimizer, self.params, self.clip, impl=cfg.optim.clip_impl,
                                    fold=not self.rt.distributed, clip_fn=self.rt.clip_grad_norm_)
 
