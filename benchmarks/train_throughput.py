@@ -5,13 +5,13 @@
     python benchmarks/train_throughput.py --backend triton --cases deepseekmoe-16b-4l --site SITE --code CODE
                                                                   # + the released code's column, same run
 
-Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness
-check and AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights,
-backward, global-norm clipping at 1.0 (`fast`: folded into fused AdamW's step, train/optim.py
-ClippedStep, the trainer's default; `ref` and --clip inplace: clip_grad_norm_(foreach=True) in place,
-then step), one host sync per step, AdamW with the paper's groups (`fused=True` on CUDA). Fresh random token
-ids every micro-batch (never zeros; random tokens route more evenly than text). Each case is timed
-at two sizes of optimizer step, with the same micro-batch:
+Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness check and
+AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights, backward, global-norm
+clipping at 1.0 (`fast`: folded into fused AdamW's step, or with --optim-impl triton into TritonAdamW's kernel,
+which writes the compute copies too: train/optim.py ClippedStep, the trainer's default; `ref` and --clip inplace:
+clip_grad_norm_(foreach=True) in place, then step), one host sync per step, AdamW with the paper's groups
+(`fused=True` on CUDA). Fresh random token ids every micro-batch (never zeros; random tokens route more evenly
+than text). Each case is timed at two sizes of optimizer step, with the same micro-batch:
   small  one micro-batch per step (8-16K tokens: the optimizer and clipping every micro-batch)
   large  gradient accumulation to >= 0.5M tokens per step (the paper's recipes use millions), so
          the optimizer is amortised as in real training (--tokens-per-step changes it)
@@ -151,7 +151,7 @@ class Case:
         clip = args.clip if fast else "inplace"
         self.clipped = ClippedStep(self.opt, self.params, 1.0, impl=clip)
         self.amp = args.amp == "yes" or (args.amp == "auto" and device.type == "cuda")
-        self.weights = ComputeWeights(self.model) if fast and self.amp else None
+        self.weights = ComputeWeights(self.model, optimizer=self.opt) if fast and self.amp else None
         self.stepper = LocalStep(self.model, 1, self.autocast, None, device, weights=self.weights)
         self.gen = torch.Generator(device=device).manual_seed(0)
 
@@ -204,7 +204,7 @@ def _record(case: Case, accum: int, times: list[tuple[bool, float, float]], warm
     meta = {"case": case.name, "variant": case.variant, "compile": case.compile, "backend": case.cfg.expert_backend,
             "activation_checkpointing": case.ac, "loss_chunk": case.cfg.lm_loss_chunk,
             "compute_weights": case.weights is not None,
-            "clip": "fused" if case.clipped.folded else "inplace", "micro_batch": case.micro, "seq_len": case.seq_len,
+            "clip": case.clipped.mode, "micro_batch": case.micro, "seq_len": case.seq_len,
             "params": case.cfg.num_params(), "active_params": case.cfg.num_active_params(),
             "flops_per_token": case.cfg.flops_per_token(case.seq_len)}
     return figures(meta, accum, times, warm_s, peak_flops(case.device), peak_mem)
@@ -487,11 +487,11 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default="grouped", help="expert backend (grouped, triton, auto, loop)")
     ap.add_argument("--loss-chunk", type=int, default=8192,
                     help="tokens per chunk of the fused LM-head loss in the fast variant; 0: the plain loss")
-    ap.add_argument("--optim-impl", default="auto", choices=("auto", "fused", "foreach", "single"),
-                    help="AdamW implementation (auto: fused on CUDA)")
-    ap.add_argument("--clip", default="fused", choices=("fused", "inplace"),
-                    help="the fast variant's clipping: folded into fused AdamW's step (fused, needs --optim-impl "
-                         "fused or auto on CUDA) or clip_grad_norm_ in place, then step (inplace; ref always)")
+    ap.add_argument("--optim-impl", default="auto", choices=("auto", "fused", "foreach", "single", "triton"),
+                    help="AdamW implementation (auto: fused on CUDA; triton: train/optim.py TritonAdamW, CUDA)")
+    ap.add_argument("--clip", default="fused", choices=("fused", "inplace"), help="the fast variant's clipping: "
+                    "folded into the optimizer's step (fused, needs --optim-impl fused / auto on CUDA, or triton: in "
+                    "its kernel, which also writes the compute copies) or clip_grad_norm_ in place, then step")
     ap.add_argument("--amp", default="auto", choices=("auto", "yes", "no"),
                     help="bf16 autocast (auto: on CUDA only; --smoke turns it on to run the fast paths)")
     ap.add_argument("--tokens-per-step", type=int, default=None,

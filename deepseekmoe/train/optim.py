@@ -14,6 +14,11 @@ inputs) instead of a separate in-place pass over the gradients; otherwise clip_g
 once per optimizer step, and accumulates their gradients into fp32 (train/step.py's fast path);
 outside a step the parameters are the fp32 masters the optimizer and checkpoints see.
 
+`TritonAdamW` (optim.impl "triton") is torch's AdamW, state and all, whose step() runs one Triton
+kernel per parameter tensor (deepseekmoe/kernels/adamw.py): the clip coefficient and the skip of a
+non-finite step read on device, and the compute copies of ComputeWeights written with the update
+(its next begin() then casts nothing).
+
 Schedules are pure functions of the optimizer step, so the schedule's whole state in a checkpoint
 is the step number and a resumed run follows the same curve bit for bit:
 
@@ -34,9 +39,11 @@ min_lr_ratio x max_lr on the last optimizer step (step total - 1).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
+from deepseekmoe.errors import ConfigError
 from deepseekmoe.train.recipe import OptimSection, ScheduleSection
 
 
@@ -57,6 +64,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, device: torch.dev
     impl = cfg.impl
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
+    if impl == "triton":
+        check_triton_adamw(device)
+        return TritonAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
@@ -129,6 +139,87 @@ def folds_clip(optimizer) -> bool:
             and all(g.get("fused") for g in optimizer.param_groups))
 
 
+def check_triton_adamw(device: torch.device) -> None:
+    """ConfigError unless optim.impl "triton" can run on `device`: CUDA with triton installed, or
+    Triton's interpreter (TRITON_INTERPRET=1, the CPU tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"optim.impl=triton runs its kernel on CUDA GPUs (this run is on {device.type}; the CPU "
+                          "runs it only under TRITON_INTERPRET=1, for tests): use optim.impl=auto")
+    try:
+        import deepseekmoe.kernels.adamw  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"optim.impl=triton needs the triton package ({e}): pip install 'deepseekmoe[gpu]'") from e
+
+
+class TritonAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose step() is one Triton kernel per parameter tensor (kernels/adamw.py):
+
+        opt.step(coef=None, found_inf=None, copies=None)
+
+    `coef` (a device scalar) multiplies every gradient in the kernel's registers (the clip; .grad
+    is not written), `found_inf` (a device scalar) set to 1 skips the step on device (weights,
+    moments and step count as they were), `copies` maps a parameter to a bf16 / fp16 tensor the
+    kernel writes with the new weight (default: the compute copies of the attached ComputeWeights,
+    see ComputeWeights(optimizer=), which is then told they are fresh). No host sync.
+
+    State and param groups are torch's AdamW(fused=True)'s (state['step'] a float32 tensor on the
+    parameter's device, exp_avg, exp_avg_sq): state dicts load into torch.optim.AdamW and back (a
+    step kept on the CPU by a foreach AdamW's state is moved to the device at the first step).
+    The update is torch's fused AdamW's to the rounding (kernels/adamw.py); a parameter the kernel
+    cannot take (not contiguous fp32) gets the same math from its torch twin. No amsgrad, maximize
+    or tensor lr. `_step_supports_amp_scaling` is off: a GradScaler unscales the grads itself."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        if any(type(p) not in (torch.nn.Parameter, torch.Tensor) for g in self.param_groups for p in g["params"]):
+            raise ConfigError("optim.impl=triton updates one process's plain parameters, not DTensors (FSDP2 / "
+                              "expert parallel): use optim.impl=auto under torchrun")
+        self._step_supports_amp_scaling = False
+        self.compute_weights: ComputeWeights | None = None
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:  # torch's layout and order (Adam._init_group of a fused AdamW)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None, *, coef: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+             copies: dict | None = None):
+        from deepseekmoe.kernels.adamw import adamw_step_reference, adamw_step_triton
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        weights = self.compute_weights if copies is None else None
+        copies = weights.copies() if weights is not None else (copies or {})
+        work = []
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"] or isinstance(group["lr"], torch.Tensor):
+                raise ValueError("TritonAdamW: no amsgrad, maximize or tensor lr")
+            work += [(group, p, self._state(p)) for p in group["params"] if p.grad is not None]
+        if not work:
+            return loss
+        # torch's order: the step counts first (+1, or +0 where found_inf), the update reads them
+        torch._foreach_add_([s["step"] for _, _, s in work], 1.0 - found_inf if found_inf is not None else 1.0)
+        for group, p, s in work:
+            tensors, low = (p, p.grad, s["exp_avg"], s["exp_avg_sq"]), copies.get(p)
+            fast = all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and (
+                low is None or low.is_contiguous())
+            (adamw_step_triton if fast else adamw_step_reference)(
+                *tensors, s["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                weight_decay=group["weight_decay"], eps=group["eps"], coef=coef, found_inf=found_inf, low=low)
+        if weights is not None:
+            weights.mark_fresh([p for _, p, _ in work if p in copies])
+        return loss
+
+
 class ClippedStep:
     """Global-norm clipping at `max_norm` and the optimizer's update of one step:
 
@@ -163,6 +254,13 @@ class ClippedStep:
         leaves weights, moments, step count and grads as they were; the caller drops the grads.
     Rounding: grad / grad_scale and grad * fl(max_norm / (norm + 1e-6)) can differ by an ulp when
     the clip is active; when it is not (grad_scale 1) the two paths are bit-identical.
+
+    With a TritonAdamW (optim.impl "triton") impl "fused" folds the clip into its kernel instead
+    (`mode` "triton"): clip() computes the same norm, then runs step(coef=clamp(max_norm / (norm +
+    1e-6), max=1), found_inf=...) at once, the coefficient clip_grad_norm_ multiplies by (so the
+    update equals the inplace twin's to the rounding of torch's fused AdamW against the kernel), the
+    grads neither multiplied nor stored back. The compute copies are written either way (inplace
+    too: the optimizer's own step() writes them).
     A step whose optimizer has no state yet for some parameter with a gradient (the first) takes
     the inplace path, so a non-finite first step creates no state, as before.
     """
@@ -175,7 +273,9 @@ class ClippedStep:
             raise ValueError(f"ClippedStep(impl={impl!r}): one of {self.IMPLS}")
         self.optimizer, self.params, self.max_norm = optimizer, list(params), max_norm
         self.clip_fn = clip_fn or (lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c, foreach=True))
-        self.folded = impl == "fused" and fold and folds_clip(optimizer) and 0 < max_norm < math.inf
+        kernel = isinstance(optimizer, TritonAdamW)
+        self.folded = impl == "fused" and fold and (kernel or folds_clip(optimizer)) and 0 < max_norm < math.inf
+        self.mode = ("triton" if kernel else "fused") if self.folded else "inplace"
         self.stepped = False
 
     def clip(self, loss: torch.Tensor) -> torch.Tensor:
@@ -186,13 +286,16 @@ class ClippedStep:
             return self.clip_fn(self.params, self.max_norm)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        opt = self.optimizer
-        opt.grad_scale = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0).float()
-        opt.found_inf = (~torch.isfinite(loss.detach() + norm)).float()
-        try:
-            opt.step()
-        finally:
-            del opt.grad_scale, opt.found_inf
+        opt, found_inf = self.optimizer, (~torch.isfinite(loss.detach() + norm)).float()
+        if self.mode == "triton":  # clip_grad_norm_'s coefficient, applied in the kernel
+            opt.step(coef=torch.clamp(self.max_norm / (norm + 1e-6), max=1.0), found_inf=found_inf)
+        else:
+            opt.grad_scale = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0).float()
+            opt.found_inf = found_inf
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
         self.stepped = True
         return norm
 
@@ -218,9 +321,15 @@ class ComputeWeights:
     expert backends cast to the compute dtype). Not: embeddings (the lookup is not autocast: its
     fp32 output starts the fp32 residual stream), a head tied to them, norm gains, the router's
     gate (computed in fp32 by design). One process only (DTensor parameters are refused).
+
+    Given a TritonAdamW (`optimizer=`), each of its steps writes the copies with the update and
+    `mark_fresh` stamps those parameters with (data_ptr, _version) of their master; begin() casts
+    only the copies whose stamp no longer matches (the first step, a parameter without a gradient,
+    a master written since: load_state_dict's copy_, a torch optimizer's step; a write through
+    `p.data` is not seen) and clears the stamps. `casts` counts the tensors begin() has cast.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, optimizer=None):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"ComputeWeights(dtype={dtype}): the compute copies are for bf16 / fp16 autocast; "
                              "an fp32 run computes with the masters themselves (LocalStep weights=None)")
@@ -232,6 +341,10 @@ class ComputeWeights:
         self.touched = [False] * len(self.params)
         self.active = False
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        self.stamps: dict[int, tuple[int, int]] = {}  # parameter index -> its master's (data_ptr, _version)
+        self.casts = 0
+        if isinstance(optimizer, TritonAdamW):
+            optimizer.compute_weights = self
 
     def _hook(self, i: int):
         def accumulate(p: torch.Tensor) -> None:
@@ -255,13 +368,30 @@ class ComputeWeights:
         if not self.low:
             self.low = [torch.empty_like(m, dtype=self.dtype) for m in self.masters]
         for i, (p, low) in enumerate(zip(self.params, self.low)):
-            low.copy_(self.masters[i])  # once per optimizer step: a loop of copies costs nothing here
+            if self.stamps.get(i) != (p.data_ptr(), p._version):  # else the optimizer wrote it from this master
+                low.copy_(self.masters[i])  # once per optimizer step: a loop of copies costs nothing here
+                self.casts += 1
             self.touched[i] = p.grad is not None
             if self.touched[i]:  # a gradient already there (not zeroed): keep accumulating onto it
                 self.grads[i] = p.grad
                 p.grad = None
             p.data = low
+        self.stamps = {}
         self.active = True
+
+    def copies(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """parameter -> its compute copy, for an optimizer step to write (none before the first begin())."""
+        if self.active:
+            raise RuntimeError("ComputeWeights.copies() inside a step (between begin() and end())")
+        return dict(zip(self.params, self.low))
+
+    def mark_fresh(self, params) -> None:
+        """The copies of `params` now hold their masters cast (written by the optimizer's step): the
+        next begin() skips them unless a master changes before it."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for p in params:
+            if id(p) in index:
+                self.stamps[index[id(p)]] = (p.data_ptr(), p._version)
 
     def end(self) -> None:
         """Put the fp32 masters back, with this step's fp32 gradient sums as .grad."""
@@ -277,7 +407,7 @@ class ComputeWeights:
             self.end()
         for h in self.hooks:
             h.remove()
-        self.hooks, self.low, self.grads = [], [], [None] * len(self.params)
+        self.hooks, self.low, self.grads, self.stamps = [], [], [None] * len(self.params), {}
 
 
 def compute_weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

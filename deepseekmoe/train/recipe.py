@@ -66,9 +66,11 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    impl: str = "auto"  # auto (fused on GPU, foreach on CPU) | fused | foreach | single
-    # fused: the clip coefficient folded into fused AdamW's step (one process, impl fused; else as
-    # inplace) | inplace: clip_grad_norm_ scales the grads, then step (train/optim.py ClippedStep)
+    # auto (fused on GPU, foreach on CPU) | fused | foreach | single | triton (one kernel per tensor:
+    # the update, the clip and the compute copies; CUDA; train/optim.py TritonAdamW)
+    impl: str = "auto"
+    # fused: the clip coefficient folded into fused AdamW's step (one process, impl fused or triton;
+    # else as inplace) | inplace: clip_grad_norm_ scales the grads, then step (train/optim.py ClippedStep)
     clip_impl: str = "fused"
 
 
@@ -277,7 +279,7 @@ class TrainConfig:
             raise ConfigError(f"optim.lr={self.optim.lr}: the learning rate must be positive")
         if self.optim.grad_clip < 0 or self.optim.weight_decay < 0:
             raise ConfigError("optim.grad_clip and optim.weight_decay cannot be negative")
-        _choice("optim.impl", self.optim.impl, ("auto", "fused", "foreach", "single"))
+        _choice("optim.impl", self.optim.impl, ("auto", "fused", "foreach", "single", "triton"))
         _choice("optim.clip_impl", self.optim.clip_impl, ("fused", "inplace"))
         _choice("schedule.kind", self.schedule.kind, SCHEDULES)
         parse_dtype(self.system.dtype, "system.dtype", ("auto", *TRAINING_NAMES))

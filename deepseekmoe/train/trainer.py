@@ -266,7 +266,7 @@ class Trainer:
         self.ckpt_model, self.ckpt_optim = model, self.optimizer
         self.load = ExpertLoad(model, self.device)
         self.load_on = bool(self.load)
-        weights = ComputeWeights(model, self.amp_dtype) if self.compute_weights else None  # fp32 masters stay
+        weights = ComputeWeights(model, self.amp_dtype, self.optimizer) if self.compute_weights else None
         self.stepper = LocalStep(model, self.accum, self._autocast, self.load, self.device, weights=weights)
 
     def _build_pipeline(self, model: Transformer) -> None:
