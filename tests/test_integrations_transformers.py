@@ -363,7 +363,8 @@ def test_save_pretrained_of_the_class_writes_the_released_layout(tmp_path, expec
         assert (back(expected["input_ids"]).logits - expected["logits"]).abs().max().item() <= 2e-5
 
 
-def test_config_reads_the_released_file_unchanged_and_refuses_what_it_cannot_run():
+def test_config_reads_the_released_file_unchanged_and_refuses_what_it_cannot_run(expected):
+    # `expected`: the shared reference/ folder (released-code/ sits beside p1/), or one clear skip
     released = json.loads((REF.parent / "released-code" / "config.json").read_text())
     cfg = dt.DeepseekConfig(**released)
     mc = cfg.to_model_config()
@@ -426,7 +427,7 @@ def test_stacking_in_the_graph_equals_the_packed_path():
         assert torch.equal(p.grad, grads[n]), n
 
 
-def test_from_pretrained_builds_the_layers_without_storage(monkeypatch):
+def test_from_pretrained_builds_the_layers_without_storage(monkeypatch, expected):
     # The weights are allocated once, when transformers loads them (meta on 5.x's torch.device context
     # and on 4.x's init_empty_weights alike), never first as uninitialised blocks.
     import deepseekmoe.integrations.transformers.modeling as md
