@@ -177,8 +177,11 @@ def _cfgs(names, *rows):
 
 # Bandwidth-bound tiles: narrow output blocks (many programs per expert, so batch 1 fills the SMs),
 # long contiguous reads along the reduction dimension.
-GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
-DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 3), (32, 128, 4, 4))
+# The BLOCK 8 rows double the programs of a batch-1 step (6 experts x F/8 blocks).
+GATEUP_CFGS = _cfgs(("BLOCK_F", "BLOCK_K"), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3), (16, 512, 8, 2),
+                    (32, 256, 8, 3), (32, 128, 4, 4))
+DOWN_CFGS = _cfgs(("BLOCK_D", "BLOCK_F"), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3), (16, 512, 8, 2),
+                  (32, 256, 8, 3), (32, 128, 4, 4))
 _KEY = ["D", "F", "BLOCK_M", "USE_DOT", "PREC", "BY_EXPERT", "SHARED"]
 _RAW = {"gateup": _decode_gateup, "down": _decode_down}
 _TUNED = {} if INTERPRET else {"gateup": triton.autotune(GATEUP_CFGS, key=_KEY)(_decode_gateup),
