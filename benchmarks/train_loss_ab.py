@@ -87,7 +87,7 @@ def build(name: str, args, dev: torch.device):
     """(model, optimizer, LocalStep) of one run: the same config and initial weights for every run."""
     from deepseekmoe import Transformer, presets
     from deepseekmoe.parallel.fsdp import apply_compile
-    from deepseekmoe.train.optim import ComputeWeights, build_optimizer
+    from deepseekmoe.train.optim import ComputeWeights, build_optimizer, torch_adamw_impl
     from deepseekmoe.train.recipe import OptimSection
     from deepseekmoe.train.step import LocalStep
 
@@ -101,8 +101,9 @@ def build(name: str, args, dev: torch.device):
     model.train()
     if args.compile:
         apply_compile(model)
-    opt = build_optimizer(model, OptimSection(lr=args.lr), dev)
-    weights = ComputeWeights(model) if fast else None
+    # fast: the trainer's default AdamW (triton on one GPU); the others: torch's, the reference twin
+    opt = build_optimizer(model, OptimSection(lr=args.lr, impl="auto" if fast else torch_adamw_impl(dev)), dev)
+    weights = ComputeWeights(model, optimizer=opt) if fast else None
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16)

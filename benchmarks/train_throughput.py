@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepseekmoe import Transformer, presets  # noqa: E402
 from deepseekmoe.parallel.fsdp import apply_activation_checkpointing, apply_compile  # noqa: E402
 from deepseekmoe.train.metrics import peak_flops  # noqa: E402
-from deepseekmoe.train.optim import ClippedStep, ComputeWeights, build_optimizer  # noqa: E402
+from deepseekmoe.train.optim import ClippedStep, ComputeWeights, build_optimizer, torch_adamw_impl  # noqa: E402
 from deepseekmoe.train.recipe import OptimSection  # noqa: E402
 from deepseekmoe.train.step import LocalStep  # noqa: E402
 
@@ -146,7 +146,8 @@ class Case:
             apply_activation_checkpointing(self.model)
         if compile_:
             apply_compile(self.model)
-        self.opt = build_optimizer(self.model, OptimSection(lr=1e-4, impl=args.optim_impl), device)
+        impl = args.optim_impl if fast or args.optim_impl != "auto" else torch_adamw_impl(device)
+        self.opt = build_optimizer(self.model, OptimSection(lr=1e-4, impl=impl), device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         clip = args.clip if fast else "inplace"
         self.clipped = ClippedStep(self.opt, self.params, 1.0, impl=clip)
@@ -488,7 +489,8 @@ def parse_args(argv=None):
     ap.add_argument("--loss-chunk", type=int, default=8192,
                     help="tokens per chunk of the fused LM-head loss in the fast variant; 0: the plain loss")
     ap.add_argument("--optim-impl", default="auto", choices=("auto", "fused", "foreach", "single", "triton"),
-                    help="AdamW implementation (auto: fused on CUDA; triton: train/optim.py TritonAdamW, CUDA)")
+                    help="AdamW of the fast variant (auto: train/optim.py resolve_impl, triton on one GPU; the ref "
+                    "variant's auto is torch's fused AdamW)")
     ap.add_argument("--clip", default="fused", choices=("fused", "inplace"), help="the fast variant's clipping: "
                     "folded into the optimizer's step (fused, needs --optim-impl fused / auto on CUDA, or triton: in "
                     "its kernel, which also writes the compute copies) or clip_grad_norm_ in place, then step")

@@ -12,6 +12,7 @@ with other instructions).
 import contextlib
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -286,6 +287,23 @@ def test_selection_and_its_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="optim.impl=triton runs its kernel on CUDA"):
         build_optimizer(tiny_model(), recipe.OptimSection(impl="triton"), torch.device("cpu"))
+
+
+def test_auto_resolves_to_the_kernel_on_one_gpu_process_only(monkeypatch):
+    """optim.impl auto: triton for one CUDA process's plain parameters, torch's AdamW otherwise."""
+    from deepseekmoe.train.optim import resolve_impl, torch_adamw_impl
+
+    model, cuda = tiny_model(), torch.device("cuda")
+    assert resolve_impl("auto", model, cuda) == "triton"  # triton imports here (the interpreter's CI)
+    assert resolve_impl("auto", model, torch.device("cpu")) == torch_adamw_impl(torch.device("cpu")) == "foreach"
+    assert resolve_impl("fused", model, cuda) == "fused" and torch_adamw_impl(cuda) == "fused"
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    assert resolve_impl("auto", model, cuda) == "fused"  # several ranks: the norm is a collective
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    assert resolve_impl("auto", model, cuda) == "triton"
+    monkeypatch.setitem(sys.modules, "deepseekmoe.kernels.adamw", None)  # triton missing: import fails
+    assert resolve_impl("auto", model, cuda) == "fused"
 
 
 COMPILE_SNIPPET = """

@@ -66,8 +66,9 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # auto (fused on GPU, foreach on CPU) | fused | foreach | single | triton (one kernel per tensor:
-    # the update, the clip and the compute copies; CUDA; train/optim.py TritonAdamW)
+    # auto (triton on one GPU process, fused on several, foreach on CPU: train/optim.py resolve_impl)
+    # | fused | foreach | single | triton (one kernel per tensor: the update, the clip and the compute
+    # copies; CUDA; train/optim.py TritonAdamW)
     impl: str = "auto"
     # fused: the clip coefficient folded into fused AdamW's step (one process, impl fused or triton;
     # else as inplace) | inplace: clip_grad_norm_ scales the grads, then step (train/optim.py ClippedStep)
