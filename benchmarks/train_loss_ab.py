@@ -103,7 +103,7 @@ def build(name: str, args, dev: torch.device):
         apply_compile(model)
     # fast: the trainer's default AdamW (triton on one GPU); the others: torch's, the reference twin
     opt = build_optimizer(model, OptimSection(lr=args.lr, impl="auto" if fast else torch_adamw_impl(dev)), dev)
-    weights = ComputeWeights(model, optimizer=opt) if fast else None
+    weights = ComputeWeights(model, optimizer=opt, defer_grads=True) if fast else None
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -114,13 +114,15 @@ def build(name: str, args, dev: torch.device):
 def train_run(name: str, args, dev: torch.device, data_dir: Path, deadline: float) -> dict:
     """One run of args.steps optimizer steps; per-step figures (stops early at `deadline`)."""
     from deepseekmoe.data import PackedLoader
-    from deepseekmoe.train.optim import Schedule
+    from deepseekmoe.train.optim import ClippedStep, Schedule
     from deepseekmoe.train.recipe import ScheduleSection
 
     t_start = time.time()
     torch.manual_seed(args.seed)
     cfg, model, opt, stepper = build(name, args, dev)
     params = [p for p in model.parameters() if p.requires_grad]
+    # the trainer's clip: folded into the fast run's AdamW kernel; in place (clip_grad_norm_) for the others
+    clipped = ClippedStep(opt, params, 1.0, impl="fused" if name == "fast" else "inplace")
     sched = Schedule(ScheduleSection(kind="cosine", warmup_steps=args.warmup), args.lr, args.steps)
     loader = PackedLoader(data_dir, "train", seq_len=args.seq_len, batch_size=args.micro, seed=0,
                           vocab_size=cfg.vocab_size)
@@ -137,11 +139,11 @@ def train_run(name: str, args, dev: torch.device, data_dir: Path, deadline: floa
                 batches = [x.flip(0) for x in batches]
             t = time.perf_counter()
             stats = stepper.run(batches)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            gnorm = clipped.clip(stats.loss)  # fused: the update is taken here (skipped on device if non-finite)
             vals = torch.stack([stats.loss, stats.lm, stats.balance, gnorm.float()]).tolist()  # the one sync
             finite = all(math.isfinite(v) for v in vals)
             if finite:
-                opt.step()
+                clipped.update()
             opt.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)

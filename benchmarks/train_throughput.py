@@ -7,11 +7,10 @@
 
 Each case runs the trainer's step (deepseekmoe.train.step.LocalStep, then clipping, the finiteness check and
 AdamW as train/trainer.py does them): bf16 autocast forward with fp32 master weights, backward, global-norm
-clipping at 1.0 (`fast`: folded into fused AdamW's step, or with --optim-impl triton into TritonAdamW's kernel,
-which writes the compute copies too: train/optim.py ClippedStep, the trainer's default; `ref` and --clip inplace:
-clip_grad_norm_(foreach=True) in place, then step), one host sync per step, AdamW with the paper's groups
-(`fused=True` on CUDA). Fresh random token ids every micro-batch (never zeros; random tokens route more evenly
-than text). Each case is timed at two sizes of optimizer step, with the same micro-batch:
+clipping at 1.0 (`fast`: the trainer's default, TritonAdamW on CUDA with the clip in its kernel, which reads
+the bf16 grads of a one-micro-batch step and writes the compute copies: train/optim.py; `ref`: clip_grad_norm_
+in place, then torch's fused AdamW), one host sync per step, the paper's AdamW groups. Fresh random tokens
+every micro-batch (they route more evenly than text). Each case is timed at two sizes of step, same micro-batch:
   small  one micro-batch per step (8-16K tokens: the optimizer and clipping every micro-batch)
   large  gradient accumulation to >= 0.5M tokens per step (the paper's recipes use millions), so
          the optimizer is amortised as in real training (--tokens-per-step changes it)
@@ -20,10 +19,9 @@ Cases (micro-batch x accumulation for the large step):
   deepseekmoe-16b-4l     deepseek-moe-16b cut to 4 layers (1 dense + 3 MoE), 2 x 4096, x64 = 524,288
   deepseekmoe-16b-8l-ac  deepseek-moe-16b cut to 8 layers, activation checkpointing of every block,
                          2 x 4096, x64 = 524,288 (MFU counts the model's FLOPs, not the recompute)
-Variants (--variants): `fast` = bf16 compute weights cast once per optimizer step with fp32
-gradient sums (train/optim.py ComputeWeights) + the fused chunked LM-head loss (model/loss.py,
---loss-chunk tokens per chunk); `ref` = the reference twins (autocast casts at every use, plain
-logits + F.cross_entropy), the path of every earlier measurement.
+Variants (--variants): `fast` = bf16 compute weights (train/optim.py ComputeWeights) + the fused chunked
+LM-head loss (model/loss.py, --loss-chunk tokens per chunk); `ref` = the reference twins (autocast casts
+at every use, plain logits + F.cross_entropy), the path of every earlier measurement.
 Figures: median over timed steps (CUDA events) after warm-up steps (which include compilation);
 tokens/s = tokens per step / median step time; MFU = flops_per_token(seq) x tokens/s / peak, with
 the paper's FLOP convention (docs/accounting.md: 3x forward, attention scores counted) and 989
@@ -152,7 +150,7 @@ class Case:
         clip = args.clip if fast else "inplace"
         self.clipped = ClippedStep(self.opt, self.params, 1.0, impl=clip)
         self.amp = args.amp == "yes" or (args.amp == "auto" and device.type == "cuda")
-        self.weights = ComputeWeights(self.model, optimizer=self.opt) if fast and self.amp else None
+        self.weights = ComputeWeights(self.model, optimizer=self.opt, defer_grads=True) if fast and self.amp else None
         self.stepper = LocalStep(self.model, 1, self.autocast, None, device, weights=self.weights)
         self.gen = torch.Generator(device=device).manual_seed(0)
 

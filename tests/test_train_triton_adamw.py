@@ -230,7 +230,84 @@ def test_compute_weights_skip_the_cast_the_kernel_made():
     assert cw.casts == 2 * n + 1
 
 
-def _train(tmp_path, impl: str):
+def _deferred_run(defer: bool, accum: int, clip_impl: str = "fused", steps: int = 3):
+    """`steps` steps of the tiny model (TritonAdamW, ComputeWeights, ClippedStep at 0.5): the model,
+    the grad norms and, per step, the deferred gradients as the optimizer saw them (fp32 copies)."""
+    cpu = torch.device("cpu")
+    model = tiny_model(num_hidden_layers=2).train()
+    opt = build_optimizer(model, recipe.OptimSection(lr=1e-2, impl="triton"), cpu)
+    cw = ComputeWeights(model, optimizer=opt, defer_grads=defer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clipped = ClippedStep(opt, params, 0.5, impl=clip_impl)
+    stepper = LocalStep(model, accum, lambda: torch.autocast("cpu", dtype=torch.bfloat16), None, cpu, weights=cw)
+    g = torch.Generator().manual_seed(3)
+    norms, seen = [], []
+    for _ in range(steps):
+        stats = stepper.run([torch.randint(0, 64, (2, 12), generator=g) for _ in range(accum)])
+        seen.append({id(p): (p.grad is None, gr.dtype, gr.float()) for p, gr in cw.deferred().items()})
+        norms.append(clipped.clip(stats.loss))
+        clipped.update()
+        opt.zero_grad(set_to_none=True)
+        assert cw.deferred() == {} and all(p.grad is None for p in params)
+    return model, torch.stack(norms), seen, cw
+
+
+@needs_interp
+def test_deferred_bf16_grads_give_the_fp32_paths_update():
+    """defer_grads, one micro-batch per step: no fp32 .grad is formed (the bf16 ones are read by the
+    norm and the kernel) and the run equals the fp32-gradient run; two micro-batches sum in fp32 as
+    before (nothing deferred, the same run bit for bit); clip inplace materialises them first."""
+    ref, ref_norms, ref_seen, _ = _deferred_run(False, 1)
+    ours, norms, seen, cw = _deferred_run(True, 1)
+    assert all(s == {} for s in ref_seen) and len(seen[0]) == len(cw.params) == len(seen[-1])
+    assert all(none and dt == torch.bfloat16 for step in seen for none, dt, _ in step.values())
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-6, atol=0)  # fp32 accumulation either way
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    two, two_norms, two_seen, _ = _deferred_run(True, 2)
+    two_ref, two_ref_norms, _, _ = _deferred_run(False, 2)
+    assert all(s == {} for s in two_seen) and torch.equal(two_norms, two_ref_norms)
+    assert all(torch.equal(a, b) for a, b in zip(two.parameters(), two_ref.parameters()))
+    inplace, in_norms, in_seen, _ = _deferred_run(True, 1, clip_impl="inplace")
+    assert len(in_seen[0]) == len(cw.params)  # deferred, then made fp32 .grad for clip_grad_norm_
+    torch.testing.assert_close(in_norms, ref_norms, rtol=1e-6, atol=0)
+    for a, b in zip(inplace.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
+
+
+@needs_interp
+def test_materialize_and_the_kernel_on_a_bf16_grad():
+    """materialize() gives the exact fp32 .grad; the next begin() accumulates onto a gradient left
+    deferred; the kernel on a bf16 gradient equals it on that gradient upcast, bit for bit."""
+    model = tiny_model(num_hidden_layers=2).train()
+    opt = build_optimizer(model, recipe.OptimSection(lr=1e-2, impl="triton"), torch.device("cpu"))
+    cw = ComputeWeights(model, optimizer=opt, defer_grads=True)
+    stepper = LocalStep(model, 1, lambda: torch.autocast("cpu", dtype=torch.bfloat16), None, torch.device("cpu"),
+                        weights=cw)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    stepper.run([x])
+    low = {p: g.clone() for p, g in cw.deferred().items()}
+    cw.materialize()
+    assert cw.deferred() == {} and all(torch.equal(p.grad, g.float()) for p, g in low.items())
+    opt.zero_grad(set_to_none=True)
+    stepper.run([x])
+    stepper.run([x])  # no zero_grad between: the second step's sum starts from the deferred first
+    assert cw.deferred() == {} and all(torch.equal(p.grad, g.float() * 2) for p, g in low.items())
+    n = 2 * ka.BLOCK + 7
+    g = torch.Generator().manual_seed(9)
+    grad = torch.randn(n, generator=g).to(torch.bfloat16)
+    a, b = ([torch.randn(n, generator=torch.Generator().manual_seed(1)), torch.zeros(n), torch.zeros(n)]
+            for _ in range(2))
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1, eps=1e-8, coef=torch.tensor(0.3))
+    ka.adamw_step_triton(a[0], grad, a[1], a[2], torch.ones(()), **kw)
+    ka.adamw_step_triton(b[0], grad.float(), b[1], b[2], torch.ones(()), **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    ref = [torch.randn(n, generator=torch.Generator().manual_seed(1)), torch.zeros(n), torch.zeros(n)]
+    ka.adamw_step_reference(ref[0], grad, ref[1], ref[2], torch.ones(()), **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a, ref))
+
+
+def _train(tmp_path, impl: str, micro: int = 2):
     from deepseekmoe.model.transformer import Transformer
     from deepseekmoe.train.cli import split_overrides
     from deepseekmoe.train.metrics import read_metrics
@@ -239,33 +316,37 @@ def _train(tmp_path, impl: str):
     argv = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.intermediate_size=64",
             "--model.moe_intermediate_size=16", "--model.n_routed_experts=8", "--model.num_experts_per_tok=2",
             "--model.num_attention_heads=2", "--train.seq_len=32", "--train.batch_size=4", "--train.steps=5",
-            "--train.micro_batch_size=2", "--log.every=1", "--eval.every=0", "--checkpoint.every=0",
+            f"--train.micro_batch_size={micro}", "--log.every=1", "--eval.every=0", "--checkpoint.every=0",
             "--log.progress=false", "--log.tensorboard=false", "--log.plot=false", "--sample.max_new_tokens=0",
             "--system.dtype=bfloat16", "--system.compute_weights=true", "--optim.lr=3e-3", "--optim.grad_clip=0.78",
             f"--optim.impl={impl}"]
+    nan_call = 6 if micro == 2 else 3  # step 3's last micro-batch
     real, calls = Transformer.forward, {"n": 0}
 
-    def forward(self, *a, **k):  # step 3's second micro-batch: a NaN loss, the step skipped
+    def forward(self, *a, **k):  # step 3's last micro-batch: a NaN loss, the step skipped
         out = real(self, *a, **k)
         if self.training and out.loss is not None:
             calls["n"] += 1
-            if calls["n"] == 6:
+            if calls["n"] == nan_call:
                 out.loss = out.loss * float("nan")
         return out
 
     Transformer.forward = forward
     try:
-        trainer = Trainer(recipe.build(None, split_overrides(argv)[1]), run_dir=tmp_path / impl, echo=lambda s: None)
+        run_dir = tmp_path / f"{impl}-{micro}"
+        trainer = Trainer(recipe.build(None, split_overrides(argv)[1]), run_dir=run_dir, echo=lambda s: None)
         trainer.run()
     finally:
         Transformer.forward = real
-    return trainer, read_metrics(tmp_path / impl / "metrics.jsonl")
+    return trainer, read_metrics(run_dir / "metrics.jsonl")
 
 
 @needs_interp
 @pytest.mark.timeout(120)
-def test_trainer_triton_equals_fused(tmp_path):
-    (tt, rt), (tf, rf) = _train(tmp_path, "triton"), _train(tmp_path, "fused")
+@pytest.mark.parametrize("micro", [2, 4])  # 2 micro-batches a step (fp32 sums), 1 (bf16 grads deferred)
+def test_trainer_triton_equals_fused(tmp_path, micro):
+    (tt, rt), (tf, rf) = _train(tmp_path, "triton", micro), _train(tmp_path, "fused", micro)
+    assert tt.stepper.weights.defer and not tf.stepper.weights.defer
     assert isinstance(tt.optimizer, TritonAdamW) and tt.clipped.mode == "triton" and tf.clipped.mode == "fused"
     weights = tt.stepper.weights
     assert weights.casts == len(weights.params)  # the first step cast; the kernel wrote every later copy
@@ -314,9 +395,10 @@ from deepseekmoe.kernels.adamw import _adamw_kernel
 sig = {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "low_ptr": "*bf16", "step_ptr": "*fp32",
        "coef_ptr": "*fp32", "inf_ptr": "*fp32", "n": "i64", "lr": "fp64", "log_beta1": "fp64", "log_beta2": "fp64",
        "decay": "fp32", "w1": "fp32", "beta2": "fp32", "w2": "fp32", "eps": "fp32"}
-for flag in (True, False):
+for flag, grad in ((True, "*fp32"), (False, "*fp32"), (True, "*bf16")):  # bf16: a deferred gradient
     consts = {"HAS_COEF": flag, "HAS_INF": flag, "HAS_LOW": flag, "BLOCK": 2048}
-    src = ASTSource(fn=_adamw_kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
+    src = ASTSource(fn=_adamw_kernel, signature={**sig, "g_ptr": grad, **{k: "constexpr" for k in consts}},
+                    constexprs=consts,
                     attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})  # n too
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     assert "cubin" in k.asm and "ld.global.v4" in k.asm["ptx"] and "div.rn.f32" in k.asm["ptx"]

@@ -24,7 +24,8 @@ square root are the correctly rounded ones (div_rn / sqrt_rn), as torch's are, a
 fuses no multiply-add (enable_fp_fusion=False): the fmas are the ones written, where torch has them.
 
 Traffic per fp32 parameter: 16 bytes read, 12 written, + 2 for a bf16 copy: 30 B, against torch's
-fused AdamW 28 B + the clip's grad store 4 B (folded clip) + the cast pass 6 B.
+fused AdamW 28 B + the clip's grad store 4 B (folded clip) + the cast pass 6 B. g may also be the
+bf16 / fp16 gradient itself (upcast exactly on load): 28 B, and no fp32 gradient is ever formed.
 
 Reference twin: `adamw_step_reference`, the same signature in torch ops (fp64 bias corrections
 from the step tensor, the fp32 math above, torch.where for the skip), tested against this kernel
@@ -45,6 +46,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # multiple of 16, as the model's tensors are). The interpreter spends ~ms per program whatever its size.
 BLOCK = 1024 if INTERPRET else 2048
 NUM_WARPS = 1 if INTERPRET else 4
+# A gradient may be fp32 or, as ComputeWeights(defer_grads=True) leaves a one-micro-batch step's, the
+# compute copy's bf16 / fp16 one: the kernel upcasts it exactly in registers (2 bytes read, not 4).
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -76,7 +80,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, step_ptr, coef_ptr, inf_p
     step_size = (lr / (1.0 - tl.exp(t * log_beta1))).to(tl.float32)
     bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * log_beta2)).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # fp32, or a bf16 / fp16 gradient upcast
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if HAS_COEF:
@@ -95,7 +99,10 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, step_ptr, coef_ptr, inf_p
 
 
 def _check(p, g, m, v, step, low, coef, found_inf) -> None:
-    for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+    if g.shape != p.shape or g.dtype not in GRAD_DTYPES or not g.is_contiguous():
+        raise ValueError("adamw_step_triton: grad must be a contiguous fp32 / bf16 / fp16 tensor of the "
+                         "parameter's shape")
+    for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
         if t.shape != p.shape or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"adamw_step_triton: {name} must be a contiguous fp32 tensor of the parameter's shape")
     if p.dtype != torch.float32 or not p.is_contiguous():
@@ -137,6 +144,7 @@ def adamw_step_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: t
                          low: torch.Tensor | None = None) -> None:
     """The twin of adamw_step_triton in torch ops (same arguments, same in-place result)."""
     t = step.to(torch.float64)
+    g = g.float()  # a bf16 / fp16 gradient upcast (exact), as the kernel does
     step_size = (lr / (1 - torch.pow(beta1, t))).float()
     bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, t)).float()
     g = g * coef if coef is not None else g

@@ -163,6 +163,33 @@ def folds_clip(optimizer) -> bool:
             and all(g.get("fused") for g in optimizer.param_groups))
 
 
+def step_grads(optimizer, params) -> dict:
+    """parameter -> the gradient its update reads: .grad, or the bf16 / fp16 one a ComputeWeights
+    with defer_grads left for `optimizer` (a TritonAdamW) in a step of one micro-batch."""
+    weights = getattr(optimizer, "compute_weights", None)
+    deferred = weights.deferred() if weights is not None else {}
+    out = {}
+    for p in params:
+        g = p.grad if p.grad is not None else deferred.get(p)
+        if g is not None:
+            out[p] = g
+    return out
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of `grads` (fp32): torch.nn.utils.get_total_norm(foreach=True) itself when
+    every gradient is fp32; bf16 / fp16 gradients' own norms accumulate in fp32 (their _foreach_norm
+    in their dtype would round each norm to 8 bits)."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    norms = []
+    for dtype in dict.fromkeys(g.dtype for g in grads):
+        group = [g for g in grads if g.dtype == dtype]
+        norms += torch._foreach_norm(group, 2.0, dtype=torch.float32) if dtype != torch.float32 else (
+            torch._foreach_norm(group, 2.0))
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
 def check_triton_adamw(device: torch.device) -> None:
     """ConfigError unless optim.impl "triton" can run on `device`: CUDA with triton installed, or
     Triton's interpreter (TRITON_INTERPRET=1, the CPU tests)."""
@@ -215,7 +242,7 @@ class TritonAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None, *, coef: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
              copies: dict | None = None):
-        from deepseekmoe.kernels.adamw import adamw_step_reference, adamw_step_triton
+        from deepseekmoe.kernels.adamw import GRAD_DTYPES, adamw_step_reference, adamw_step_triton
 
         loss = None
         if closure is not None:
@@ -223,25 +250,31 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         weights = self.compute_weights if copies is None else None
         copies = weights.copies() if weights is not None else (copies or {})
+        grads = step_grads(self, [p for g in self.param_groups for p in g["params"]])
         work = []
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or isinstance(group["lr"], torch.Tensor):
                 raise ValueError("TritonAdamW: no amsgrad, maximize or tensor lr")
-            work += [(group, p, self._state(p)) for p in group["params"] if p.grad is not None]
+            work += [(group, p, self._state(p)) for p in group["params"] if grads.get(p) is not None]
         if not work:
             return loss
         # torch's order: the step counts first (+1, or +0 where found_inf), the update reads them
         torch._foreach_add_([s["step"] for _, _, s in work], 1.0 - found_inf if found_inf is not None else 1.0)
         for group, p, s in work:
-            tensors, low = (p, p.grad, s["exp_avg"], s["exp_avg_sq"]), copies.get(p)
-            fast = all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and (
-                low is None or low.is_contiguous())
+            tensors, low = (p, grads[p], s["exp_avg"], s["exp_avg_sq"]), copies.get(p)
+            fast = (all(t.dtype == torch.float32 for t in tensors[::2]) and grads[p].dtype in GRAD_DTYPES
+                    and all(t.is_contiguous() for t in tensors) and (low is None or low.is_contiguous()))
             (adamw_step_triton if fast else adamw_step_reference)(
                 *tensors, s["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                 weight_decay=group["weight_decay"], eps=group["eps"], coef=coef, found_inf=found_inf, low=low)
         if weights is not None:
             weights.mark_fresh([p for _, p, _ in work if p in copies])
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        if self.compute_weights is not None:
+            self.compute_weights.drop_deferred()
 
 
 class ClippedStep:
@@ -305,11 +338,14 @@ class ClippedStep:
     def clip(self, loss: torch.Tensor) -> torch.Tensor:
         """The global grad norm before clipping; the folded path has also taken the update."""
         state = self.optimizer.state if self.folded else None
-        if state is None or any(p.grad is not None and p not in state for p in self.params):
+        grads = step_grads(self.optimizer, self.params)
+        if state is None or any(p not in state for p in grads):
+            weights = getattr(self.optimizer, "compute_weights", None)
+            if weights is not None:  # clip_grad_norm_ sees .grad only: deferred bf16 gradients become fp32 .grad
+                weights.materialize()
             self.stepped = False
             return self.clip_fn(self.params, self.max_norm)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        norm = total_norm(list(grads.values()))  # deferred bf16 gradients only with a TritonAdamW (mode triton)
         opt, found_inf = self.optimizer, (~torch.isfinite(loss.detach() + norm)).float()
         if self.mode == "triton":  # clip_grad_norm_'s coefficient, applied in the kernel
             opt.step(coef=torch.clamp(self.max_norm / (norm + 1e-6), max=1.0), found_inf=found_inf)
@@ -350,10 +386,22 @@ class ComputeWeights:
     `mark_fresh` stamps those parameters with (data_ptr, _version) of their master; begin() casts
     only the copies whose stamp no longer matches (the first step, a parameter without a gradient,
     a master written since: load_state_dict's copy_, a torch optimizer's step; a write through
-    `p.data` is not seen) and clears the stamps. `casts` counts the tensors begin() has cast.
+    `p.data` is not seen) and clears the stamps.
+    `casts` counts the tensors begin() has cast.
+
+    `defer_grads` (with a TritonAdamW; ignored with another optimizer, which reads .grad): a step
+    of one micro-batch forms no fp32 gradient. The
+    hook keeps the bf16 gradient as autograd made it; a second micro-batch turns it into the fp32
+    sum as before (copy, then add). end() leaves such a parameter's .grad None and `deferred()`
+    gives its bf16 gradient, which ClippedStep's norm (fp32 accumulation) and the optimizer's kernel
+    read (upcast in registers: the same values as the fp32 copy). `materialize()` makes them fp32
+    .grad (for clip_grad_norm_, torch's optimizers, or any caller reading .grad); the optimizer's
+    zero_grad() drops them. Per parameter it saves the copy pass (6 bytes), 4 bytes of norm and
+    update reads, and the fp32 gradient buffer (4 bytes of memory).
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, optimizer=None):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, optimizer=None,
+                 defer_grads: bool = False):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"ComputeWeights(dtype={dtype}): the compute copies are for bf16 / fp16 autocast; "
                              "an fp32 run computes with the masters themselves (LocalStep weights=None)")
@@ -367,19 +415,31 @@ class ComputeWeights:
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
         self.stamps: dict[int, tuple[int, int]] = {}  # parameter index -> its master's (data_ptr, _version)
         self.casts = 0
+        self.defer = defer_grads and isinstance(optimizer, TritonAdamW)  # the one optimizer that reads them
+        self.low_grads: list[torch.Tensor | None] = [None] * len(self.params)  # deferred bf16 gradients
         if isinstance(optimizer, TritonAdamW):
             optimizer.compute_weights = self
+
+    def _fp32_grad(self, i: int) -> torch.Tensor:
+        if self.grads[i] is None:
+            master = self.masters[i] if self.active else self.params[i]
+            self.grads[i] = torch.empty_like(master, dtype=torch.float32)
+        return self.grads[i]
 
     def _hook(self, i: int):
         def accumulate(p: torch.Tensor) -> None:
             if not self.active or p.grad is None:
                 return
             if self.touched[i]:
+                if self.low_grads[i] is not None:  # a second micro-batch: the fp32 sum starts from the first
+                    self._fp32_grad(i).copy_(self.low_grads[i])
+                    self.low_grads[i] = None
                 self.grads[i].add_(p.grad)
+            elif self.defer:
+                self.low_grads[i] = p.grad
+                self.touched[i] = True
             else:
-                if self.grads[i] is None:
-                    self.grads[i] = torch.empty_like(self.masters[i])
-                self.grads[i].copy_(p.grad)
+                self._fp32_grad(i).copy_(p.grad)
                 self.touched[i] = True
             p.grad = None
         return accumulate
@@ -388,6 +448,7 @@ class ComputeWeights:
         """Swap in the compute copies (cast now, once for the step's micro-batches)."""
         if self.active:
             raise RuntimeError("ComputeWeights.begin() twice without end()")
+        self.materialize()  # deferred gradients not dropped by zero_grad(): accumulate onto them in fp32
         self.masters = [p.data for p in self.params]
         if not self.low:
             self.low = [torch.empty_like(m, dtype=self.dtype) for m in self.masters]
@@ -421,9 +482,28 @@ class ComputeWeights:
         """Put the fp32 masters back, with this step's fp32 gradient sums as .grad."""
         for i, (p, m) in enumerate(zip(self.params, self.masters)):
             p.data = m
-            p.grad = self.grads[i] if self.touched[i] else None
+            p.grad = self.grads[i] if self.touched[i] and self.low_grads[i] is None else None
         self.masters = []
         self.active = False
+
+    def deferred(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """parameter -> its deferred bf16 gradient (defer_grads, after end(); empty otherwise)."""
+        if self.active:
+            return {}
+        return {p: g for p, g in zip(self.params, self.low_grads) if g is not None}
+
+    def materialize(self) -> None:
+        """The deferred bf16 gradients as fp32 .grad (exact), outside a step."""
+        if self.active:
+            raise RuntimeError("ComputeWeights.materialize() inside a step (between begin() and end())")
+        for i, (p, g) in enumerate(zip(self.params, self.low_grads)):
+            if g is not None:
+                p.grad = self._fp32_grad(i).copy_(g)
+                self.low_grads[i] = None
+
+    def drop_deferred(self) -> None:
+        """Forget the deferred gradients (the optimizer's zero_grad)."""
+        self.low_grads = [None] * len(self.params)
 
     def remove(self) -> None:
         """Drop the hooks and buffers (the model is then as it was built)."""
@@ -432,6 +512,7 @@ class ComputeWeights:
         for h in self.hooks:
             h.remove()
         self.hooks, self.low, self.grads, self.stamps = [], [], [None] * len(self.params), {}
+        self.drop_deferred()
 
 
 def compute_weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

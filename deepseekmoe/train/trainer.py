@@ -260,13 +260,13 @@ class Trainer:
         """One model on this rank: EP -> activation checkpointing -> compile -> FSDP2 (one process:
         checkpointing and compile only), then this rank's part allocated and initialised."""
         model = self._materialize(model)
-        self.pipe = None
-        self.model = model
+        self.pipe, self.model = None, model
         self.optimizer = build_optimizer(model, self.cfg.optim, self.device)
         self.ckpt_model, self.ckpt_optim = model, self.optimizer
         self.load = ExpertLoad(model, self.device)
-        self.load_on = bool(self.load)
-        weights = ComputeWeights(model, self.amp_dtype, self.optimizer) if self.compute_weights else None
+        self.load_on, weights = bool(self.load), None
+        if self.compute_weights:  # defer_grads: a TritonAdamW reads a one-micro-batch step's bf16 grads
+            weights = ComputeWeights(model, self.amp_dtype, self.optimizer, defer_grads=True)
         self.stepper = LocalStep(model, self.accum, self._autocast, self.load, self.device, weights=weights)
 
     def _build_pipeline(self, model: Transformer) -> None:
