@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402 - benchmarks/common.py
 
 RUNS = {"ref": "reference path (autocast casts at every use, plain head + cross-entropy)",
-        "fast": "ComputeWeights + fused chunked head loss",
+        "fast": "the trainer's default: ComputeWeights, fused chunked head loss, TritonAdamW (GPU)",
         "reverse": "reference path, each micro-batch's rows reversed (same math, other summation order)",
         "repeat": "reference path again (run-to-run nondeterminism)"}
 NOISE = ("reverse", "repeat")

@@ -231,12 +231,12 @@ def time_case(case: Case, args, big_accum: int) -> list[dict]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    for _ in range(args.warmup):
-        assert case.step(1)[0], "non-finite loss in warm-up"
+    # + one 2-micro-batch step when large steps follow: fp32 gradient sums, the kernels' fp32-grad variants
+    for accum in [1] * args.warmup + ([2] if big_accum > 1 else []):
+        assert case.step(accum)[0], "non-finite loss in warm-up"
     sync(dev)
     warm_s = time.perf_counter() - t
-    seen = []  # the dtype the routed experts compute in (bf16 expected under autocast)
-    moe = case.model.moe_layers()
+    seen, moe = [], case.model.moe_layers()  # the dtype the routed experts compute in (bf16 under autocast)
     if moe:
         h = moe[0].experts.register_forward_hook(lambda m, a, out: seen.append(str(out.dtype)))
         case.step(1)
