@@ -185,8 +185,7 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     norms = []
     for dtype in dict.fromkeys(g.dtype for g in grads):
         group = [g for g in grads if g.dtype == dtype]
-        norms += torch._foreach_norm(group, 2.0, dtype=torch.float32) if dtype != torch.float32 else (
-            torch._foreach_norm(group, 2.0))
+        norms += torch._foreach_norm(group, 2.0, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
